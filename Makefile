@@ -1,0 +1,36 @@
+# The two commands of the README: `make demo` (the local-chain demo) and `make test`.
+# Both set everything up from a fresh clone: a Python venv and the npm packages (anvil, Uniswap V2).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP_PY := $(VENV)/.installed
+STAMP_NODE := node_modules/.installed
+
+.PHONY: setup test test-fast demo bench clean
+
+setup: $(STAMP_PY) $(STAMP_NODE)
+
+$(STAMP_PY): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+$(STAMP_NODE): package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+test: setup
+	$(PY) -m pytest -q -ra
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+demo: setup
+	./scripts/demo.sh
+
+bench: setup
+	$(PY) bench/backfill.py
+
+clean:
+	rm -rf .devnet data .dagster_home

@@ -1,0 +1,185 @@
+"""`indexer`: the command line (devnet, check, backfill, catalog, query)."""
+
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from indexer_dagster.config import CONFIG_ENV_VAR, ConfigError, load_config
+
+
+def _load(config: str | None):
+    try:
+        return load_config(config)
+    except ConfigError as e:
+        raise click.ClickException(str(e)) from None
+
+
+config_option = click.option(
+    "--config", "config_path", envvar=CONFIG_ENV_VAR, type=click.Path(dir_okay=False),
+    help=f"Path to the YAML config (default: ${CONFIG_ENV_VAR}).",
+)
+
+
+@click.group()
+def main() -> None:
+    """EVM event indexer on Dagster: block ranges into Parquet, views in DuckDB."""
+
+
+@main.command()
+@config_option
+def check(config_path: str | None) -> None:
+    """Validate the config, then check it against the node (reachable, chain id, start block)."""
+    from indexer_dagster.monitor.node import check_against_node
+
+    cfg = _load(config_path)
+    try:
+        head = check_against_node(cfg)
+    except ConfigError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"config ok: chain {cfg.chain.name} (id {cfg.chain.chain_id}), head {head}, "
+               f"{len(cfg.contracts)} contracts, {len(cfg.all_specs())} event tables")
+
+
+@main.command()
+@config_option
+@click.option("--from", "from_block", type=click.IntRange(min=0), help="First block (default: the config's start_block).")
+@click.option("--to", "to_block", type=click.IntRange(min=0), help="Last block (default: the chain head).")
+@click.option("--workers", type=click.IntRange(min=1, max=32), default=1, show_default=True,
+              help="Parallel Dagster runs (each batches several ranges).")
+def backfill(config_path: str | None, from_block: int | None, to_block: int | None, workers: int) -> None:
+    """Index a block range through Dagster (the same assets the UI runs), with a progress bar."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from indexer_dagster.launch import ensure_dagster_home, register_ranges, run_backfill
+    from indexer_dagster.monitor.node import check_against_node
+    from indexer_dagster.partitions import ranges_between
+    from indexer_dagster.persist.catalog import build_catalog
+
+    cfg = _load(config_path)
+    try:
+        head = check_against_node(cfg)
+    except ConfigError as e:
+        raise click.ClickException(str(e)) from None
+    first = cfg.start_block if from_block is None else from_block
+    last = head if to_block is None else to_block
+    if last > head:
+        raise click.ClickException(f"--to {last} is beyond the chain head {head}; lower it or omit --to")
+    if first > last:
+        raise click.ClickException(f"--from {first} is above --to {last}; swap them")
+    ranges = ranges_between(first, last, cfg.chain.blocks_per_partition)
+    import dagster as dg
+
+    home = ensure_dagster_home(cfg.data_dir.parent / ".dagster_home")
+    with dg.DagsterInstance.get() as instance:
+        register_ranges(instance, cfg, last)
+    total_blocks = sum(len(c) for r in ranges if (c := r.clip(cfg.start_block, head)))
+    click.echo(f"backfilling {len(ranges)} ranges ({ranges[0].key} .. {ranges[-1].key}), "
+               f"{total_blocks} blocks, {workers} worker(s); Dagster instance: {home}")
+    logs_seen = [0]
+    started = time.perf_counter()
+    failures = []
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(),
+        TextColumn("{task.completed:,.0f}/{task.total:,.0f} blocks"),
+        TextColumn("{task.fields[logs]:,} logs"), TextColumn("{task.fields[rate]:,.0f} logs/s"),
+        TimeElapsedColumn(), TimeRemainingColumn(), transient=False,
+    ) as progress:
+        task = progress.add_task("backfill", total=total_blocks, logs=0, rate=0.0)
+
+        def on_progress(blocks: int, logs: int) -> None:
+            logs_seen[0] += logs
+            rate = logs_seen[0] / max(time.perf_counter() - started, 1e-6)
+            progress.update(task, advance=blocks, logs=logs_seen[0], rate=rate)
+
+        def on_batch(outcome) -> None:
+            if not outcome.success:
+                failures.append(outcome)
+                progress.console.print(f"[red]run {outcome.run_id} ({outcome.first}..{outcome.last}) failed: {outcome.error}")
+
+        run_backfill(cfg, Path(config_path or ""), ranges, workers, on_progress, on_batch)
+    build_catalog(cfg)
+    elapsed = time.perf_counter() - started
+    click.echo(f"done: {logs_seen[0]:,} logs in {elapsed:.1f}s ({logs_seen[0] / max(elapsed, 1e-6):,.0f} logs/s); "
+               f"catalog: {cfg.duckdb_path}")
+    if failures:
+        raise click.ClickException(f"{len(failures)} run(s) failed; fix the cause and re-run the same command")
+
+
+@main.command()
+@config_option
+def catalog(config_path: str | None) -> None:
+    """Rebuild the DuckDB catalog of views over the Parquet lake."""
+    from indexer_dagster.persist.catalog import build_catalog
+
+    cfg = _load(config_path)
+    click.echo(f"catalog written: {build_catalog(cfg)}")
+
+
+@main.command()
+@config_option
+@click.argument("sql")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json", "parquet"]), default="table",
+              show_default=True)
+@click.option("--output", "-o", type=click.Path(dir_okay=False), help="Write to a file (required for parquet).")
+def query(config_path: str | None, sql: str, fmt: str, output: str | None) -> None:
+    """Run read-only SQL against the catalog's views."""
+    import polars as pl
+
+    from indexer_dagster.query import QueryError
+    from indexer_dagster.query import query as run_query
+
+    cfg = _load(config_path)
+    try:
+        df = run_query(cfg.duckdb_path, sql)
+    except QueryError as e:
+        raise click.ClickException(str(e)) from None
+    if fmt == "parquet":
+        if not output:
+            raise click.ClickException("--format parquet needs --output FILE")
+        df.write_parquet(output)
+        return
+    if fmt == "csv":
+        text = df.write_csv()
+    elif fmt == "json":
+        text = df.write_json()
+    else:
+        with pl.Config(tbl_rows=100, tbl_cols=30, fmt_str_lengths=70, tbl_width_chars=200):
+            text = str(df)
+    if output:
+        Path(output).write_text(text)
+    else:
+        click.echo(text)
+
+
+@main.command()
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=".devnet", show_default=True)
+@click.option("--port", type=int, default=8545, show_default=True)
+@click.option("--chain-id", type=int, default=31337, show_default=True)
+@click.option("--blocks", type=click.IntRange(min=1), default=300, show_default=True)
+@click.option("--txs-per-block", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--seed", type=int, default=1, show_default=True)
+@click.option("--block-time", type=float, default=None, help="Keep mining a block every N seconds afterwards.")
+@click.option("--state-cache", type=click.Path(dir_okay=False), default=None,
+              help="Reuse (or create) an anvil state dump for these parameters.")
+def devnet(out_dir, port, chain_id, blocks, txs_per_block, seed, block_time, state_cache) -> None:
+    """Start anvil, deploy real Uniswap V2 contracts, generate traffic, write a config; runs until Ctrl-C."""
+    from indexer_dagster.devnet import run_devnet
+
+    anvil, _deployment, config_path = run_devnet(
+        out_dir=out_dir, port=port, chain_id=chain_id, blocks=blocks, txs_per_block=txs_per_block, seed=seed,
+        block_time=block_time, state_cache=state_cache,
+    )
+    click.echo(f"devnet ready at {anvil.url}; config: {config_path}. Ctrl-C stops it.")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        anvil.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

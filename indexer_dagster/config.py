@@ -1,0 +1,247 @@
+"""The indexer's configuration: one YAML file, validated by typed models before anything runs.
+
+Every mistake becomes one `ConfigError` whose message names the key and the fix. Static checks
+(keys, types, addresses, ABI files and events) happen when the file is loaded; checks that need the
+node (reachable RPC, chain id, start block below head) happen in `check_against_node`, before a
+backfill writes anything.
+"""
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from eth_utils import is_checksum_address, is_hex_address, to_checksum_address
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from indexer_dagster.parse.abi import AbiError, EventSpec, event_specs, load_abi
+
+CONFIG_ENV_VAR = "INDEXER_CONFIG"
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_CHAIN_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+class ConfigError(ValueError):
+    """A configuration mistake; the message names the key and how to fix it."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ChainConfig(_Strict):
+    name: str = Field(description="Short lower-case name; keys partitions, files and views.")
+    chain_id: int = Field(gt=0)
+    rpc_url: str = Field(description="HTTP(S) JSON-RPC endpoint; use ${VAR} to keep keys out of files.")
+    confirmations: int = Field(default=12, ge=0)
+    start_block: int = Field(default=0, ge=0)
+    blocks_per_partition: int = Field(default=10_000, ge=1, le=10_000_000)
+    blocks_per_request: int = Field(default=1_000, ge=1, description="Initial eth_getLogs span; adapts.")
+    max_blocks_per_request: int = Field(default=10_000, ge=1)
+    concurrency: int = Field(default=4, ge=1, le=64, description="RPC requests in flight per run.")
+    headers_batch_size: int = Field(default=100, ge=1, le=1000)
+    request_timeout_s: float = Field(default=30.0, gt=0)
+    max_retries: int = Field(default=8, ge=0)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _CHAIN_NAME.match(v):
+            raise ValueError(f"{v!r} is not a valid chain name: use lower-case letters, digits and _ (e.g. 'mainnet')")
+        return v
+
+    @field_validator("rpc_url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not re.match(r"^https?://[^\s/]+", v):
+            raise ValueError("the RPC URL must start with http:// or https:// (websocket URLs are not supported)")
+        return v
+
+    @model_validator(mode="after")
+    def _spans(self) -> "ChainConfig":
+        if self.blocks_per_request > self.max_blocks_per_request:
+            raise ValueError("blocks_per_request must not exceed max_blocks_per_request")
+        return self
+
+
+class ContractConfig(_Strict):
+    name: str
+    abi: str = Field(description="Path to a bare ABI list or an artifact JSON with an 'abi' key.")
+    addresses: list[str] = Field(min_length=1)
+    events: list[str] | None = Field(default=None, description="Event names or signatures; default all.")
+    start_block: int | None = Field(default=None, ge=0)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not re.match(r"^[A-Za-z][A-Za-z0-9_]*$", v):
+            raise ValueError(f"{v!r} is not a valid contract name: use letters, digits and _, starting with a letter")
+        return v
+
+    @field_validator("addresses")
+    @classmethod
+    def _addresses(cls, values: list[str]) -> list[str]:
+        out = []
+        for v in values:
+            if not isinstance(v, str) or not is_hex_address(v):
+                raise ValueError(f"{v!r} is not an address: expected 0x followed by 40 hex characters")
+            if v != v.lower() and not is_checksum_address(v):
+                raise ValueError(
+                    f"{v!r} has a wrong EIP-55 checksum (a typo?); the checksummed form of these bytes is "
+                    f"{to_checksum_address(v)}, or write it all lower-case to skip the check"
+                )
+            out.append(v.lower())
+        if len(set(out)) != len(out):
+            raise ValueError("an address is listed twice")
+        return out
+
+
+class StorageConfig(_Strict):
+    data_dir: str = "./data"
+    duckdb_path: str | None = Field(default=None, description="Default: <data_dir>/indexer.duckdb")
+
+
+class IndexerConfig(_Strict):
+    chain: ChainConfig
+    contracts: Annotated[list[ContractConfig], Field(min_length=1)]
+    storage: StorageConfig = StorageConfig()
+
+    _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
+    _specs: dict[str, list[EventSpec]] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "IndexerConfig":
+        names = [c.name for c in self.contracts]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"contract names must be unique; {', '.join(dupes)} appears more than once")
+        return self
+
+    # Paths are relative to the config file, so a config works from any working directory.
+    def resolve(self, path: str) -> Path:
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else (self._base_dir / p).resolve()
+
+    @property
+    def data_dir(self) -> Path:
+        return self.resolve(self.storage.data_dir)
+
+    @property
+    def duckdb_path(self) -> Path:
+        if self.storage.duckdb_path:
+            return self.resolve(self.storage.duckdb_path)
+        return self.data_dir / "indexer.duckdb"
+
+    def contract_start(self, contract: ContractConfig) -> int:
+        return contract.start_block if contract.start_block is not None else self.chain.start_block
+
+    @property
+    def start_block(self) -> int:
+        """The lowest block any contract needs."""
+        return min(self.contract_start(c) for c in self.contracts)
+
+    def event_specs(self, contract: ContractConfig) -> list[EventSpec]:
+        return self._specs[contract.name]
+
+    def all_specs(self) -> list[tuple[ContractConfig, EventSpec]]:
+        return [(c, s) for c in self.contracts for s in self._specs[c.name]]
+
+    def _load_abis(self) -> None:
+        for i, c in enumerate(self.contracts):
+            key = f"contracts[{i}] ({c.name})"
+            try:
+                self._specs[c.name] = event_specs(c.name, load_abi(self.resolve(c.abi)), c.events)
+            except AbiError as e:
+                raise ConfigError(f"{key}.abi: {e}") from None
+            if not self._specs[c.name]:
+                raise ConfigError(f"{key}.events: the selection decodes no event; list at least one event of the ABI")
+        tables = [s.table for _, s in self.all_specs()]
+        clash = sorted({t for t in tables if tables.count(t) > 1})
+        if clash:
+            raise ConfigError(f"contracts: two contracts produce the same table {clash}; rename one contract")
+
+
+def interpolate_env(text: str, environ: dict[str, str] | None = None) -> str:
+    """Replace ${VAR} (or ${VAR:-default}) with the environment's value; a missing variable is an error."""
+    env = os.environ if environ is None else environ
+
+    def sub(m: re.Match) -> str:
+        name, default = m.group(1), m.group(2)
+        if name in env:
+            return env[name]
+        if default is not None:
+            return default
+        raise ConfigError(f"environment variable {name} is not set (the config refers to ${{{name}}}); export it first")
+
+    return _ENV_REF.sub(sub, text)
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in e["loc"]).replace(".[", "[")
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{loc}: unknown key; check its spelling against the README's configuration table")
+        elif e["type"] == "missing":
+            lines.append(f"{loc}: required key is missing")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"{loc}: {msg}")
+    return "invalid config: " + "; ".join(lines)
+
+
+def parse_config(text: str, base_dir: Path, source: str = "<config>", environ: dict[str, str] | None = None) -> IndexerConfig:
+    try:
+        raw: Any = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{source}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping with keys chain, contracts, storage")
+    # Interpolate after parsing so a secret's characters cannot change the YAML structure.
+    raw = _interpolate_tree(raw, environ)
+    try:
+        cfg = IndexerConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(f"{source}: {_format_validation_error(e)}") from None
+    cfg._base_dir = base_dir
+    cfg._load_abis()
+    return cfg
+
+
+def _interpolate_tree(node: Any, environ: dict[str, str] | None) -> Any:
+    if isinstance(node, str):
+        return interpolate_env(node, environ)
+    if isinstance(node, list):
+        return [_interpolate_tree(v, environ) for v in node]
+    if isinstance(node, dict):
+        return {k: _interpolate_tree(v, environ) for k, v in node.items()}
+    return node
+
+
+def load_config(path: str | os.PathLike | None = None) -> IndexerConfig:
+    """Load the config from `path`, else from $INDEXER_CONFIG."""
+    if path is None:
+        path = os.environ.get(CONFIG_ENV_VAR)
+        if not path:
+            raise ConfigError(f"no config given: pass --config PATH or set {CONFIG_ENV_VAR}=path/to/indexer.yaml")
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist; pass --config PATH or set {CONFIG_ENV_VAR}")
+    return parse_config(p.read_text(), p.resolve().parent, str(p))
+
+
+def redact_url(url: str) -> str:
+    """Scheme and host only: RPC paths and query strings often carry API keys."""
+    m = re.match(r"^(https?://)([^/@]*@)?([^/?#]+)", url)
+    return f"{m.group(1)}{m.group(3)}/…" if m else "<rpc url>"

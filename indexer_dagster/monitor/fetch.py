@@ -1,0 +1,240 @@
+"""Fetch a block range's headers and logs as typed frames, in block order, from one fork only.
+
+The range is cut into chunks sized by the adaptive `RangeSizer`; several chunks are in flight at
+once and come out in order, so a caller can stream them into one Parquet file with bounded memory.
+Each chunk's logs are checked against its headers (same block hash per block, unbroken parent-hash
+chain); a chunk that straddles a fork change is fetched again, and a fork change between chunks
+raises `ForkChanged` so the caller restarts the range instead of mixing forks.
+"""
+
+import asyncio
+import io
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import orjson
+import polars as pl
+
+from indexer_dagster.monitor.errors import RpcError, RpcErrorKind
+from indexer_dagster.monitor.ranges import RangeSizer
+from indexer_dagster.monitor.rpc import RpcClient
+
+BLOCK_SCHEMA = {
+    "chain_id": pl.Int64,
+    "number": pl.Int64,
+    "hash": pl.String,
+    "parent_hash": pl.String,
+    "timestamp": pl.Datetime("us", "UTC"),
+}
+
+LOG_SCHEMA = {
+    "chain_id": pl.Int64,
+    "block_number": pl.Int64,
+    "block_hash": pl.String,
+    "block_timestamp": pl.Datetime("us", "UTC"),
+    "transaction_hash": pl.String,
+    "transaction_index": pl.Int64,
+    "log_index": pl.Int64,
+    "address": pl.String,
+    "topic0": pl.String,
+    "topic1": pl.String,
+    "topic2": pl.String,
+    "topic3": pl.String,
+    "data": pl.String,
+}
+
+MAX_ADDRESSES_PER_REQUEST = 500
+_CHUNK_ATTEMPTS = 5
+
+
+class ForkChanged(RuntimeError):
+    """The node switched forks while the range was being fetched; fetch the range again."""
+
+
+@dataclass
+class Chunk:
+    from_block: int
+    to_block: int
+    blocks: pl.DataFrame
+    logs: pl.DataFrame
+
+
+def _hex(n: int) -> str:
+    return hex(n)
+
+
+def _hex_int(col: str) -> pl.Expr:
+    return pl.col(col).str.slice(2).str.to_integer(base=16, dtype=pl.Int64)
+
+
+def parse_logs_body(body: bytes, chain_id: int) -> pl.DataFrame:
+    """Turn an eth_getLogs response body into the log schema (without timestamps) in Rust, not per log."""
+    if len(body) < 200:
+        result = orjson.loads(body).get("result") or []
+        if not result:
+            return pl.DataFrame(schema={k: v for k, v in LOG_SCHEMA.items() if k != "block_timestamp"})
+    raw = pl.read_json(io.BytesIO(body)).select(pl.col("result").explode()).unnest("result")
+    topics = pl.col("topics")
+    return raw.select(
+        pl.lit(chain_id, pl.Int64).alias("chain_id"),
+        _hex_int("blockNumber").alias("block_number"),
+        pl.col("blockHash").str.to_lowercase().alias("block_hash"),
+        pl.col("transactionHash").str.to_lowercase().alias("transaction_hash"),
+        _hex_int("transactionIndex").alias("transaction_index"),
+        _hex_int("logIndex").alias("log_index"),
+        pl.col("address").str.to_lowercase().alias("address"),
+        *[topics.list.get(i, null_on_oob=True).str.to_lowercase().alias(f"topic{i}") for i in range(4)],
+        pl.col("data").str.to_lowercase().alias("data"),
+    )
+
+
+def parse_headers(results: Sequence[Mapping | None], numbers: Sequence[int], chain_id: int) -> pl.DataFrame:
+    rows_n, rows_h, rows_p, rows_t = [], [], [], []
+    for n, block in zip(numbers, results, strict=True):
+        if block is None:
+            # A lagging node or a reorg in progress (anvil shows this too): not data, try again.
+            raise ForkChanged(f"block {n} is not available on the node right now")
+        rows_n.append(int(block["number"], 16))
+        rows_h.append(block["hash"].lower())
+        rows_p.append(block["parentHash"].lower())
+        rows_t.append(int(block["timestamp"], 16) * 1_000_000)
+    return pl.DataFrame(
+        {"chain_id": [chain_id] * len(rows_n), "number": rows_n, "hash": rows_h, "parent_hash": rows_p,
+         "timestamp": rows_t},
+        schema={**BLOCK_SCHEMA, "timestamp": pl.Int64},
+    ).with_columns(pl.col("timestamp").cast(pl.Datetime("us", "UTC")))
+
+
+class RangeFetcher:
+    """Fetches headers and the logs of `addresses` for block ranges; see the module docstring."""
+
+    def __init__(
+        self,
+        rpc: RpcClient,
+        chain_id: int,
+        addresses: Sequence[str],
+        sizer: RangeSizer,
+        *,
+        headers_batch_size: int = 100,
+        address_starts: Mapping[str, int] | None = None,
+    ) -> None:
+        self.rpc = rpc
+        self.chain_id = chain_id
+        self.addresses = sorted({a.lower() for a in addresses})
+        self.sizer = sizer
+        self.headers_batch_size = headers_batch_size
+        # Addresses whose logs count only from their own start block (per-contract start_block).
+        self.address_starts = {a.lower(): s for a, s in (address_starts or {}).items()}
+
+    async def head(self) -> int:
+        return int(await self.rpc.call("eth_blockNumber"), 16)
+
+    async def headers(self, from_block: int, to_block: int) -> pl.DataFrame:
+        numbers = list(range(from_block, to_block + 1))
+        batches = [numbers[i : i + self.headers_batch_size] for i in range(0, len(numbers), self.headers_batch_size)]
+        results = await asyncio.gather(
+            *[self.rpc.batch("eth_getBlockByNumber", [[_hex(n), False] for n in b]) for b in batches]
+        )
+        return pl.concat(
+            [parse_headers(r, b, self.chain_id) for r, b in zip(results, batches, strict=True)], how="vertical"
+        )
+
+    async def _logs_once(self, from_block: int, to_block: int, addresses: Sequence[str]) -> pl.DataFrame:
+        body = await self.rpc.call_raw(
+            "eth_getLogs",
+            [{"fromBlock": _hex(from_block), "toBlock": _hex(to_block), "address": list(addresses)}],
+        )
+        return parse_logs_body(body, self.chain_id)
+
+    async def logs(self, from_block: int, to_block: int) -> pl.DataFrame:
+        """Logs of all addresses in [from_block, to_block], splitting the range when the node says it is too big."""
+        groups = [
+            self.addresses[i : i + MAX_ADDRESSES_PER_REQUEST]
+            for i in range(0, len(self.addresses), MAX_ADDRESSES_PER_REQUEST)
+        ]
+        frames = await asyncio.gather(*[self._logs_split(from_block, to_block, g) for g in groups])
+        out = pl.concat(frames, how="vertical") if frames else parse_logs_body(b'{"result":[]}', self.chain_id)
+        return out.sort("block_number", "log_index") if len(groups) > 1 else out
+
+    async def _logs_split(self, from_block: int, to_block: int, addresses: Sequence[str]) -> pl.DataFrame:
+        try:
+            df = await self._logs_once(from_block, to_block, addresses)
+        except RpcError as e:
+            if e.info.kind is not RpcErrorKind.RANGE_TOO_LARGE or from_block == to_block:
+                raise
+            span = self.sizer.on_range_error(e.info, from_block, to_block)
+            span = max(1, min(span, (to_block - from_block + 1) // 2 or 1))
+            parts = [(s, min(s + span - 1, to_block)) for s in range(from_block, to_block + 1, span)]
+            frames = await asyncio.gather(*[self._logs_split(a, b, addresses) for a, b in parts])
+            return pl.concat(frames, how="vertical")
+        self.sizer.on_success(to_block - from_block + 1, df.height)
+        return df
+
+    async def chunk(self, from_block: int, to_block: int) -> Chunk:
+        """Headers and logs of one chunk, fetched again until both come from the same fork."""
+        for _attempt in range(_CHUNK_ATTEMPTS):
+            try:
+                blocks, logs = await asyncio.gather(self.headers(from_block, to_block), self.logs(from_block, to_block))
+            except ForkChanged:
+                await asyncio.sleep(0.5)
+                continue
+            if _consistent(blocks, logs):
+                return Chunk(from_block, to_block, blocks, self._finish_logs(blocks, logs))
+            await asyncio.sleep(0.2)
+        raise ForkChanged(f"blocks {from_block}-{to_block} kept changing fork across {_CHUNK_ATTEMPTS} fetches")
+
+    def _finish_logs(self, blocks: pl.DataFrame, logs: pl.DataFrame) -> pl.DataFrame:
+        if self.address_starts:
+            starts = pl.DataFrame(
+                {"address": list(self.address_starts), "_start": list(self.address_starts.values())},
+                schema={"address": pl.String, "_start": pl.Int64},
+            )
+            logs = logs.join(starts, on="address", how="left").filter(
+                pl.col("_start").is_null() | (pl.col("block_number") >= pl.col("_start"))
+            ).drop("_start")
+        stamped = logs.join(
+            blocks.select(pl.col("number").alias("block_number"), pl.col("timestamp").alias("block_timestamp")),
+            on="block_number",
+            how="left",
+        )
+        return stamped.select(list(LOG_SCHEMA)).sort("block_number", "log_index")
+
+    async def iter_chunks(self, from_block: int, to_block: int, in_flight: int = 4) -> AsyncIterator[Chunk]:
+        """Chunks covering [from_block, to_block] in order, `in_flight` fetched concurrently."""
+        pending: list[asyncio.Task[Chunk]] = []
+        next_start = from_block
+        previous_hash: str | None = None
+        try:
+            while pending or next_start <= to_block:
+                while next_start <= to_block and len(pending) < in_flight:
+                    end = min(next_start + self.sizer.span - 1, to_block)
+                    pending.append(asyncio.create_task(self.chunk(next_start, end)))
+                    next_start = end + 1
+                chunk = await pending.pop(0)
+                if chunk.blocks.height:
+                    first_parent = chunk.blocks["parent_hash"][0]
+                    if previous_hash is not None and first_parent != previous_hash:
+                        raise ForkChanged(
+                            f"block {chunk.from_block}'s parent hash does not match block {chunk.from_block - 1}"
+                        )
+                    previous_hash = chunk.blocks["hash"][-1]
+                yield chunk
+        finally:
+            for t in pending:
+                t.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+
+
+def _consistent(blocks: pl.DataFrame, logs: pl.DataFrame) -> bool:
+    if blocks.height > 1:
+        hashes = blocks["hash"]
+        parents = blocks["parent_hash"]
+        if not (parents.slice(1) == hashes.slice(0, blocks.height - 1)).all():
+            return False
+    if logs.height == 0:
+        return True
+    joined = logs.select("block_number", "block_hash").join(
+        blocks.select(pl.col("number").alias("block_number"), "hash"), on="block_number", how="left"
+    )
+    return bool((joined["hash"] == joined["block_hash"]).all()) and joined["hash"].null_count() == 0

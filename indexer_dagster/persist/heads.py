@@ -1,0 +1,62 @@
+"""The chain head each chain was last seen at, which decides `status` (confirmed / unconfirmed).
+
+Status is not stored in the data files: a row is `confirmed` when its block is at or below
+`confirmed_through = head - confirmations` of its chain. Moving the head is one tiny atomic file
+write, so finality advances without rewriting any data (the seed's periodic confirm task).
+"""
+
+import time
+from pathlib import Path
+
+import polars as pl
+from filelock import FileLock
+
+from indexer_dagster.persist.lake import Lake
+
+HEAD_DATASET = "_meta"
+HEAD_KEY = "head"
+HEAD_SCHEMA = {
+    "chain_id": pl.Int64,
+    "chain": pl.String,
+    "head_number": pl.Int64,
+    "head_hash": pl.String,
+    "confirmations": pl.Int64,
+    "confirmed_through": pl.Int64,
+    "observed_at": pl.Datetime("us", "UTC"),
+}
+
+
+def head_path(lake: Lake) -> Path:
+    return lake.path(HEAD_DATASET, HEAD_KEY)
+
+
+def read_head(lake: Lake) -> dict | None:
+    p = head_path(lake)
+    if not p.is_file():
+        return None
+    rows = pl.read_parquet(p).to_dicts()
+    return rows[0] if rows else None
+
+
+def record_head(lake: Lake, chain_id: int, head_number: int, head_hash: str, confirmations: int) -> dict:
+    """Store the head unless a newer one is already stored (concurrent runs may race); returns the stored head."""
+    p = head_path(lake)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(p) + ".lock"):
+        current = read_head(lake)
+        if current is not None and current["head_number"] > head_number:
+            return current
+        row = {
+            "chain_id": chain_id,
+            "chain": lake.chain,
+            "head_number": head_number,
+            "head_hash": head_hash,
+            "confirmations": confirmations,
+            "confirmed_through": head_number - confirmations,
+            "observed_at": int(time.time() * 1_000_000),
+        }
+        df = pl.DataFrame([row], schema={**HEAD_SCHEMA, "observed_at": pl.Int64}).with_columns(
+            pl.col("observed_at").cast(pl.Datetime("us", "UTC"))
+        )
+        lake.write(HEAD_DATASET, HEAD_KEY, df)
+        return row

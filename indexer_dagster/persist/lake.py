@@ -1,0 +1,121 @@
+"""The Parquet lake: one file per (chain, dataset, block range), each written atomically.
+
+Layout: `<data_dir>/<chain>/<dataset>/<range_key>.parquet`, where a dataset is `blocks`, `logs`
+or `events/<table>`. A file is written to a hidden temporary name in the same directory, fsynced,
+then renamed over the final name, so readers (and DuckDB globs, which skip hidden names) see the
+old file or the new one, never a partial one; a killed writer leaves only a hidden temp file that
+the next write of the same range removes.
+"""
+
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+COMPRESSION = "zstd"
+ROW_GROUP_SIZE = 128 * 1024
+
+
+class Lake:
+    def __init__(self, data_dir: Path, chain: str) -> None:
+        self.root = Path(data_dir) / chain
+        self.chain = chain
+
+    def dir(self, dataset: str) -> Path:
+        return self.root / dataset
+
+    def path(self, dataset: str, range_key: str) -> Path:
+        return self.dir(dataset) / f"{range_key}.parquet"
+
+    def glob(self, dataset: str) -> str:
+        return str(self.dir(dataset) / "*.parquet")
+
+    def has_files(self, dataset: str) -> bool:
+        d = self.dir(dataset)
+        return d.is_dir() and any(p.suffix == ".parquet" and not p.name.startswith(".") for p in d.iterdir())
+
+    def exists(self, dataset: str, range_key: str) -> bool:
+        return self.path(dataset, range_key).is_file()
+
+    @contextmanager
+    def writer(self, dataset: str, range_key: str, schema: dict[str, pl.DataType]) -> Iterator["StreamWriter"]:
+        final = self.path(dataset, range_key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temps(final)
+        tmp = final.with_name(f".{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+        arrow_schema = pl.DataFrame(schema=schema).to_arrow().schema
+        w = StreamWriter(tmp, arrow_schema)
+        try:
+            yield w
+            w.close()
+            _fsync(tmp)
+            os.replace(tmp, final)
+            _fsync(final.parent)  # make the rename itself durable
+        except BaseException:
+            w.close()
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def write(self, dataset: str, range_key: str, df: pl.DataFrame) -> Path:
+        with self.writer(dataset, range_key, dict(df.schema)) as w:
+            w.write(df)
+        return self.path(dataset, range_key)
+
+    def read(self, dataset: str, range_key: str) -> pl.DataFrame:
+        return pl.read_parquet(self.path(dataset, range_key))
+
+
+class StreamWriter:
+    """Appends frames of one schema to a Parquet file, row group by row group."""
+
+    def __init__(self, path: Path, schema: pa.Schema) -> None:
+        self.path = path
+        self.schema = schema
+        self.rows = 0
+        self._writer = pq.ParquetWriter(path, schema, compression=COMPRESSION)
+        self._closed = False
+
+    def write(self, df: pl.DataFrame) -> None:
+        if df.height == 0:
+            return
+        table = df.to_arrow()
+        if table.schema != self.schema:
+            table = table.select(self.schema.names).cast(self.schema)
+        self._writer.write_table(table, row_group_size=ROW_GROUP_SIZE)
+        self.rows += df.height
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._writer.close()
+
+
+def _remove_stale_temps(final: Path) -> None:
+    for p in final.parent.glob(f".{final.name}.*.tmp"):
+        pid = p.name.split(".")[-3]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            p.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's (or a directory's) contents to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,46 @@
+"""Read-only access to the DuckDB catalog: the views over the Parquet lake."""
+
+import time
+from pathlib import Path
+
+import duckdb
+import polars as pl
+
+_LOCK_RETRIES = 20
+
+
+class QueryError(ValueError):
+    """A query that cannot run; the message says why and what to do."""
+
+
+def connect(duckdb_path: str | Path) -> duckdb.DuckDBPyConnection:
+    """Open the catalog read-only (retrying briefly if another program holds a write lock)."""
+    path = Path(duckdb_path)
+    if not path.is_file():
+        raise QueryError(f"{path} does not exist yet; run `indexer backfill` (or `indexer catalog`) first")
+    for attempt in range(_LOCK_RETRIES):
+        try:
+            return duckdb.connect(str(path), read_only=True)
+        except duckdb.IOException as e:
+            if "lock" not in str(e).lower() or attempt == _LOCK_RETRIES - 1:
+                raise QueryError(
+                    f"cannot open {path}: {e}. Another program holds it open for writing; close it and retry"
+                ) from None
+            time.sleep(0.1)
+    raise AssertionError("unreachable")
+
+
+def query(duckdb_path: str | Path, sql: str) -> pl.DataFrame:
+    """Run one read-only SQL statement and return a Polars frame; writes are refused."""
+    con = connect(duckdb_path)
+    try:
+        try:
+            return con.execute(sql).pl()
+        except (duckdb.InvalidInputException, duckdb.PermissionException) as e:
+            if "read-only" in str(e).lower() or "read only" in str(e).lower():
+                raise QueryError("the catalog is read-only: `indexer query` runs SELECT queries only") from None
+            raise QueryError(str(e)) from None
+        except duckdb.Error as e:
+            raise QueryError(str(e).splitlines()[0]) from None
+    finally:
+        con.close()

@@ -1,0 +1,163 @@
+"""Historical sync of one block range: monitor (fetch) → persist (raw files) → parse (decoded files).
+
+Plain functions, no Dagster: the assets in `indexer_dagster.assets` call these and report what they
+return. Re-running a range rewrites its files with the same rows; a killed run leaves the previous
+files (or none) in place, never a partial one.
+"""
+
+import asyncio
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import Any
+
+import polars as pl
+import pyarrow.parquet as pq
+
+from indexer_dagster.config import IndexerConfig
+from indexer_dagster.monitor.fetch import BLOCK_SCHEMA, LOG_SCHEMA, ForkChanged, RangeFetcher
+from indexer_dagster.monitor.ranges import RangeSizer
+from indexer_dagster.monitor.rpc import RetryPolicy, RpcClient, RpcStats
+from indexer_dagster.parse.decode import decode_logs
+from indexer_dagster.partitions import BlockRange
+from indexer_dagster.persist.heads import record_head
+from indexer_dagster.persist.lake import Lake
+
+# (blocks, logs) just written; the CLI turns these into a progress bar.
+ProgressFn = Callable[[int, int], None]
+_FORK_RESTARTS = 3
+DECODE_BATCH_ROWS = 200_000
+
+
+def _no_progress(_blocks: int, _logs: int) -> None:
+    pass
+
+
+_reporter: ProgressFn = _no_progress
+
+
+def set_progress_reporter(fn: ProgressFn | None) -> None:
+    """Install a process-wide progress callback (the CLI's worker processes do)."""
+    global _reporter
+    _reporter = fn or _no_progress
+
+
+@dataclass
+class RawResult:
+    range: BlockRange
+    from_block: int | None  # None when the range holds no block to index
+    to_block: int | None
+    blocks: int = 0
+    logs: int = 0
+    last_block_hash: str | None = None
+    head: int = 0
+    seconds: float = 0.0
+    rpc: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def complete(self) -> bool:
+        return self.to_block == self.range.end
+
+
+@dataclass
+class DecodeResult:
+    range: BlockRange
+    rows: dict[str, int]
+    skipped: dict[str, int]
+    seconds: float
+
+
+def rpc_client(cfg: IndexerConfig, stats: RpcStats | None = None) -> RpcClient:
+    c = cfg.chain
+    return RpcClient(
+        c.rpc_url,
+        timeout_s=c.request_timeout_s,
+        concurrency=c.concurrency,
+        retry=RetryPolicy(max_retries=c.max_retries),
+        stats=stats,
+    )
+
+
+def _fetcher(cfg: IndexerConfig, rpc: RpcClient, sizer: RangeSizer) -> RangeFetcher:
+    chain_start = cfg.start_block
+    starts = {
+        a: cfg.contract_start(c) for c in cfg.contracts for a in c.addresses if cfg.contract_start(c) > chain_start
+    }
+    addresses = [a for c in cfg.contracts for a in c.addresses]
+    return RangeFetcher(
+        rpc, cfg.chain.chain_id, addresses, sizer, headers_batch_size=cfg.chain.headers_batch_size, address_starts=starts
+    )
+
+
+def new_sizer(cfg: IndexerConfig) -> RangeSizer:
+    return RangeSizer(initial=cfg.chain.blocks_per_request, maximum=cfg.chain.max_blocks_per_request)
+
+
+async def _head(rpc: RpcClient) -> tuple[int, str]:
+    block = await rpc.call("eth_getBlockByNumber", ["latest", False])
+    return int(block["number"], 16), block["hash"].lower()
+
+
+async def _sync_raw(cfg: IndexerConfig, r: BlockRange, progress: ProgressFn, stats: RpcStats) -> RawResult:
+    lake = Lake(cfg.data_dir, cfg.chain.name)
+    started = time.perf_counter()
+    async with rpc_client(cfg, stats) as rpc:
+        head, head_hash = await _head(rpc)
+        clipped = r.clip(cfg.start_block, head)
+        if clipped is None and r.start > head:
+            raise ValueError(
+                f"range {r.key} starts above the chain head ({head}); backfill up to the head or wait for the chain"
+            )
+        result = RawResult(range=r, from_block=clipped and clipped.start, to_block=clipped and clipped.end, head=head)
+        sizer = new_sizer(cfg)
+        for attempt in range(_FORK_RESTARTS + 1):
+            try:
+                with (
+                    lake.writer("blocks", r.key, BLOCK_SCHEMA) as wb,
+                    lake.writer("logs", r.key, LOG_SCHEMA) as wl,
+                ):
+                    if clipped is not None:
+                        fetcher = _fetcher(cfg, rpc, sizer)
+                        async for chunk in fetcher.iter_chunks(clipped.start, clipped.end, cfg.chain.concurrency):
+                            wb.write(chunk.blocks)
+                            wl.write(chunk.logs)
+                            if chunk.blocks.height:
+                                result.last_block_hash = chunk.blocks["hash"][-1]
+                            progress(chunk.blocks.height, chunk.logs.height)
+                    result.blocks, result.logs = wb.rows, wl.rows
+                break
+            except ForkChanged:
+                if attempt == _FORK_RESTARTS:
+                    raise
+                await asyncio.sleep(1.0)
+        record_head(lake, cfg.chain.chain_id, head, head_hash, cfg.chain.confirmations)
+    result.seconds = time.perf_counter() - started
+    result.rpc = stats.as_dict()
+    return result
+
+
+def sync_raw_range(
+    cfg: IndexerConfig, r: BlockRange, progress: ProgressFn | None = None, stats: RpcStats | None = None
+) -> RawResult:
+    """Fetch headers and logs of range `r` (clipped to [start_block, head]) into `blocks` and `logs` files."""
+    return asyncio.run(_sync_raw(cfg, r, progress or _reporter, stats or RpcStats()))
+
+
+def decode_range(cfg: IndexerConfig, r: BlockRange) -> DecodeResult:
+    """Decode the range's `logs` file into one file per (contract, event) table."""
+    lake = Lake(cfg.data_dir, cfg.chain.name)
+    started = time.perf_counter()
+    specs = [s for _, s in cfg.all_specs()]
+    addresses = {s.table: set(c.addresses) for c, s in cfg.all_specs()}
+    rows = {s.table: 0 for s in specs}
+    skipped = {s.table: 0 for s in specs}
+    with ExitStack() as stack:
+        src = stack.enter_context(pq.ParquetFile(lake.path("logs", r.key)))
+        writers = {s.table: stack.enter_context(lake.writer(f"events/{s.table}", r.key, s.schema())) for s in specs}
+        for batch in src.iter_batches(batch_size=DECODE_BATCH_ROWS):
+            for table, res in decode_logs(pl.from_arrow(batch), specs, addresses).items():
+                writers[table].write(res.frame)
+                rows[table] += res.frame.height
+                skipped[table] += res.skipped
+    return DecodeResult(range=r, rows=rows, skipped=skipped, seconds=time.perf_counter() - started)
