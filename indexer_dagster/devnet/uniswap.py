@@ -35,13 +35,12 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import random
 import time
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 from eth_abi import decode, encode
 from eth_utils import keccak, to_checksum_address
@@ -240,6 +239,7 @@ class Deployment:
     trader: str  # account 0: deployer, sends every pair-touching tx
     holders: list[str]  # accounts making plain ERC20 transfers / approvals
     artifacts: dict[str, str] = field(default_factory=dict)  # name -> artifact JSON path
+    traffic: dict = field(default_factory=dict)  # stats of the last generate_traffic (build_devnet)
 
     @property
     def start_block(self) -> int:
@@ -260,6 +260,17 @@ class Deployment:
         out.update({p.address.lower(): "UniswapV2Pair" for p in self.pairs})
         return out
 
+    def expected_deployment_logs(self) -> dict[str, dict[str, int]]:
+        """Logs of the deployment blocks (``start_block..seed_block``) by contract and event:
+        token constructor mints, PairCreated, first mints (2 LP Transfers each: MINIMUM_LIQUIDITY
+        to address(0) and the rest to the trader) and the holder grants."""
+        n_p, n_t = len(self.pairs), len(self.tokens)
+        c = _new_counts()
+        c["UniswapV2Factory"]["PairCreated"] = n_p
+        c["UniswapV2Pair"].update(Transfer=2 * n_p, Sync=n_p, Mint=n_p)
+        c["ERC20"]["Transfer"] = n_t + 2 * n_p + len(self.holders) * n_t
+        return c
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -274,6 +285,13 @@ def _url_client(node: "str | Anvil | RpcClient") -> RpcClient:
     if isinstance(node, RpcClient):
         return node
     if isinstance(node, Anvil):
+        if node.block_time and not float(node.block_time).is_integer():
+            # anvil_getIntervalMining reports 0 for a fractional --block-time, so it cannot be
+            # paused and restored: blocks would be mined in the middle of a batch
+            raise ValueError(
+                "anvil was started with a fractional --block-time; start it without block_time, "
+                "deploy/generate, then enable mining (evm_setIntervalMining or a restart)"
+            )
         return node.client()
     return RpcClient(node, timeout=600.0)
 
@@ -303,22 +321,32 @@ def _receipts(c: RpcClient, hashes: Sequence[str]) -> list[dict]:
 
 
 class _Automine:
-    """Turn automine off for the block, restore the previous setting afterwards."""
+    """Manual mining for the duration (automine off, interval mining paused), then restore."""
 
     def __init__(self, c: RpcClient):
         self.c = c
-        self.prev = True
+        self.prev_auto = True
+        self.prev_interval = 0
 
     def __enter__(self) -> "_Automine":
         try:
-            self.prev = bool(self.c.call("anvil_getAutomine"))
+            self.prev_auto = bool(self.c.call("anvil_getAutomine"))
         except RpcError:
-            self.prev = True
+            self.prev_auto = True
+        try:
+            self.prev_interval = int(self.c.call("anvil_getIntervalMining") or 0)
+        except (RpcError, TypeError, ValueError):
+            self.prev_interval = 0
+        if self.prev_interval:
+            self.c.call("evm_setIntervalMining", [0])
         self.c.call("evm_setAutomine", [False])
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.c.call("evm_setAutomine", [self.prev])
+        if self.prev_interval:
+            self.c.call("evm_setIntervalMining", [self.prev_interval])
+        else:
+            self.c.call("evm_setAutomine", [self.prev_auto])
 
 
 def _block_gas_limit(c: RpcClient) -> int:

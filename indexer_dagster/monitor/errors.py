@@ -137,7 +137,7 @@ _REDACTIONS: tuple[tuple[re.Pattern[str], str], ...] = (
 
 def redact(text: str, limit: int = _MAX_MESSAGE) -> str:
     """``text`` without URLs, host names or secrets, on one line, at most ``limit`` characters."""
-    out = str(text)
+    out = str(text)[: limit * 4 + 256]  # bound the work; cutting the tail cannot expose a URL's head
     for pattern, repl in _REDACTIONS:
         out = pattern.sub(repl, out)
     out = " ".join(out.split())
@@ -341,8 +341,9 @@ def _hints(text: str, data: Any, code: int | None) -> _Hints:
 
 
 # --------------------------------------------------------------------------------------------
-# Text patterns. Order of use (see _classify): permanent overrides, head lag, range hints,
-# rate limits, range phrases, rate-limit codes, ambiguous "limit exceeded", permanent, transient.
+# Text patterns. Order of use (see _classify): JSON-RPC code 429, permanent overrides, head lag,
+# range hints, rate-limit text, range text, rate-limit codes, ambiguous "limit exceeded",
+# permanent text, transient text, bare -32005 (ambiguous), permanent codes, unrecognized.
 
 def _rx(p: str) -> re.Pattern[str]:
     return re.compile(p, re.I | re.X)
@@ -401,6 +402,7 @@ _PERMANENT = _rx(r"""
   | project\ id | invalid\ project | invalid\ token | must\ be\ authenticated
   | chain\s?id\ mismatch | invalid\ chain | wrong\ chain | unsupported\ chain | network\ not\ supported
   | execution\ reverted | revert | out\ of\ gas | insufficient\ funds | nonce\ too
+  | gas\ limit | intrinsic\ gas | gas\ required\ exceeds
   | missing\ trie\ node | pruned | required\ data\ unavailable | state\ (?:is\ )?not\ available
   | historical\ state | archive
   | invalid\ argument | invalid\ param | invalid\ input | cannot\ unmarshal | invalid\ topic
@@ -462,7 +464,7 @@ def _describe_hints(h: _Hints) -> str:
 
 
 def _classify(code: int | None, message: str, data: Any, http_status: int | None) -> RpcErrorInfo:
-    text = message if data is None else f"{message} {_stringify(data)}"
+    text = (message if data is None else f"{message} {_stringify(data)}")[:8000]
     shown = redact(message or _stringify(data)) or "(no message)"
     where = f"[{code}] " if code is not None else ""
 
@@ -495,13 +497,14 @@ def _classify(code: int | None, message: str, data: Any, http_status: int | None
         return mk(RpcErrorKind.RANGE_TOO_LARGE, "range too large (no hint: halve it)", timeout=timeout)
     if code in _RATE_CODES:
         return mk(RpcErrorKind.RATE_LIMITED, "rate limited", retry_after=retry_after)
-    if _AMBIGUOUS_LIMIT.search(text) or code == -32005:
-        return mk(
-            RpcErrorKind.RATE_LIMITED,
-            "limit exceeded, rate or range unknown (back off once, then split the range)",
-            retry_after=retry_after,
-            ambiguous=True,
-        )
+    ambiguous = mk(
+        RpcErrorKind.RATE_LIMITED,
+        "limit exceeded, rate or range unknown (back off once, then split the range)",
+        retry_after=retry_after,
+        ambiguous=True,
+    )
+    if _AMBIGUOUS_LIMIT.search(text):
+        return ambiguous
     if _PERMANENT.search(text):
         if _AUTH.search(text):
             return mk(RpcErrorKind.PERMANENT, "the provider refused the request: check the RPC URL / API key")
@@ -510,11 +513,11 @@ def _classify(code: int | None, message: str, data: Any, http_status: int | None
         return mk(RpcErrorKind.PERMANENT, "permanent RPC error")
     if _TRANSIENT.search(text):
         return mk(RpcErrorKind.TRANSIENT, "transient RPC error", retry_after=retry_after, timeout=timeout)
+    if code == -32005:  # EIP-1474 "limit exceeded" with a message that tells nothing more
+        return ambiguous
     if code in _PERMANENT_CODES:
         what = "method not available on this node" if code in (-32601, -32004) else "permanent RPC error"
         return mk(RpcErrorKind.PERMANENT, what)
-    if code is not None and (-32099 <= code <= -32000 or code == -32603):
-        return mk(RpcErrorKind.TRANSIENT, "server error (retry a bounded number of times)", retry_after=retry_after)
     return mk(
         RpcErrorKind.TRANSIENT,
         "unrecognized RPC error (treated as transient; retry a bounded number of times)",
@@ -616,7 +619,12 @@ def classify_http(
         info = classify_rpc_error(err, http_status=status)
     else:
         info = _classify(None, body_text, None, status)
-    shown = redact(body_text, 160) if body_text.strip() else "(empty body)"
+    if err is not None:
+        inner = err.get("message")
+        inner = inner if isinstance(inner, str) and inner else _stringify(err)
+        shown = redact(inner, 160)
+    else:
+        shown = redact(body_text, 160) if body_text.strip() else "(empty body)"
 
     def done(i: RpcErrorInfo, **changes: Any) -> RpcErrorInfo:
         if header_wait is not None and i.kind is RpcErrorKind.RATE_LIMITED:
@@ -652,8 +660,8 @@ def classify_http(
     if 500 <= status < 600:
         if info.kind in (RpcErrorKind.RANGE_TOO_LARGE, RpcErrorKind.RATE_LIMITED) and known:
             return done(info)
-        if info.kind is RpcErrorKind.PERMANENT and err is not None:
-            return done(info)  # a JSON-RPC error the server chose to send with 5xx
+        if info.kind is RpcErrorKind.PERMANENT and info.code in _PERMANENT_CODES:
+            return done(info)  # a JSON-RPC error (method not found, invalid params) sent with a 5xx
         timeout = info.timeout or status in (504, 522, 524)
         return new(RpcErrorKind.TRANSIENT, "server error", timeout=timeout)
     if status == 400:

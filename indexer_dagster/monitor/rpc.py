@@ -10,7 +10,7 @@ import asyncio
 import random
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import aiohttp
@@ -121,10 +121,14 @@ class RpcClient:
             except Exception as e:  # noqa: BLE001 - classified below, unknown kinds become RpcError
                 info = classify_exception(e)
             self.stats.errors[f"{method}:{info.kind.value}"] += 1
+            if info.ambiguous and attempt >= 1 and method == "eth_getLogs":
+                # A bare "limit exceeded" that persists after a backoff is the range, not the rate.
+                info = replace(info, kind=RpcErrorKind.RANGE_TOO_LARGE)
             retriable = info.kind in (RpcErrorKind.TRANSIENT, RpcErrorKind.RATE_LIMITED)
             if not retriable or attempt >= self.retry.max_retries:
                 if retriable:
-                    info = RpcErrorInfo(
+                    info = replace(
+                        info,
                         kind=RpcErrorKind.PERMANENT,
                         message=f"gave up after {attempt + 1} attempts: {info.message}",
                     )

@@ -111,6 +111,8 @@ def decode_logs(
                 by_topic0[spec.topic0] = _filter(logs, pl.col("topic0") == spec.topic0)
             cand = by_topic0[spec.topic0]
         allowed = None if addresses is None else addresses.get(spec.table)
+        if isinstance(allowed, str):
+            allowed = [allowed]
         if allowed is not None:
             allowed_list = sorted({str(a).lower() for a in allowed})
             cand = _filter(cand, pl.col("address").is_in(allowed_list))
@@ -142,8 +144,8 @@ class _Slot:
     param: Param
     source: str  # "topicK" or "data"
     offset: int  # char offset of the 64-hex word in the source string
-    kind: str  # "address" "bool" "uint" "int" "bytes" "hash" "rowwise" "fixed_topic"
-    bits: int = 0  # uint/int width, bytesN byte count
+    kind: str  # "address" "bool" "uint" "int" "bytes" "hash" "string" "dynbytes" "rowwise" "fixed_topic"
+    bits: int = 0  # uint/int width, bytesN byte count; string/dynbytes: the head size in bytes
 
     def sub(self, start: int, length: int) -> pl.Expr:
         return pl.col(self.source).str.slice(self.offset + start, length)
@@ -211,9 +213,18 @@ def _layout(spec: EventSpec) -> _Layout:
             slots.append(_Slot(p, "data", 2 + 64 * head, kind, bits))
         else:
             slots.append(_Slot(p, "data", 2 + 64 * head, "rowwise"))
-            rowwise = True
         dynamic = dynamic or t.is_dynamic
         head += _head_words(t)
+    rowwise = rowwise or any(s.kind == "rowwise" for s in slots)
+    if rowwise and all(s.param.type in ("string", "bytes") for s in slots if s.kind in ("rowwise", "fixed_topic")):
+        # Only top-level string/bytes: read them with vectorised offset/length arithmetic.
+        slots = [
+            _Slot(s.param, s.source, s.offset, "string" if s.param.type == "string" else "dynbytes", 32 * head)
+            if s.kind == "rowwise"
+            else s
+            for s in slots
+        ]
+        rowwise = False
     types = tuple(_decode_type(p.type) for p in spec.inputs if not p.indexed)
     return _Layout(tuple(slots), head, dynamic, rowwise, types)
 
@@ -222,8 +233,32 @@ def _layout(spec: EventSpec) -> _Layout:
 # Vectorised expressions
 
 
+def _dyn(s: _Slot) -> tuple[pl.Expr, pl.Expr, pl.Expr, pl.Expr]:
+    """For a top-level string/bytes: (valid, content hex, char position of the content, length in
+    bytes). Valid: offset past the head, offset and length below 2**48, the padded content inside
+    ``data`` and its padding zero - what eth_abi's strict decoder checks."""
+    data = pl.col("data")
+    n_bytes = (data.str.len_bytes().cast(pl.Int64) - 2) // 2
+    offset = s.sub(52, 12).str.to_integer(base=16, dtype=pl.Int64, strict=False)
+    len_at = 2 + 2 * offset  # char index of the length word
+    length = data.str.slice(len_at + 52, 12).str.to_integer(base=16, dtype=pl.Int64, strict=False)
+    start = len_at + 64
+    padded = (length + 31) // 32 * 32
+    pad = data.str.slice(start + 2 * length, 2 * (padded - length))
+    valid = (
+        (s.sub(0, 52) == _Z[:52])
+        & (offset >= s.bits)
+        & (data.str.slice(len_at, 52) == _Z[:52])
+        & (offset + 32 + padded <= n_bytes)
+        & (pad.str.strip_chars("0") == "")
+    )
+    return valid, data.str.slice(start, 2 * length), start, length
+
+
 def _check(s: _Slot) -> pl.Expr | None:
     """True where the word's padding is canonical for its type (None: nothing to check)."""
+    if s.kind in ("string", "dynbytes"):
+        return _dyn(s)[0]
     if s.kind == "address":
         return s.sub(0, 24) == _Z[:24]
     if s.kind == "bool":
@@ -248,6 +283,10 @@ def _value(s: _Slot) -> pl.Expr | None:
     k, b = s.kind, s.bits
     if k == "hash":
         return pl.col(s.source)
+    if k == "string":  # content hex; `_strings` turns it into text
+        return _dyn(s)[1]
+    if k == "dynbytes":
+        return pl.concat_str([pl.lit("0x"), _dyn(s)[1]])
     if k == "address":
         return pl.concat_str([pl.lit("0x"), s.sub(24, 40)])
     if k == "bool":
@@ -323,7 +362,7 @@ def _decode_spec(cand: pl.DataFrame, spec: EventSpec) -> DecodeResult:
             + [pl.col(s.param.column).cast(pl.Float64).alias(s.param.f64_column) for s in big]
         )
 
-    new_cols: list[pl.Series] = []
+    new_cols: list[pl.Series] = [_strings(frame[s.param.column]) for s in layout.slots if s.kind == "string"]
     bad: set[int] = set()
     if layout.rowwise:
         new_cols.extend(_rowwise(ok, spec, layout, bad))
@@ -333,14 +372,27 @@ def _decode_spec(cand: pl.DataFrame, spec: EventSpec) -> DecodeResult:
     if new_cols:
         frame = frame.with_columns(new_cols)
     # Safety net: a null argument means a word that was not hex (the input contract was broken).
-    not_null = [pl.col(p.column).is_not_null() for p in spec.inputs if schema[p.column] != pl.Boolean]
-    keep = frame.select(pl.all_horizontal(not_null) if not_null else pl.lit(True)).to_series()
+    not_null = [pl.col(p.column).is_not_null() for p in spec.inputs]
+    keep = frame.select(pl.all_horizontal(not_null) if not_null else pl.repeat(True, frame.height)).to_series()
     if bad:
         keep = keep.scatter(sorted(bad), False)
     if not keep.all():
         skipped += frame.height - int(keep.sum())
         frame = frame.filter(keep)
     return DecodeResult(frame.select([pl.col(c).cast(t) for c, t in schema.items()]), skipped)
+
+
+def _strings(hex_col: pl.Series) -> pl.Series:
+    """Content hex -> text; invalid UTF-8 is replaced by U+FFFD (never a reason to skip a row)."""
+    binary = hex_col.str.decode("hex")
+    try:
+        return binary.cast(pl.Utf8)
+    except pl.exceptions.ComputeError:  # some value is not UTF-8: decode all of them in Python
+        return pl.Series(
+            hex_col.name,
+            [None if b is None else b.decode("utf-8", errors="replace") for b in binary.to_list()],
+            dtype=pl.Utf8,
+        )
 
 
 def _fill_big(frame: pl.DataFrame, source: pl.Series, s: _Slot, bad: set[int]) -> list[pl.Series]:

@@ -35,7 +35,8 @@ def query(duckdb_path: str | Path, sql: str) -> pl.DataFrame:
     con = connect(duckdb_path)
     try:
         try:
-            return con.execute(sql).pl()
+            rel = con.sql(sql)
+            return rel.pl() if rel is not None else pl.DataFrame()
         except (duckdb.InvalidInputException, duckdb.PermissionException) as e:
             if "read-only" in str(e).lower() or "read only" in str(e).lower():
                 raise QueryError("the catalog is read-only: `indexer query` runs SELECT queries only") from None
