@@ -36,6 +36,10 @@ def ensure_dagster_home(default: Path) -> Path:
     home = os.environ.get("DAGSTER_HOME")
     path = Path(home) if home else default
     path.mkdir(parents=True, exist_ok=True)
+    settings = path / "dagster.yaml"
+    if not settings.exists():
+        # Dagster's defaults: SQLite storage in this folder (see deploy/ for Postgres).
+        settings.write_text("telemetry:\n  enabled: false\n")
     os.environ["DAGSTER_HOME"] = str(path.resolve())
     return path
 
@@ -68,7 +72,7 @@ def run_batch(first: str, last: str) -> BatchOutcome:
     from indexer_dagster.definitions import build_definitions, historical_job_name
 
     cfg = load_config(os.environ[CONFIG_ENV_VAR])
-    job = build_definitions(cfg).get_job_def(historical_job_name(cfg.chain.name))
+    job = build_definitions(cfg).resolve_job_def(historical_job_name(cfg.chain.name))
     with dg.DagsterInstance.get() as instance:
         result = job.execute_in_process(
             instance=instance,
@@ -78,6 +82,7 @@ def run_batch(first: str, last: str) -> BatchOutcome:
                 "indexer/role": "historical",
                 "indexer/launched_by": "cli",
             },
+            run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
             raise_on_error=False,
         )
     error = ""

@@ -575,3 +575,27 @@ def test_property_corrupted_dynamic_data_skipped_iff_eth_abi_rejects(inputs, tex
             assert got[name] == str(v)
         else:
             assert got[name] == v
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_event_and_rows(), st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=3))
+def test_property_corrupted_static_words_skipped_iff_eth_abi_rejects(case, flips):
+    spec, rows = case
+    _, topics, data = encode_log(spec, list(rows[0]), PAIR_A)
+    words = [bytearray(bytes.fromhex(t[2:])) for t in topics] + [bytearray(bytes.fromhex(data[2:]))]
+    first = 0 if spec.anonymous else 1  # never corrupt a real topic0
+    targets = [w for k, w in enumerate(words) if k >= first and len(w)]
+    if not targets:
+        return
+    for pos, byte in flips:
+        w = targets[pos % len(targets)]
+        w[(pos // 7) % len(w)] = byte
+    topics = [hx(bytes(w)) for w in words[:-1]]
+    logs = make_logs([(PAIR_A, topics, hx(bytes(words[-1])))])
+    res = decode_logs(logs, [spec])[spec.table]
+    try:
+        expected = expected_rows(spec, logs)  # eth_abi (strict) on every topic and on the data
+    except Exception:
+        assert (res.frame.height, res.skipped) == (0, 1)
+        return
+    assert res.skipped == 0 and actual_rows(spec, res) == expected
