@@ -22,7 +22,6 @@ def build_definitions(cfg: IndexerConfig) -> dg.Definitions:
     historical = dg.define_asset_job(
         historical_job_name(cfg.chain.name),
         selection=dg.AssetSelection.assets(*assets),
-        partitions_def=parts,
         executor_def=dg.in_process_executor,
         description="Backfill block ranges: headers and logs, then decoded events (several ranges per run).",
     )

@@ -36,8 +36,9 @@ compact JSON (tuples as JSON arrays, integers as decimal strings, addresses lowe
 Speed: value words are cut out of the hex strings with ``str.slice`` and parsed with
 ``str.to_integer(base=16)`` as UInt64/UInt128 (Int128 via reinterpretation for negatives);
 only 256-bit values that do not fit 128 bits go through Python ``int(x, 16)``, one per such
-value. Events with string/bytes/array/tuple/fixed arguments decode those arguments per row with
-eth_abi (their value-type arguments stay vectorised).
+value. Top-level string/bytes arguments are vectorised too (offset and length words parsed, the
+content sliced with per-row offsets). Events with array/tuple/fixed arguments decode their
+non-value arguments per row with eth_abi (value-type arguments stay vectorised).
 """
 
 from __future__ import annotations
@@ -164,7 +165,7 @@ def _head_words(t) -> int:
     if t.is_dynamic:
         return 1
     if t.arrlist:
-        return t.arrlist[-1][0] * _head_words(t.item_type) if t.arrlist[-1] else 1
+        return t.arrlist[-1][0] * _head_words(t.item_type)  # a static array: k items inline
     if isinstance(t, TupleType):
         return sum(_head_words(c) for c in t.components)
     return 1
@@ -384,7 +385,7 @@ def _decode_spec(cand: pl.DataFrame, spec: EventSpec) -> DecodeResult:
 
 def _strings(hex_col: pl.Series) -> pl.Series:
     """Content hex -> text; invalid UTF-8 is replaced by U+FFFD (never a reason to skip a row)."""
-    binary = hex_col.str.decode("hex")
+    binary = hex_col.str.decode("hex", strict=False)
     try:
         return binary.cast(pl.Utf8)
     except pl.exceptions.ComputeError:  # some value is not UTF-8: decode all of them in Python
