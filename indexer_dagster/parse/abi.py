@@ -282,8 +282,6 @@ def _columns(inputs: list[tuple[str, str, bool]]) -> list[str]:
         if big:
             used.add(f"{col}_f64")
         out.append(col)
-    # A later big int's "<col>_f64" may not shadow an earlier plain column: checked above via
-    # `used`; an earlier big int's "_f64" is reserved before later names are chosen.
     return out
 
 

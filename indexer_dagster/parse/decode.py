@@ -44,10 +44,10 @@ non-value arguments per row with eth_abi (value-type arguments stay vectorised).
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-import re
 
 import polars as pl
 from eth_abi import decode as _abi_decode

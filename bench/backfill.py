@@ -1,0 +1,145 @@
+#!/usr/bin/env python
+"""Backfill benchmark: `indexer backfill` end to end vs a minimal raw eth_getLogs client.
+
+Builds (or reuses from bench/.cache) an anvil devnet of real Uniswap V2 traffic, then, interleaved
+over several repetitions, measures logs/second of
+  (a) a raw client: concurrent eth_getLogs over the same addresses and blocks, JSON parsed into
+      Polars (nothing stored) — the speed limit the node and HTTP allow here;
+  (b) `indexer backfill` as a user runs it: a fresh data dir and Dagster instance, headers + logs
+      fetched, checked, written to Parquet, decoded into event tables, DuckDB catalog built.
+It prints the medians, the ratio b/a, and the peak memory of (b) for half and for all of the range
+(bounded memory means the two stay close).
+
+    .venv/bin/python bench/backfill.py [--blocks 2000 --txs-per-block 50 --reps 3]
+"""
+
+import argparse
+import asyncio
+import io
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+import polars as pl
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from indexer_dagster.config import load_config  # noqa: E402
+from indexer_dagster.devnet import run_devnet  # noqa: E402
+
+
+async def raw_client(url: str, addresses: list[str], first: int, last: int, span: int, in_flight: int) -> int:
+    ranges = [(s, min(s + span - 1, last)) for s in range(first, last + 1, span)]
+    total = 0
+    sem = asyncio.Semaphore(in_flight)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=in_flight)) as session:
+
+        async def one(i: int, a: int, b: int) -> int:
+            body = {"jsonrpc": "2.0", "id": i, "method": "eth_getLogs",
+                    "params": [{"fromBlock": hex(a), "toBlock": hex(b), "address": addresses}]}
+            async with sem, session.post(url, json=body) as resp:
+                data = await resp.read()
+            if b'"result":[]' in data[:60]:
+                return 0
+            return pl.read_json(io.BytesIO(data)).select(pl.col("result").explode()).unnest("result").height
+
+        for n in await asyncio.gather(*[one(i, a, b) for i, (a, b) in enumerate(ranges)]):
+            total += n
+    return total
+
+
+def run_indexer(config: Path, work: Path, to_block: int | None, workers: int) -> tuple[float, int, float]:
+    """Run `indexer backfill` in a fresh data dir; returns (seconds, logs, peak RSS MiB of the process tree)."""
+    cfg_dir = work / "cfg"
+    shutil.rmtree(cfg_dir, ignore_errors=True)
+    shutil.copytree(config.parent, cfg_dir, ignore=shutil.ignore_patterns("data", ".dagster_home"))
+    home = cfg_dir / ".dagster_home"
+    env = {**os.environ, "DAGSTER_HOME": str(home)}
+    args = [sys.executable, "-m", "indexer_dagster.cli", "backfill", "--config", str(cfg_dir / "indexer.yaml"),
+            "--workers", str(workers)]
+    if to_block is not None:
+        args += ["--to", str(to_block)]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    t0 = time.perf_counter()
+    proc = subprocess.run(args, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"indexer backfill failed:\n{proc.stdout}\n{proc.stderr}")
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    cfg = load_config(cfg_dir / "indexer.yaml")
+    import duckdb
+
+    con = duckdb.connect(str(cfg.duckdb_path), read_only=True)
+    logs = con.execute("select count(*) from logs").fetchone()[0]
+    con.close()
+    # ru_maxrss of children is the largest single descendant so far (KiB on Linux).
+    return seconds, logs, max(peak, before) / 1024
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--blocks", type=int, default=2200)
+    ap.add_argument("--txs-per-block", type=int, default=50)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--span", type=int, default=50, help="raw client: blocks per eth_getLogs")
+    ap.add_argument("--in-flight", type=int, default=4, help="raw client: concurrent requests")
+    args = ap.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="bench-backfill-"))
+    node, _dep, config = run_devnet(
+        out_dir=work / "devnet", blocks=args.blocks, txs_per_block=args.txs_per_block, seed=1,
+        state_cache=REPO / "bench" / ".cache", blocks_per_partition=1000, echo=print,
+    )
+    try:
+        cfg = load_config(config)
+        head = node.block_number()
+        addresses = [a for c in cfg.contracts for a in c.addresses]
+        raw_rates, idx_rates = [], []
+        for rep in range(args.reps):
+            t0 = time.perf_counter()
+            n_raw = asyncio.run(raw_client(node.url, addresses, 0, head, args.span, args.in_flight))
+            raw_rates.append(n_raw / (time.perf_counter() - t0))
+            seconds, n_idx, peak = run_indexer(config, work, None, args.workers)
+            if n_idx != n_raw:
+                raise SystemExit(f"log counts differ: raw {n_raw}, indexer {n_idx}")
+            idx_rates.append(n_idx / seconds)
+            print(f"rep {rep + 1}: raw {raw_rates[-1]:,.0f} logs/s, indexer {idx_rates[-1]:,.0f} logs/s "
+                  f"({n_idx:,} logs, {seconds:.1f}s)", flush=True)
+        half_s, half_logs, _ = run_indexer(config, work, head // 2, args.workers)
+        # Peak RSS is a high-water mark over all children, so measure the half range in a fresh process.
+        peak_half = _peak_in_fresh_process(config, work, head // 2, args.workers)
+        peak_full = _peak_in_fresh_process(config, work, None, args.workers)
+        raw_med, idx_med = statistics.median(raw_rates), statistics.median(idx_rates)
+        print()
+        print(f"logs: {n_raw:,} in {head + 1:,} blocks ({len(addresses)} contracts)")
+        print(f"raw eth_getLogs client : {raw_med:>10,.0f} logs/s (median of {args.reps})")
+        print(f"indexer backfill       : {idx_med:>10,.0f} logs/s (median of {args.reps})")
+        print(f"ratio indexer/raw      : {idx_med / raw_med:>10.2f}")
+        print(f"peak RSS, half range   : {peak_half:>10.0f} MiB ({half_logs:,} logs)")
+        print(f"peak RSS, full range   : {peak_full:>10.0f} MiB ({n_raw:,} logs)")
+    finally:
+        node.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _peak_in_fresh_process(config: Path, work: Path, to_block: int | None, workers: int) -> float:
+    code = (
+        "import sys, resource; sys.path.insert(0, %r); from bench.backfill import run_indexer; from pathlib import Path;"
+        "run_indexer(Path(%r), Path(%r), %r, %d);"
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)"
+    ) % (str(REPO), str(config), str(work), to_block, workers)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+if __name__ == "__main__":
+    main()
