@@ -1,7 +1,10 @@
-"""Historical-sync assets: raw `blocks` + `logs` per block range, then one decoded table per event.
+"""Historical-sync assets: per block range, `blocks` + `logs`, and one decoded table per event.
 
-A thin skin: the work is in `indexer_dagster.sync.historical`; these functions run it for every
-range of the run (a backfill batches several ranges per run) and record what it did as metadata.
+One multi-asset, so a range is fetched once and decoded while it streams to Parquet; the decoded
+tables still depend on `logs` in the asset graph. Selecting only decoded tables (e.g. an event
+added to the config) re-decodes the stored logs without any RPC call. The work itself is in
+`indexer_dagster.sync.historical`; this skin runs it for every range of the run (a backfill batches
+several ranges per run) and records what it did as per-partition metadata.
 """
 
 import dagster as dg
@@ -9,8 +12,9 @@ import dagster as dg
 from indexer_dagster.config import IndexerConfig
 from indexer_dagster.monitor.rpc import RpcStats
 from indexer_dagster.partitions import parse_key
+from indexer_dagster.persist.catalog import build_catalog
 from indexer_dagster.resources import IndexerConfigResource
-from indexer_dagster.sync.historical import decode_range, sync_raw_range
+from indexer_dagster.sync.historical import decode_range, sync_range
 
 RANGES_PER_RUN = 8
 # Transient failures are retried inside the RPC client; this retries what escapes it (e.g. a node
@@ -25,73 +29,66 @@ def raw_keys(chain: str) -> tuple[dg.AssetKey, dg.AssetKey]:
 def build_historical_assets(cfg: IndexerConfig, partitions_def: dg.PartitionsDefinition) -> list:
     chain = cfg.chain.name
     blocks_key, logs_key = raw_keys(chain)
-    policy = dg.BackfillPolicy.multi_run(max_partitions_per_run=RANGES_PER_RUN)
-
-    @dg.multi_asset(
-        name=f"{chain}_raw",
-        specs=[
-            dg.AssetSpec(blocks_key, group_name="raw", kinds={"parquet", "ethereum"},
-                         description="Block headers (number, hash, parent_hash, timestamp) of each range."),
-            dg.AssetSpec(logs_key, group_name="raw", kinds={"parquet", "ethereum"},
-                         description="Every log of the configured contracts, checked against its block's hash."),
-        ],
-        partitions_def=partitions_def,
-        backfill_policy=policy,
-        retry_policy=RETRY,
-        pool=f"rpc_{chain}",
-    )
-    def raw(context: dg.AssetExecutionContext, indexer: IndexerConfigResource):
-        cfg = indexer.config
-        stats = RpcStats()
-        totals = {"blocks": 0, "logs": 0}
-        for key in context.partition_keys:
-            res = sync_raw_range(cfg, parse_key(key), stats=stats)
-            totals["blocks"] += res.blocks
-            totals["logs"] += res.logs
-            common = {
-                "block_range": f"{res.from_block}-{res.to_block}" if res.from_block is not None else "empty",
-                "complete": res.complete,
-                "chain_head": res.head,
-                "last_block_hash": res.last_block_hash or "",
-                "seconds": round(res.seconds, 3),
-                "rpc_requests": stats.total_requests,
-                "rpc_retries": stats.total_retries,
-            }
-            context.add_asset_metadata({**common, "rows": res.blocks}, asset_key=blocks_key, partition_key=key)
-            context.add_asset_metadata({**common, "rows": res.logs}, asset_key=logs_key, partition_key=key)
-            context.log.info(
-                f"{chain} {key}: {res.blocks} blocks, {res.logs} logs in {res.seconds:.1f}s "
-                f"({stats.total_requests} requests, {stats.total_retries} retries)"
+    table_of = {dg.AssetKey([chain, spec.table]): spec.table for _, spec in cfg.all_specs()}
+    specs = [
+        dg.AssetSpec(blocks_key, group_name="raw", kinds={"parquet", "ethereum"},
+                     description="Block headers (number, hash, parent_hash, timestamp) of each range."),
+        dg.AssetSpec(logs_key, group_name="raw", kinds={"parquet", "ethereum"},
+                     description="Every log of the configured contracts, checked against its block's hash."),
+        *[
+            dg.AssetSpec(
+                [chain, spec.table], deps=[logs_key], group_name="decoded", kinds={"parquet"},
+                description=f"{contract.name}.{spec.signature} decoded from `logs`, one row per event.",
+                metadata={"signature": spec.signature, "topic0": spec.topic0 or "anonymous"},
             )
-        context.log.info(f"{chain}: {totals['blocks']} blocks, {totals['logs']} logs in {len(context.partition_keys)} ranges")
-
-    event_specs = [
-        dg.AssetSpec(
-            [chain, spec.table],
-            deps=[logs_key],
-            group_name="decoded",
-            kinds={"parquet"},
-            description=f"{contract.name}.{spec.signature} decoded from `logs`, one row per event.",
-            metadata={"signature": spec.signature, "topic0": spec.topic0 or "anonymous"},
-        )
-        for contract, spec in cfg.all_specs()
+            for contract, spec in cfg.all_specs()
+        ],
     ]
 
     @dg.multi_asset(
-        name=f"{chain}_decoded",
-        specs=event_specs,
+        name=f"{chain}_historical",
+        specs=specs,
         partitions_def=partitions_def,
-        backfill_policy=policy,
+        backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=RANGES_PER_RUN),
+        retry_policy=RETRY,
+        can_subset=True,
+        pool=f"rpc_{chain}",
     )
-    def decoded(context: dg.AssetExecutionContext, indexer: IndexerConfigResource):
+    def historical(context: dg.AssetExecutionContext, indexer: IndexerConfigResource):
         cfg = indexer.config
+        selected = context.selected_asset_keys
+        tables = [t for k, t in table_of.items() if k in selected]
+        fetch = blocks_key in selected or logs_key in selected
+        stats = RpcStats()
         for key in context.partition_keys:
-            res = decode_range(cfg, parse_key(key))
-            for table, n in res.rows.items():
-                context.add_asset_metadata(
-                    {"rows": n, "skipped_malformed": res.skipped[table], "seconds": round(res.seconds, 3)},
-                    asset_key=dg.AssetKey([chain, table]),
-                    partition_key=key,
-                )
+            r = parse_key(key)
+            res = sync_range(cfg, r, tables, stats=stats) if fetch else decode_range(cfg, r, tables)
+            common = {"block_range": f"{res.from_block}-{res.to_block}" if res.from_block is not None else "empty",
+                      "seconds": round(res.seconds, 3)}
+            if fetch:
+                common |= {
+                    "complete": res.complete,
+                    "chain_head": res.head,
+                    "last_block_hash": res.last_block_hash or "",
+                    "rpc_requests": stats.total_requests,
+                    "rpc_retries": stats.total_retries,
+                }
+                context.add_asset_metadata({**common, "rows": res.blocks}, asset_key=blocks_key, partition_key=key)
+                context.add_asset_metadata({**common, "rows": res.logs}, asset_key=logs_key, partition_key=key)
+            for asset_key, table in table_of.items():
+                if asset_key in selected:
+                    context.add_asset_metadata(
+                        {**common, "rows": res.events[table], "skipped_malformed": res.skipped[table]},
+                        asset_key=asset_key, partition_key=key,
+                    )
+            context.log.info(
+                f"{chain} {key}: {res.blocks} blocks, {res.logs} logs, {sum(res.events.values())} events "
+                f"in {res.seconds:.1f}s ({stats.total_requests} requests, {stats.total_retries} retries)"
+            )
+        # New tables appear in the catalog; existing views pick up new files by themselves.
+        build_catalog(cfg)
+        for spec in specs:  # in spec order, which is topological (raw before decoded)
+            if spec.key in selected:
+                yield dg.MaterializeResult(asset_key=spec.key)
 
-    return [raw, decoded]
+    return [historical]

@@ -144,7 +144,8 @@ class RangeFetcher:
             "eth_getLogs",
             [{"fromBlock": _hex(from_block), "toBlock": _hex(to_block), "address": list(addresses)}],
         )
-        return parse_logs_body(body, self.chain_id)
+        # Parsing releases the GIL: let it run beside the next downloads.
+        return await asyncio.to_thread(parse_logs_body, body, self.chain_id)
 
     async def logs(self, from_block: int, to_block: int) -> pl.DataFrame:
         """Logs of all addresses in [from_block, to_block], splitting the range when the node says it is too big."""
@@ -179,7 +180,7 @@ class RangeFetcher:
                 await asyncio.sleep(0.5)
                 continue
             if _consistent(blocks, logs):
-                return Chunk(from_block, to_block, blocks, self._finish_logs(blocks, logs))
+                return Chunk(from_block, to_block, blocks, await asyncio.to_thread(self._finish_logs, blocks, logs))
             await asyncio.sleep(0.2)
         raise ForkChanged(f"blocks {from_block}-{to_block} kept changing fork across {_CHUNK_ATTEMPTS} fetches")
 

@@ -1,4 +1,4 @@
-"""Historical sync of one block range: monitor (fetch) → persist (raw files) → parse (decoded files).
+"""Historical sync of one block range: monitor (fetch) → parse (decode) → persist (Parquet), in one pass.
 
 Plain functions, no Dagster: the assets in `indexer_dagster.assets` call these and report what they
 return. Re-running a range rewrites its files with the same rows; a killed run leaves the previous
@@ -7,7 +7,7 @@ files (or none) in place, never a partial one.
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,7 +16,7 @@ import polars as pl
 import pyarrow.parquet as pq
 
 from indexer_dagster.config import IndexerConfig
-from indexer_dagster.monitor.fetch import BLOCK_SCHEMA, LOG_SCHEMA, ForkChanged, RangeFetcher
+from indexer_dagster.monitor.fetch import BLOCK_SCHEMA, LOG_SCHEMA, Chunk, ForkChanged, RangeFetcher
 from indexer_dagster.monitor.ranges import RangeSizer
 from indexer_dagster.monitor.rpc import RetryPolicy, RpcClient, RpcStats
 from indexer_dagster.parse.decode import decode_logs
@@ -44,12 +44,14 @@ def set_progress_reporter(fn: ProgressFn | None) -> None:
 
 
 @dataclass
-class RawResult:
+class RangeResult:
     range: BlockRange
-    from_block: int | None  # None when the range holds no block to index
-    to_block: int | None
+    from_block: int | None = None  # None when the range holds no block to index
+    to_block: int | None = None
     blocks: int = 0
     logs: int = 0
+    events: dict[str, int] = field(default_factory=dict)
+    skipped: dict[str, int] = field(default_factory=dict)
     last_block_hash: str | None = None
     head: int = 0
     seconds: float = 0.0
@@ -58,14 +60,6 @@ class RawResult:
     @property
     def complete(self) -> bool:
         return self.to_block == self.range.end
-
-
-@dataclass
-class DecodeResult:
-    range: BlockRange
-    rows: dict[str, int]
-    skipped: dict[str, int]
-    seconds: float
 
 
 def rpc_client(cfg: IndexerConfig, stats: RpcStats | None = None) -> RpcClient:
@@ -99,7 +93,32 @@ async def _head(rpc: RpcClient) -> tuple[int, str]:
     return int(block["number"], 16), block["hash"].lower()
 
 
-async def _sync_raw(cfg: IndexerConfig, r: BlockRange, progress: ProgressFn, stats: RpcStats) -> RawResult:
+class _Decoder:
+    """Decodes logs into the selected event tables' writers, chunk by chunk, as they are fetched."""
+
+    def __init__(self, cfg: IndexerConfig, tables: Collection[str] | None) -> None:
+        pairs = [(c, s) for c, s in cfg.all_specs() if tables is None or s.table in tables]
+        self.specs = [s for _, s in pairs]
+        self.addresses = {s.table: set(c.addresses) for c, s in pairs}
+        self.rows = {s.table: 0 for s in self.specs}
+        self.skipped = {s.table: 0 for s in self.specs}
+        self.writers: dict = {}
+
+    def open(self, stack: ExitStack, lake: Lake, key: str) -> None:
+        self.writers = {s.table: stack.enter_context(lake.writer(f"events/{s.table}", key, s.schema())) for s in self.specs}
+
+    def write(self, logs: pl.DataFrame) -> None:
+        if not self.specs or logs.height == 0:
+            return
+        for table, res in decode_logs(logs, self.specs, self.addresses).items():
+            self.writers[table].write(res.frame)
+            self.rows[table] += res.frame.height
+            self.skipped[table] += res.skipped
+
+
+async def _sync(
+    cfg: IndexerConfig, r: BlockRange, tables: Collection[str] | None, progress: ProgressFn, stats: RpcStats
+) -> RangeResult:
     lake = Lake(cfg.data_dir, cfg.chain.name)
     started = time.perf_counter()
     async with rpc_client(cfg, stats) as rpc:
@@ -109,19 +128,26 @@ async def _sync_raw(cfg: IndexerConfig, r: BlockRange, progress: ProgressFn, sta
             raise ValueError(
                 f"range {r.key} starts above the chain head ({head}); backfill up to the head or wait for the chain"
             )
-        result = RawResult(range=r, from_block=clipped and clipped.start, to_block=clipped and clipped.end, head=head)
         sizer = new_sizer(cfg)
         for attempt in range(_FORK_RESTARTS + 1):
+            result = RangeResult(range=r, from_block=clipped and clipped.start, to_block=clipped and clipped.end, head=head)
+            decoder = _Decoder(cfg, tables)
             try:
-                with (
-                    lake.writer("blocks", r.key, BLOCK_SCHEMA) as wb,
-                    lake.writer("logs", r.key, LOG_SCHEMA) as wl,
-                ):
+                with ExitStack() as stack:
+                    wb = stack.enter_context(lake.writer("blocks", r.key, BLOCK_SCHEMA))
+                    wl = stack.enter_context(lake.writer("logs", r.key, LOG_SCHEMA))
+                    decoder.open(stack, lake, r.key)
+
+                    def write(chunk: Chunk) -> None:
+                        wb.write(chunk.blocks)
+                        wl.write(chunk.logs)
+                        decoder.write(chunk.logs)
+
                     if clipped is not None:
                         fetcher = _fetcher(cfg, rpc, sizer)
                         async for chunk in fetcher.iter_chunks(clipped.start, clipped.end, cfg.chain.concurrency):
-                            wb.write(chunk.blocks)
-                            wl.write(chunk.logs)
+                            # Polars and Arrow release the GIL: decode and write while the next chunks download.
+                            await asyncio.to_thread(write, chunk)
                             if chunk.blocks.height:
                                 result.last_block_hash = chunk.blocks["hash"][-1]
                             progress(chunk.blocks.height, chunk.logs.height)
@@ -132,32 +158,32 @@ async def _sync_raw(cfg: IndexerConfig, r: BlockRange, progress: ProgressFn, sta
                     raise
                 await asyncio.sleep(1.0)
         record_head(lake, cfg.chain.chain_id, head, head_hash, cfg.chain.confirmations)
+    result.events, result.skipped = decoder.rows, decoder.skipped
     result.seconds = time.perf_counter() - started
     result.rpc = stats.as_dict()
     return result
 
 
-def sync_raw_range(
-    cfg: IndexerConfig, r: BlockRange, progress: ProgressFn | None = None, stats: RpcStats | None = None
-) -> RawResult:
-    """Fetch headers and logs of range `r` (clipped to [start_block, head]) into `blocks` and `logs` files."""
-    return asyncio.run(_sync_raw(cfg, r, progress or _reporter, stats or RpcStats()))
+def sync_range(
+    cfg: IndexerConfig,
+    r: BlockRange,
+    tables: Collection[str] | None = None,
+    progress: ProgressFn | None = None,
+    stats: RpcStats | None = None,
+) -> RangeResult:
+    """Fetch range `r` (clipped to [start_block, head]) into its `blocks` and `logs` files and decode it
+    into the event tables named in `tables` (default: all), in one pass."""
+    return asyncio.run(_sync(cfg, r, tables, progress or _reporter, stats or RpcStats()))
 
 
-def decode_range(cfg: IndexerConfig, r: BlockRange) -> DecodeResult:
-    """Decode the range's `logs` file into one file per (contract, event) table."""
+def decode_range(cfg: IndexerConfig, r: BlockRange, tables: Collection[str] | None = None) -> RangeResult:
+    """Decode the range's existing `logs` file again (e.g. for an event added to the config): no RPC."""
     lake = Lake(cfg.data_dir, cfg.chain.name)
     started = time.perf_counter()
-    specs = [s for _, s in cfg.all_specs()]
-    addresses = {s.table: set(c.addresses) for c, s in cfg.all_specs()}
-    rows = {s.table: 0 for s in specs}
-    skipped = {s.table: 0 for s in specs}
+    decoder = _Decoder(cfg, tables)
     with ExitStack() as stack:
         src = stack.enter_context(pq.ParquetFile(lake.path("logs", r.key)))
-        writers = {s.table: stack.enter_context(lake.writer(f"events/{s.table}", r.key, s.schema())) for s in specs}
+        decoder.open(stack, lake, r.key)
         for batch in src.iter_batches(batch_size=DECODE_BATCH_ROWS):
-            for table, res in decode_logs(pl.from_arrow(batch), specs, addresses).items():
-                writers[table].write(res.frame)
-                rows[table] += res.frame.height
-                skipped[table] += res.skipped
-    return DecodeResult(range=r, rows=rows, skipped=skipped, seconds=time.perf_counter() - started)
+            decoder.write(pl.from_arrow(batch))
+    return RangeResult(range=r, events=decoder.rows, skipped=decoder.skipped, seconds=time.perf_counter() - started)
