@@ -72,8 +72,8 @@ def backfill(config_path: str | None, from_block: int | None, to_block: int | No
     import dagster as dg
 
     home = ensure_dagster_home(cfg.data_dir.parent / ".dagster_home")
-    with dg.DagsterInstance.get() as instance:
-        register_ranges(instance, cfg, last)
+    instance = dg.DagsterInstance.get()
+    register_ranges(instance, cfg, last)
     total_blocks = sum(len(c) for r in ranges if (c := r.clip(cfg.start_block, head)))
     click.echo(f"backfilling {len(ranges)} ranges ({ranges[0].key} .. {ranges[-1].key}), "
                f"{total_blocks} blocks, {workers} worker(s); Dagster instance: {home}")
@@ -98,7 +98,8 @@ def backfill(config_path: str | None, from_block: int | None, to_block: int | No
                 failures.append(outcome)
                 progress.console.print(f"[red]run {outcome.run_id} ({outcome.first}..{outcome.last}) failed: {outcome.error}")
 
-        run_backfill(cfg, Path(config_path or ""), ranges, workers, on_progress, on_batch)
+        run_backfill(instance, cfg, Path(config_path), ranges, workers, on_progress, on_batch)
+    instance.dispose()
     build_catalog(cfg)
     elapsed = time.perf_counter() - started
     click.echo(f"done: {logs_seen[0]:,} logs in {elapsed:.1f}s ({logs_seen[0] / max(elapsed, 1e-6):,.0f} logs/s); "

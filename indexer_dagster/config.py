@@ -45,7 +45,7 @@ class ChainConfig(_Strict):
     confirmations: int = Field(default=12, ge=0)
     start_block: int = Field(default=0, ge=0)
     blocks_per_partition: int = Field(default=10_000, ge=1, le=10_000_000)
-    blocks_per_request: int = Field(default=1_000, ge=1, description="Initial eth_getLogs span; adapts.")
+    blocks_per_request: int = Field(default=100, ge=1, description="Initial eth_getLogs span; adapts.")
     max_blocks_per_request: int = Field(default=10_000, ge=1)
     concurrency: int = Field(default=4, ge=1, le=64, description="RPC requests in flight per run.")
     headers_batch_size: int = Field(default=100, ge=1, le=1000)

@@ -5,6 +5,7 @@ The CLI registers the range partitions, then executes batches of ranges as real 
 progress back to one progress bar.
 """
 
+import contextlib
 import multiprocessing as mp
 import os
 import queue
@@ -67,13 +68,13 @@ def _worker_init(q, config_path: str, dagster_home: str) -> None:
     set_progress_reporter(lambda b, n: q.put((b, n)))
 
 
-def run_batch(first: str, last: str) -> BatchOutcome:
-    """Execute one run of the historical job over the ranges first..last (in a worker process)."""
+def run_batch(first: str, last: str, instance: dg.DagsterInstance | None = None) -> BatchOutcome:
+    """Execute one run of the historical job over the ranges first..last (in this or a worker process)."""
     from indexer_dagster.definitions import build_definitions, historical_job_name
 
     cfg = load_config(os.environ[CONFIG_ENV_VAR])
     job = build_definitions(cfg).resolve_job_def(historical_job_name(cfg.chain.name))
-    with dg.DagsterInstance.get() as instance:
+    with contextlib.nullcontext(instance) if instance else dg.DagsterInstance.get() as instance:
         result = job.execute_in_process(
             instance=instance,
             tags={
@@ -99,6 +100,7 @@ def run_batch(first: str, last: str) -> BatchOutcome:
 
 
 def run_backfill(
+    instance: dg.DagsterInstance,
     cfg: IndexerConfig,
     config_path: Path,
     ranges: list[BlockRange],
@@ -108,6 +110,19 @@ def run_backfill(
 ) -> list[BatchOutcome]:
     """Execute all `ranges` as Dagster runs with `workers` processes; returns one outcome per run."""
     batches = plan_batches(ranges)
+    if workers <= 1:
+        # One worker: run in this process (no process start, no second import of Dagster).
+        from indexer_dagster.sync.historical import set_progress_reporter
+
+        os.environ[CONFIG_ENV_VAR] = str(config_path.resolve())
+        set_progress_reporter(on_progress)
+        try:
+            outcomes = [run_batch(b[0].key, b[-1].key, instance) for b in batches]
+        finally:
+            set_progress_reporter(None)
+        for o in outcomes:
+            on_batch(o)
+        return outcomes
     ctx = mp.get_context("spawn")
     q = ctx.Manager().Queue()
     outcomes: list[BatchOutcome] = []

@@ -27,7 +27,7 @@ from indexer_dagster.persist.lake import Lake
 # (blocks, logs) just written; the CLI turns these into a progress bar.
 ProgressFn = Callable[[int, int], None]
 _FORK_RESTARTS = 3
-DECODE_BATCH_ROWS = 200_000
+DECODE_BATCH_ROWS = 100_000
 
 
 def _no_progress(_blocks: int, _logs: int) -> None:
@@ -103,13 +103,26 @@ class _Decoder:
         self.rows = {s.table: 0 for s in self.specs}
         self.skipped = {s.table: 0 for s in self.specs}
         self.writers: dict = {}
+        self._pending: list[pl.DataFrame] = []
+        self._pending_rows = 0
 
     def open(self, stack: ExitStack, lake: Lake, key: str) -> None:
         self.writers = {s.table: stack.enter_context(lake.writer(f"events/{s.table}", key, s.schema())) for s in self.specs}
 
     def write(self, logs: pl.DataFrame) -> None:
+        """Queue logs; they are decoded in large batches (decoding has a fixed cost per call)."""
         if not self.specs or logs.height == 0:
             return
+        self._pending.append(logs)
+        self._pending_rows += logs.height
+        if self._pending_rows >= DECODE_BATCH_ROWS:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        logs = pl.concat(self._pending, how="vertical")
+        self._pending, self._pending_rows = [], 0
         for table, res in decode_logs(logs, self.specs, self.addresses).items():
             self.writers[table].write(res.frame)
             self.rows[table] += res.frame.height
@@ -151,6 +164,7 @@ async def _sync(
                             if chunk.blocks.height:
                                 result.last_block_hash = chunk.blocks["hash"][-1]
                             progress(chunk.blocks.height, chunk.logs.height)
+                    await asyncio.to_thread(decoder.flush)
                     result.blocks, result.logs = wb.rows, wl.rows
                 break
             except ForkChanged:
@@ -186,4 +200,5 @@ def decode_range(cfg: IndexerConfig, r: BlockRange, tables: Collection[str] | No
         decoder.open(stack, lake, r.key)
         for batch in src.iter_batches(batch_size=DECODE_BATCH_ROWS):
             decoder.write(pl.from_arrow(batch))
+        decoder.flush()
     return RangeResult(range=r, events=decoder.rows, skipped=decoder.skipped, seconds=time.perf_counter() - started)
