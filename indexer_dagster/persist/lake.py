@@ -9,8 +9,8 @@ the next write of the same range removes.
 
 import os
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 
 import polars as pl
@@ -20,6 +20,8 @@ import pyarrow.parquet as pq
 COMPRESSION = "zstd"
 COMPRESSION_LEVEL = 1  # nearly the size of the default level, written faster
 ROW_GROUP_SIZE = 64 * 1024
+# Polars' own string layout (Arrow string views): handing it to the Parquet writer copies nothing.
+_ARROW = pl.CompatLevel.newest()
 
 
 class Lake:
@@ -45,21 +47,25 @@ class Lake:
 
     @contextmanager
     def writer(self, dataset: str, range_key: str, schema: dict[str, pl.DataType]) -> Iterator["StreamWriter"]:
-        final = self.path(dataset, range_key)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_temps(final)
-        tmp = final.with_name(f".{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-        arrow_schema = pl.DataFrame(schema=schema).to_arrow().schema
-        w = StreamWriter(tmp, arrow_schema)
+        """Write one file atomically (a transaction of one file)."""
+        with self.transaction() as tx:
+            yield tx.writer(dataset, range_key, schema)
+
+    @contextmanager
+    def transaction(self, guard: Callable[[], AbstractContextManager] | None = None) -> Iterator["Transaction"]:
+        """Write several files and delete others, all made visible together at the end.
+
+        `guard` (e.g. the chain's writer lock plus a check that no reorg happened meanwhile) is
+        entered around the final renames; if it raises, nothing becomes visible.
+        """
+        tx = Transaction(self)
         try:
-            yield w
-            w.close()
-            _fsync(tmp)
-            os.replace(tmp, final)
-            _fsync(final.parent)  # make the rename itself durable
+            yield tx
+            tx.finish_writing()
+            with guard() if guard else nullcontext():
+                tx.publish()
         except BaseException:
-            w.close(flush=False)
-            tmp.unlink(missing_ok=True)
+            tx.abort()
             raise
 
     def write(self, dataset: str, range_key: str, df: pl.DataFrame) -> Path:
@@ -69,6 +75,48 @@ class Lake:
 
     def read(self, dataset: str, range_key: str) -> pl.DataFrame:
         return pl.read_parquet(self.path(dataset, range_key))
+
+
+class Transaction:
+    """Files written to hidden temporary names, then renamed into place (and old files deleted) at once."""
+
+    def __init__(self, lake: Lake) -> None:
+        self.lake = lake
+        self._files: list[tuple[StreamWriter, Path]] = []
+        self._deletes: list[Path] = []
+
+    def writer(self, dataset: str, key: str, schema: dict[str, pl.DataType]) -> "StreamWriter":
+        final = self.lake.path(dataset, key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temps(final)
+        tmp = final.with_name(f".{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+        w = StreamWriter(tmp, pl.DataFrame(schema=schema).to_arrow(compat_level=_ARROW).schema)
+        self._files.append((w, final))
+        return w
+
+    def delete(self, path: Path) -> None:
+        self._deletes.append(path)
+
+    def finish_writing(self) -> None:
+        for w, _ in self._files:
+            w.close()
+            _fsync(w.path)
+
+    def publish(self) -> None:
+        dirs = set()
+        for w, final in self._files:
+            os.replace(w.path, final)
+            dirs.add(final.parent)
+        for p in self._deletes:
+            p.unlink(missing_ok=True)
+            dirs.add(p.parent)
+        for d in dirs:
+            _fsync(d)  # make the renames themselves durable
+
+    def abort(self) -> None:
+        for w, _ in self._files:
+            w.close(flush=False)
+            w.path.unlink(missing_ok=True)
 
 
 class StreamWriter:
@@ -95,7 +143,7 @@ class StreamWriter:
     def _flush(self) -> None:
         if not self._buffer:
             return
-        table = pl.concat(self._buffer, how="vertical").to_arrow()
+        table = pl.concat(self._buffer, how="vertical").to_arrow(compat_level=_ARROW)
         self._buffer, self._buffered = [], 0
         if table.schema != self.schema:
             table = table.select(self.schema.names).cast(self.schema)
