@@ -51,6 +51,9 @@ class ChainConfig(_Strict):
     headers_batch_size: int = Field(default=100, ge=1, le=1000)
     request_timeout_s: float = Field(default=30.0, gt=0)
     max_retries: int = Field(default=8, ge=0)
+    reorg_window: int | None = Field(
+        default=None, ge=1, description="Canonical headers kept to detect reorgs; default max(2 x confirmations, 64)."
+    )
 
     @field_validator("name")
     @classmethod
@@ -70,6 +73,10 @@ class ChainConfig(_Strict):
     def _spans(self) -> "ChainConfig":
         if self.blocks_per_request > self.max_blocks_per_request:
             raise ValueError("blocks_per_request must not exceed max_blocks_per_request")
+        if self.reorg_window is None:
+            object.__setattr__(self, "reorg_window", max(2 * self.confirmations, 64))
+        elif self.reorg_window < self.confirmations:
+            raise ValueError("reorg_window must be at least confirmations (a reorg that deep must stay repairable)")
         return self
 
 
@@ -108,6 +115,11 @@ class ContractConfig(_Strict):
 class StorageConfig(_Strict):
     data_dir: str = "./data"
     duckdb_path: str | None = Field(default=None, description="Default: <data_dir>/indexer.duckdb")
+    state_url: str | None = Field(
+        default=None,
+        description="Durable indexer state (local chain, reorg ledger, locks): a postgresql:// URL, "
+        "or a SQLite file path; default <data_dir>/state.sqlite",
+    )
 
 
 class IndexerConfig(_Strict):
@@ -140,6 +152,13 @@ class IndexerConfig(_Strict):
         if self.storage.duckdb_path:
             return self.resolve(self.storage.duckdb_path)
         return self.data_dir / "indexer.duckdb"
+
+    @property
+    def state_url(self) -> str:
+        url = self.storage.state_url
+        if url and re.match(r"^postgres(ql)?(\+\w+)?://", url):
+            return url
+        return str(self.resolve(url) if url else self.data_dir / "state.sqlite")
 
     def contract_start(self, contract: ContractConfig) -> int:
         return contract.start_block if contract.start_block is not None else self.chain.start_block

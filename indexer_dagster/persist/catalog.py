@@ -51,33 +51,62 @@ def _source(glob: str, schema: dict[str, pl.DataType], has_files: bool) -> str:
 
 
 def _any_files(data_dir: Path, *parts: str) -> bool:
-    return any(p for p in data_dir.glob("/".join(["*", *parts, "*.parquet"])))
+    return any(not p.name.startswith(".") for p in data_dir.glob("/".join(["*", *parts, "*.parquet"])))
 
 
 def view_statements(cfg: IndexerConfig) -> dict[str, str]:
-    """CREATE VIEW statements, by view name, for every table of the lake."""
+    """CREATE VIEW statements, by view name, for every table of the lake.
+
+    A dataset's rows come from its range files plus its live segments, where a block present in a
+    range file is taken from the range file only (the two meet without a duplicate). Orphaned rows
+    (moved out by a reorg) are in `orphaned_<dataset>`.
+    """
+    from indexer_dagster.reorg.repair import LEDGER_KEY, LEDGER_SCHEMA, ORPHANED
+    from indexer_dagster.sync.realtime import LIVE
+
     d = cfg.data_dir
     views: dict[str, str] = {}
-    heads_glob = str(d / "*" / HEAD_DATASET / f"{HEAD_KEY}.parquet")
-    views["chain_heads"] = _source(heads_glob, HEAD_SCHEMA, _any_files(d, HEAD_DATASET))
 
-    def with_status(src: str, number_col: str) -> str:
+    def src(dataset: str, schema: dict) -> str:
+        parts = dataset.split("/")
+        return _source(str(d.joinpath("*", *parts, "*.parquet")), schema, _any_files(d, *parts))
+
+    def meta(key: str, schema: dict) -> str:
+        glob = str(d / "*" / HEAD_DATASET / f"{key}.parquet")
+        return _source(glob, schema, any(d.glob(f"*/{HEAD_DATASET}/{key}.parquet")))
+
+    views["chain_heads"] = meta(HEAD_KEY, HEAD_SCHEMA)
+    views["_range_blocks"] = src("blocks", BLOCK_SCHEMA)
+    views["_live_blocks"] = src(f"{LIVE}/blocks", BLOCK_SCHEMA)
+    # Block numbers that range files hold, above the lowest live block (DuckDB prunes by file statistics).
+    views["_range_block_numbers"] = (
+        "SELECT chain_id, number FROM _range_blocks "
+        "WHERE number >= (SELECT coalesce(min(number), 0) FROM _live_blocks)"
+    )
+
+    def merged(dataset: str, schema: dict, number_col: str) -> str:
+        live = src(f"{LIVE}/{dataset}", schema)
+        return (
+            f"SELECT * FROM ({src(dataset, schema)}) UNION ALL "
+            f"SELECT * FROM ({live}) l WHERE NOT EXISTS (SELECT 1 FROM _range_block_numbers r "
+            f"WHERE r.chain_id = l.chain_id AND r.number = l.{number_col})"
+        )
+
+    def with_status(sql: str, number_col: str) -> str:
         return (
             f"SELECT x.*, CASE WHEN x.{number_col} <= h.confirmed_through THEN 'confirmed' "
-            f"ELSE 'unconfirmed' END AS status FROM ({src}) x "
+            f"ELSE 'unconfirmed' END AS status FROM ({sql}) x "
             f"LEFT JOIN chain_heads h ON h.chain_id = x.chain_id"
         )
 
-    views["blocks"] = with_status(
-        _source(str(d / "*" / "blocks" / "*.parquet"), BLOCK_SCHEMA, _any_files(d, "blocks")), "number"
-    )
-    views["logs"] = with_status(
-        _source(str(d / "*" / "logs" / "*.parquet"), LOG_SCHEMA, _any_files(d, "logs")), "block_number"
-    )
-    for _contract, spec in cfg.all_specs():
-        ds = f"events/{spec.table}"
-        src = _source(str(d / "*" / "events" / spec.table / "*.parquet"), spec.schema(), _any_files(d, *ds.split("/")))
-        views[spec.table] = with_status(src, "block_number")
+    orphan_extra = {"reorg_id": pl.Int64, "orphaned_at": pl.Datetime("us", "UTC")}
+    tables = [("blocks", BLOCK_SCHEMA, "number"), ("logs", LOG_SCHEMA, "block_number")]
+    tables += [(f"events/{spec.table}", spec.schema(), "block_number") for _, spec in cfg.all_specs()]
+    for dataset, schema, number_col in tables:
+        name = dataset.split("/")[-1]
+        views[name] = with_status(merged(dataset, schema, number_col), number_col)
+        views[f"orphaned_{name}"] = src(f"{ORPHANED}/{dataset}", {**schema, **orphan_extra})
+    views["reorgs"] = meta(LEDGER_KEY, LEDGER_SCHEMA)
     return views
 
 

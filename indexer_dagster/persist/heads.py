@@ -38,13 +38,16 @@ def read_head(lake: Lake) -> dict | None:
     return rows[0] if rows else None
 
 
-def record_head(lake: Lake, chain_id: int, head_number: int, head_hash: str, confirmations: int) -> dict:
-    """Store the head unless a newer one is already stored (concurrent runs may race); returns the stored head."""
+def record_head(
+    lake: Lake, chain_id: int, head_number: int, head_hash: str, confirmations: int, force: bool = False
+) -> dict:
+    """Store the head unless a newer one is already stored (concurrent runs may race; `force` after a
+    reorg to a shorter fork); returns the stored head."""
     p = head_path(lake)
     p.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(p) + ".lock"):
         current = read_head(lake)
-        if current is not None and current["head_number"] > head_number:
+        if not force and current is not None and current["head_number"] > head_number:
             return current
         row = {
             "chain_id": chain_id,

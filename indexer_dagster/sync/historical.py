@@ -8,7 +8,7 @@ files (or none) in place, never a partial one.
 import asyncio
 import time
 from collections.abc import Callable, Collection
-from contextlib import ExitStack
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +22,8 @@ from indexer_dagster.monitor.rpc import RetryPolicy, RpcClient, RpcStats
 from indexer_dagster.parse.decode import decode_logs
 from indexer_dagster.partitions import BlockRange
 from indexer_dagster.persist.heads import record_head
-from indexer_dagster.persist.lake import Lake
+from indexer_dagster.persist.lake import Lake, Transaction
+from indexer_dagster.reorg.state import open_state
 
 # (blocks, logs) just written; the CLI turns these into a progress bar.
 ProgressFn = Callable[[int, int], None]
@@ -93,7 +94,43 @@ async def _head(rpc: RpcClient) -> tuple[int, str]:
     return int(block["number"], 16), block["hash"].lower()
 
 
-class _Decoder:
+def commit_guard(cfg: IndexerConfig, covered: BlockRange | None = None):
+    """Publish a range's files only under the chain's writer lock, if no reorg began since the fetch
+    started (else its rows could be of the old fork); also drop live segments the range now covers."""
+    chain = cfg.chain.name
+    store = open_state(cfg.state_url)
+    try:
+        epoch = store.reorg_epoch(chain)
+    finally:
+        store.close()
+
+    @contextmanager
+    def guard():
+        store = open_state(cfg.state_url)
+        try:
+            with store.writer_lock(chain):
+                if store.reorg_epoch(chain) != epoch or store.active_reorg(chain) is not None:
+                    raise ForkChanged("a reorg was detected while the range was fetched; fetching it again")
+                yield
+                if covered is not None:
+                    _drop_covered_live_segments(cfg, covered)
+        finally:
+            store.close()
+
+    return guard
+
+
+def _drop_covered_live_segments(cfg: IndexerConfig, covered: BlockRange) -> None:
+    from indexer_dagster.sync.realtime import live_datasets, live_segments
+
+    lake = Lake(cfg.data_dir, cfg.chain.name)
+    for ds in live_datasets(cfg):
+        for first, last, path in live_segments(lake, ds):
+            if covered.start <= first and last <= covered.end:
+                path.unlink(missing_ok=True)
+
+
+class Decoder:
     """Decodes logs into the selected event tables' writers, chunk by chunk, as they are fetched."""
 
     def __init__(self, cfg: IndexerConfig, tables: Collection[str] | None) -> None:
@@ -106,8 +143,8 @@ class _Decoder:
         self._pending: list[pl.DataFrame] = []
         self._pending_rows = 0
 
-    def open(self, stack: ExitStack, lake: Lake, key: str) -> None:
-        self.writers = {s.table: stack.enter_context(lake.writer(f"events/{s.table}", key, s.schema())) for s in self.specs}
+    def open(self, tx: Transaction, key: str, prefix: str = "") -> None:
+        self.writers = {s.table: tx.writer(f"{prefix}events/{s.table}", key, s.schema()) for s in self.specs}
 
     def write(self, logs: pl.DataFrame) -> None:
         """Queue logs; they are decoded in large batches (decoding has a fixed cost per call)."""
@@ -130,7 +167,8 @@ class _Decoder:
 
 
 async def _sync(
-    cfg: IndexerConfig, r: BlockRange, tables: Collection[str] | None, progress: ProgressFn, stats: RpcStats
+    cfg: IndexerConfig, r: BlockRange, tables: Collection[str] | None, progress: ProgressFn, stats: RpcStats,
+    guard_factory: Callable | None,
 ) -> RangeResult:
     lake = Lake(cfg.data_dir, cfg.chain.name)
     started = time.perf_counter()
@@ -143,13 +181,14 @@ async def _sync(
             )
         sizer = new_sizer(cfg)
         for attempt in range(_FORK_RESTARTS + 1):
+            guard = guard_factory or commit_guard(cfg, clipped)
             result = RangeResult(range=r, from_block=clipped and clipped.start, to_block=clipped and clipped.end, head=head)
-            decoder = _Decoder(cfg, tables)
+            decoder = Decoder(cfg, tables)
             try:
-                with ExitStack() as stack:
-                    wb = stack.enter_context(lake.writer("blocks", r.key, BLOCK_SCHEMA))
-                    wl = stack.enter_context(lake.writer("logs", r.key, LOG_SCHEMA))
-                    decoder.open(stack, lake, r.key)
+                with lake.transaction(guard) as tx:
+                    wb = tx.writer("blocks", r.key, BLOCK_SCHEMA)
+                    wl = tx.writer("logs", r.key, LOG_SCHEMA)
+                    decoder.open(tx, r.key)
 
                     def write(chunk: Chunk) -> None:
                         wb.write(chunk.blocks)
@@ -184,20 +223,21 @@ def sync_range(
     tables: Collection[str] | None = None,
     progress: ProgressFn | None = None,
     stats: RpcStats | None = None,
+    guard: Callable | None = None,
 ) -> RangeResult:
     """Fetch range `r` (clipped to [start_block, head]) into its `blocks` and `logs` files and decode it
-    into the event tables named in `tables` (default: all), in one pass."""
-    return asyncio.run(_sync(cfg, r, tables, progress or _reporter, stats or RpcStats()))
+    into the event tables named in `tables` (default: all), in one pass. `guard` replaces the default
+    commit guard (the reorg job passes its own, as it is the chain's writer while it restores)."""
+    return asyncio.run(_sync(cfg, r, tables, progress or _reporter, stats or RpcStats(), guard))
 
 
 def decode_range(cfg: IndexerConfig, r: BlockRange, tables: Collection[str] | None = None) -> RangeResult:
     """Decode the range's existing `logs` file again (e.g. for an event added to the config): no RPC."""
     lake = Lake(cfg.data_dir, cfg.chain.name)
     started = time.perf_counter()
-    decoder = _Decoder(cfg, tables)
-    with ExitStack() as stack:
-        src = stack.enter_context(pq.ParquetFile(lake.path("logs", r.key)))
-        decoder.open(stack, lake, r.key)
+    decoder = Decoder(cfg, tables)
+    with pq.ParquetFile(lake.path("logs", r.key)) as src, lake.transaction(commit_guard(cfg)) as tx:
+        decoder.open(tx, r.key)
         for batch in src.iter_batches(batch_size=DECODE_BATCH_ROWS):
             decoder.write(pl.from_arrow(batch))
         decoder.flush()

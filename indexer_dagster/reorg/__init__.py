@@ -1,0 +1,1 @@
+"""Reorg handling: durable per-chain state (local chain window, reorg ledger, cursors, writer lock)."""

@@ -1,0 +1,309 @@
+"""The reorg protocol: suspend, roll back, restore — each step idempotent, resumable from its phase.
+
+The ledger row (`reorg.state.Reorg`) is the durable reorg context: it is written before anything
+is touched and its phase is advanced only after a step has completed, so a run killed at any point
+is finished by the next run from the recorded phase, with the same end state.
+
+- suspending: take the chain's writer lock once. Followers and backfills publish only under this
+  lock and only while no reorg is active, so from here on nobody else writes the chain's files.
+- rolling back, in reverse pipeline order (decoded events, raw logs, headers), for range files and
+  live segments alike: rows above the common ancestor move to `<chain>/orphaned/<dataset>/` with
+  `reorg_id` and `orphaned_at` (soft delete: nothing is lost), in one transaction per file (archive
+  written first; a re-run finds the archive and only finishes the rewrite).
+- restoring: range partitions that lost rows are fetched again from the new fork (a real
+  re-materialization of those partitions); the blocks above them, up to the node's head, become a
+  live segment; the local chain and the head are reset to the new fork.
+"""
+
+import asyncio
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import polars as pl
+
+from indexer_dagster.config import IndexerConfig
+from indexer_dagster.monitor.fetch import BLOCK_SCHEMA, LOG_SCHEMA, ForkChanged
+from indexer_dagster.partitions import BlockRange, parse_key
+from indexer_dagster.persist.heads import record_head
+from indexer_dagster.persist.lake import Lake
+from indexer_dagster.reorg.detect import LocalChain, find_ancestor
+from indexer_dagster.reorg.state import Header, Phase, Reorg, StateStore, reorgs_frame
+from indexer_dagster.sync.historical import Decoder, new_sizer, rpc_client, sync_range
+from indexer_dagster.sync.realtime import LIVE, CURSOR, Follower, live_datasets
+
+ORPHANED = "orphaned"
+LEDGER_KEY = "reorgs"
+
+
+class ReorgAborted(RuntimeError):
+    """The reorg cannot be repaired automatically (e.g. the new fork forks below the window)."""
+
+
+@dataclass
+class RepairResult:
+    reorg: Reorg
+    restored_partitions: list[str] = field(default_factory=list)
+    archived: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def _number_col(dataset: str) -> str:
+    return "number" if dataset.endswith("blocks") else "block_number"
+
+
+def _files_above(lake: Lake, dataset: str, ancestor: int) -> list[tuple[str, Path]]:
+    """(archive name, path) of every range file and live segment of `dataset` holding blocks > ancestor."""
+    out = []
+    for prefix in ("", f"{LIVE}/"):
+        d = lake.dir(prefix + dataset)
+        if not d.is_dir():
+            continue
+        for p in sorted(d.glob("*.parquet")):
+            last = int(p.stem.split("-")[1])
+            if last > ancestor:
+                out.append((("live-" if prefix else "") + p.stem, p))
+    return out
+
+
+def orphan_key(reorg_id: int, name: str) -> str:
+    return f"r{reorg_id:06d}-{name}"
+
+
+def roll_back(cfg: IndexerConfig, store: StateStore, reorg: Reorg) -> dict[str, int]:
+    """Move every row above the common ancestor to the archive; returns rows archived per dataset."""
+    lake = Lake(cfg.data_dir, cfg.chain.name)
+    ancestor = reorg.common_ancestor
+    orphaned_at = datetime.now(timezone.utc)
+    archived: dict[str, int] = {}
+    for dataset in reversed(live_datasets(cfg)):  # events, then logs, then blocks
+        col = _number_col(dataset)
+        for name, path in _files_above(lake, dataset, ancestor):
+            df = pl.read_parquet(path)
+            orphans = df.filter(pl.col(col) > ancestor)
+            if orphans.height == 0:
+                continue
+            archive_ds, key = f"{ORPHANED}/{dataset}", orphan_key(reorg.id, name)
+            with lake.transaction() as tx:
+                if not lake.exists(archive_ds, key):
+                    stamped = orphans.with_columns(
+                        pl.lit(reorg.id, pl.Int64).alias("reorg_id"),
+                        pl.lit(orphaned_at).cast(pl.Datetime("us", "UTC")).alias("orphaned_at"),
+                    )
+                    tx.writer(archive_ds, key, dict(stamped.schema)).write(stamped)
+                kept = df.filter(pl.col(col) <= ancestor)
+                if kept.height == 0 and name.startswith("live-"):
+                    tx.delete(path)
+                else:
+                    w = tx.writer(dataset if not name.startswith("live-") else f"{LIVE}/{dataset}",
+                                  path.stem, dict(df.schema))
+                    w.write(kept)
+        archived[dataset] = _archived_rows(lake, dataset, reorg.id)
+        store.add_rows_archived(reorg.id, dataset, archived[dataset])
+    store.delete_headers_above(cfg.chain.name, ancestor)
+    return archived
+
+
+def _archived_rows(lake: Lake, dataset: str, reorg_id: int) -> int:
+    d = lake.dir(f"{ORPHANED}/{dataset}")
+    if not d.is_dir():
+        return 0
+    return sum(pl.scan_parquet(p).select(pl.len()).collect().item() for p in d.glob(f"r{reorg_id:06d}-*.parquet"))
+
+
+def touched_ranges(cfg: IndexerConfig, reorg: Reorg) -> list[BlockRange]:
+    """Range partitions whose files lost rows in this reorg (they are fetched again)."""
+    lake = Lake(cfg.data_dir, cfg.chain.name)
+    d = lake.dir(f"{ORPHANED}/blocks")
+    keys = set()
+    if d.is_dir():
+        for p in d.glob(f"r{reorg.id:06d}-*.parquet"):
+            name = p.stem.split("-", 1)[1]
+            if not name.startswith("live-"):
+                keys.add(name)
+    return sorted(parse_key(k) for k in keys)
+
+
+async def _fetch_new_fork(cfg: IndexerConfig, store: StateStore, reorg: Reorg, first: int):
+    """Headers and logs of the new fork from `first` to the node's head, checked to descend from the ancestor."""
+    follower = Follower(cfg, store)
+    async with rpc_client(cfg) as rpc:
+        head = int(await rpc.call("eth_blockNumber"), 16)
+        ancestor = await follower._fetch_header(rpc, reorg.common_ancestor)
+        if ancestor is None or ancestor.hash != reorg.ancestor_hash:
+            raise ForkChanged(f"the common ancestor {reorg.common_ancestor} itself was reorganised")
+        if head < first:
+            return [], None, None
+        headers: list[Header] = []
+        for n in range(first, head + 1):
+            h = await follower._fetch_header(rpc, n)
+            if h is None:
+                break
+            headers.append(h)
+        if not headers:
+            return [], None, None
+        expected_parent = reorg.ancestor_hash if first == reorg.common_ancestor + 1 else None
+        chain_ok = all(b.parent_hash == a.hash for a, b in zip(headers, headers[1:]))
+        if not chain_ok or (expected_parent and headers[0].parent_hash != expected_parent):
+            raise ForkChanged("the node changed fork again during the restore")
+        blocks, logs = await follower.fetch_blocks(rpc, headers)
+        return headers, blocks, logs
+
+
+async def _rewalk(cfg: IndexerConfig, store: StateStore, reorg: Reorg) -> Reorg:
+    """The fork moved below the recorded ancestor (a second reorg): find the new ancestor, merge it in."""
+    follower = Follower(cfg, store)
+    window = store.headers(cfg.chain.name, reorg.common_ancestor - cfg.chain.reorg_window, reorg.common_ancestor)
+    local = LocalChain(window)
+    async with rpc_client(cfg) as rpc:
+        ancestor, above, lowest = await find_ancestor(local, lambda n: follower._fetch_header(rpc, n),
+                                                      reorg.common_ancestor)
+        head = int(await rpc.call("eth_blockNumber"), 16)
+    if ancestor is None:
+        raise ReorgAborted(f"the new fork does not meet the stored chain above block {lowest}")
+    tip = above[-1] if above else ancestor
+    return store.extend_reorg(reorg.id, new_head=max(head, tip.number), new_head_hash=tip.hash, new_chain=above,
+                              common_ancestor=ancestor.number, ancestor_hash=ancestor.hash)
+
+
+def restore(cfg: IndexerConfig, store: StateStore, reorg: Reorg, on_partition: Callable[[str], None]) -> list[str]:
+    """Re-fetch the new fork: touched range partitions, then a live segment up to the head."""
+    chain = cfg.chain.name
+    lake = Lake(cfg.data_dir, chain)
+
+    @contextmanager
+    def ours():
+        with store.writer_lock(chain):
+            current = store.get_reorg(reorg.id)
+            if current is None or current.phase is not Phase.RESTORING:
+                raise ForkChanged("the reorg is no longer being restored")
+            yield
+
+    restored = []
+    for r in touched_ranges(cfg, reorg):
+        sync_range(cfg, r, guard=ours)
+        restored.append(r.key)
+        on_partition(r.key)
+    covered = max((r.end for r in touched_ranges(cfg, reorg)), default=reorg.common_ancestor)
+    first = max(reorg.common_ancestor + 1, min(covered + 1, _highest_range_block(lake) + 1))
+    headers, blocks, logs = asyncio.run(_fetch_new_fork(cfg, store, reorg, first))
+    with lake.transaction(ours) as tx:
+        if headers:
+            key = f"{headers[0].number:012d}-{headers[-1].number:012d}"
+            tx.writer(f"{LIVE}/blocks", key, BLOCK_SCHEMA).write(blocks)
+            tx.writer(f"{LIVE}/logs", key, LOG_SCHEMA).write(logs)
+            decoder = Decoder(cfg, None)
+            decoder.open(tx, key, prefix=f"{LIVE}/")
+            decoder.write(logs)
+            decoder.flush()
+    # The local chain restarts from the new fork: stored ancestor + the headers just written.
+    new_chain = [h for h in headers if h.number > reorg.common_ancestor]
+    if new_chain:
+        store.put_headers(chain, new_chain)
+    tip = store.tip(chain)
+    if tip is not None:
+        store.set_cursor(chain, CURSOR, tip.number, tip.hash)
+        record_head(lake, cfg.chain.chain_id, tip.number, tip.hash, cfg.chain.confirmations, force=True)
+    return restored
+
+
+def _highest_range_block(lake: Lake) -> int:
+    d = lake.dir("blocks")
+    if not d.is_dir():
+        return -1
+    ends = [pl.scan_parquet(p).select(pl.col("number").max()).collect().item() for p in d.glob("*.parquet")]
+    return max([e for e in ends if e is not None], default=-1)
+
+
+def export_ledger(cfg: IndexerConfig, store: StateStore) -> None:
+    """Write the ledger to `<chain>/_meta/reorgs.parquet`, which the `reorgs` view reads."""
+    lake = Lake(cfg.data_dir, cfg.chain.name)
+    rows = reorgs_frame(store, cfg.chain.name)
+    df = ledger_frame(rows)
+    lake.write("_meta", LEDGER_KEY, df)
+
+
+LEDGER_SCHEMA = {
+    "chain": pl.String, "reorg_id": pl.Int64, "detected_at": pl.Datetime("us", "UTC"),
+    "common_ancestor": pl.Int64, "ancestor_hash": pl.String, "depth": pl.Int64,
+    "old_head": pl.Int64, "old_head_hash": pl.String, "new_head": pl.Int64, "new_head_hash": pl.String,
+    "phase": pl.String, "affected_partitions": pl.String, "rows_archived": pl.Int64,
+    "rows_archived_by_dataset": pl.String, "touched_confirmed": pl.Boolean,
+    "updated_at": pl.Datetime("us", "UTC"), "finished_at": pl.Datetime("us", "UTC"), "note": pl.String,
+}
+
+
+def ledger_frame(rows: list[dict]) -> pl.DataFrame:
+    import json
+
+    out = []
+    for r in rows:
+        archived = r.get("rows_archived") or {}
+        out.append({
+            "chain": r["chain"], "reorg_id": r["id"], "detected_at": r["detected_at"],
+            "common_ancestor": r["common_ancestor"], "ancestor_hash": r["ancestor_hash"], "depth": r["depth"],
+            "old_head": r["old_head"], "old_head_hash": r["old_head_hash"], "new_head": r["new_head"],
+            "new_head_hash": r["new_head_hash"], "phase": str(getattr(r["phase"], "value", r["phase"])),
+            "affected_partitions": ",".join(r.get("affected_partitions") or []),
+            "rows_archived": sum(archived.values()), "rows_archived_by_dataset": json.dumps(archived, sort_keys=True),
+            "touched_confirmed": bool(r["touched_confirmed"]), "updated_at": r["updated_at"],
+            "finished_at": r.get("finished_at"), "note": r.get("note") or "",
+        })
+    return pl.DataFrame(out, schema=LEDGER_SCHEMA)
+
+
+def repair(
+    cfg: IndexerConfig,
+    store: StateStore,
+    reorg_id: int,
+    on_phase: Callable[[Phase], None] | None = None,
+    on_partition: Callable[[str], None] | None = None,
+) -> RepairResult:
+    """Carry reorg `reorg_id` from its recorded phase to done."""
+    started = time.perf_counter()
+    chain = cfg.chain.name
+    notify = on_phase or (lambda _p: None)
+    result = RepairResult(reorg=store.get_reorg(reorg_id))
+    for _attempt in range(5):
+        reorg = store.get_reorg(reorg_id)
+        if reorg is None:
+            raise ValueError(f"no reorg {reorg_id} in the ledger")
+        if reorg.phase is Phase.DETECTED:
+            reorg = store.set_phase(reorg_id, Phase.SUSPENDING, expect=Phase.DETECTED)
+            export_ledger(cfg, store)
+        if reorg.phase is Phase.SUSPENDING:
+            notify(Phase.SUSPENDING)
+            with store.writer_lock(chain):
+                pass  # any publish in flight has finished; new ones see the active reorg and stop
+            reorg = store.set_phase(reorg_id, Phase.ROLLING_BACK, expect=Phase.SUSPENDING)
+            export_ledger(cfg, store)
+        if reorg.phase is Phase.ROLLING_BACK:
+            notify(Phase.ROLLING_BACK)
+            with store.writer_lock(chain):
+                result.archived = roll_back(cfg, store, reorg)
+            reorg = store.set_phase(reorg_id, Phase.RESTORING, expect=Phase.ROLLING_BACK)
+            export_ledger(cfg, store)
+        if reorg.phase is Phase.RESTORING:
+            notify(Phase.RESTORING)
+            try:
+                result.restored_partitions = restore(cfg, store, reorg, on_partition or (lambda _k: None))
+            except ForkChanged:
+                # A second reorg under the first: merge it, roll back to the new ancestor, restore again.
+                reorg = _rewalk_and_reopen(cfg, store, reorg)
+                continue
+            reorg = store.set_phase(reorg_id, Phase.DONE, expect=Phase.RESTORING)
+            export_ledger(cfg, store)
+        break
+    result.reorg = store.get_reorg(reorg_id)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _rewalk_and_reopen(cfg: IndexerConfig, store: StateStore, reorg: Reorg) -> Reorg:
+    merged = asyncio.run(_rewalk(cfg, store, reorg))
+    if merged.common_ancestor < reorg.common_ancestor:
+        return store.set_phase(reorg.id, Phase.ROLLING_BACK, expect=Phase.RESTORING, note="merged a deeper reorg")
+    return merged
