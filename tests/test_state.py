@@ -674,7 +674,8 @@ def test_postgres_errors_never_contain_the_password():
             open_state(url)
         text = "".join(traceback.format_exception(ei.value)) + repr(ei.value)
         assert secret not in text and "***" in text and "127.0.0.1" in text
-    assert redact_url(f"postgresql://u:{secret}@h/db?password={secret}&x=1") == "postgresql://u:***@h/db?password=***&x=1"
+    redacted = redact_url(f"postgresql://u:{secret}@h/db?password={secret}&x=1")
+    assert redacted == "postgresql://u:***@h/db?password=***&x=1"
     assert redact_url("postgresql://u@h:5432/db") == "postgresql://u@h:5432/db"
 
 
@@ -695,3 +696,27 @@ def test_postgres_url_forms_and_schema_isolation(pg_admin):
         with pg_admin.cursor() as cur:
             cur.execute(f'DROP SCHEMA IF EXISTS "{schema_a}" CASCADE')
             cur.execute(f'DROP SCHEMA IF EXISTS "{schema_b}" CASCADE')
+
+
+def test_forked_child_gets_its_own_connection(store):
+    """A child forked from a process with an open store uses its own connection, and closing or
+    collecting the inherited one must not break the parent's session (or SQLite file)."""
+    store.put_headers("eth", chain_of(1, 2))
+    pid = os.fork()
+    if pid == 0:  # child
+        code = 1
+        try:
+            from indexer_dagster.reorg import state as state_mod
+
+            store.put_headers("eth", chain_of(3, 3))
+            store.close()
+            for inherited in state_mod._INHERITED:  # what interpreter shutdown may do to them
+                inherited.close()
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert [x.number for x in store.headers("eth")] == [1, 2, 3]  # the parent's connection still works
+    store.put_headers("eth", chain_of(4, 4))
+    assert store.tip("eth").number == 4

@@ -16,6 +16,7 @@ is finished by the next run from the recorded phase, with the same end state.
 """
 
 import asyncio
+import json
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -31,7 +32,7 @@ from indexer_dagster.partitions import BlockRange, parse_key
 from indexer_dagster.persist.heads import record_head
 from indexer_dagster.persist.lake import Lake
 from indexer_dagster.reorg.detect import LocalChain, find_ancestor
-from indexer_dagster.reorg.state import Header, Phase, Reorg, StateStore, reorgs_frame
+from indexer_dagster.reorg.state import Header, Phase, Reorg, StateStore
 from indexer_dagster.sync.historical import Decoder, new_sizer, rpc_client, sync_range
 from indexer_dagster.sync.realtime import LIVE, CURSOR, Follower, live_datasets
 
@@ -81,10 +82,22 @@ def roll_back(cfg: IndexerConfig, store: StateStore, reorg: Reorg) -> dict[str, 
     archived: dict[str, int] = {}
     for dataset in reversed(live_datasets(cfg)):  # events, then logs, then blocks
         col = _number_col(dataset)
-        for name, path in _files_above(lake, dataset, ancestor):
+        # Blocks a range file held: their live copies were hidden duplicates. Read from this reorg's
+        # archives too, so a re-run after a crash dedupes the same way.
+        in_range_files: set[int] = set()
+        archive_dir = lake.dir(f"{ORPHANED}/{dataset}")
+        if archive_dir.is_dir():
+            for p in archive_dir.glob(f"r{reorg.id:06d}-*.parquet"):
+                if not p.stem.split("-", 1)[1].startswith("live-"):
+                    in_range_files.update(pl.read_parquet(p, columns=[col])[col].to_list())
+        for name, path in _files_above(lake, dataset, ancestor):  # range files first, then live segments
             df = pl.read_parquet(path)
             orphans = df.filter(pl.col(col) > ancestor)
-            if orphans.height == 0:
+            if name.startswith("live-"):
+                orphans = orphans.filter(~pl.col(col).is_in(list(in_range_files)))
+            else:
+                in_range_files.update(orphans[col].unique().to_list())
+            if df.filter(pl.col(col) > ancestor).height == 0:
                 continue
             archive_ds, key = f"{ORPHANED}/{dataset}", orphan_key(reorg.id, name)
             with lake.transaction() as tx:
@@ -221,9 +234,7 @@ def _highest_range_block(lake: Lake) -> int:
 def export_ledger(cfg: IndexerConfig, store: StateStore) -> None:
     """Write the ledger to `<chain>/_meta/reorgs.parquet`, which the `reorgs` view reads."""
     lake = Lake(cfg.data_dir, cfg.chain.name)
-    rows = reorgs_frame(store, cfg.chain.name)
-    df = ledger_frame(rows)
-    lake.write("_meta", LEDGER_KEY, df)
+    lake.write("_meta", LEDGER_KEY, ledger_frame(store.list_reorgs(cfg.chain.name)))
 
 
 LEDGER_SCHEMA = {
@@ -236,23 +247,22 @@ LEDGER_SCHEMA = {
 }
 
 
-def ledger_frame(rows: list[dict]) -> pl.DataFrame:
-    import json
-
-    out = []
-    for r in rows:
-        archived = r.get("rows_archived") or {}
-        out.append({
-            "chain": r["chain"], "reorg_id": r["id"], "detected_at": r["detected_at"],
-            "common_ancestor": r["common_ancestor"], "ancestor_hash": r["ancestor_hash"], "depth": r["depth"],
-            "old_head": r["old_head"], "old_head_hash": r["old_head_hash"], "new_head": r["new_head"],
-            "new_head_hash": r["new_head_hash"], "phase": str(getattr(r["phase"], "value", r["phase"])),
-            "affected_partitions": ",".join(r.get("affected_partitions") or []),
-            "rows_archived": sum(archived.values()), "rows_archived_by_dataset": json.dumps(archived, sort_keys=True),
-            "touched_confirmed": bool(r["touched_confirmed"]), "updated_at": r["updated_at"],
-            "finished_at": r.get("finished_at"), "note": r.get("note") or "",
-        })
-    return pl.DataFrame(out, schema=LEDGER_SCHEMA)
+def ledger_frame(reorgs: list[Reorg]) -> pl.DataFrame:
+    rows = [
+        {
+            "chain": r.chain, "reorg_id": r.id, "detected_at": r.detected_at,
+            "common_ancestor": r.common_ancestor, "ancestor_hash": r.ancestor_hash, "depth": r.depth,
+            "old_head": r.old_head, "old_head_hash": r.old_head_hash, "new_head": r.new_head,
+            "new_head_hash": r.new_head_hash, "phase": r.phase.value,
+            "affected_partitions": ",".join(r.affected_partitions),
+            "rows_archived": sum(r.rows_archived.values()),
+            "rows_archived_by_dataset": json.dumps(r.rows_archived, sort_keys=True),
+            "touched_confirmed": r.touched_confirmed, "updated_at": r.updated_at,
+            "finished_at": r.finished_at, "note": r.note or "",
+        }
+        for r in reorgs
+    ]
+    return pl.DataFrame(rows, schema=LEDGER_SCHEMA)
 
 
 def repair(

@@ -232,6 +232,11 @@ def _libpq_url(url: str) -> str:
 # ----------------------------------------------------------------------------------------------------
 # The store
 
+# Connections inherited through fork() from the parent process: never used, closed or garbage-collected
+# in the child (closing a PostgreSQL connection sends a Terminate message down the parent's socket;
+# SQLite forbids carrying a connection across fork).
+_INHERITED: list[Any] = []
+
 
 _REORG_COLS = (
     "id, chain, detected_at, common_ancestor, ancestor_hash, depth, old_head, old_head_hash, "
@@ -771,7 +776,13 @@ class StateStore:
 
 class SqliteStateStore(StateStore):
     backend = "sqlite"
-    _TYPES = {"TS": "TEXT", "INT": "INTEGER", "JSON": "TEXT", "BOOL": "INTEGER", "ID": "INTEGER PRIMARY KEY AUTOINCREMENT"}
+    _TYPES = {
+        "TS": "TEXT",  # ISO 8601 with +00:00
+        "INT": "INTEGER",
+        "JSON": "TEXT",
+        "BOOL": "INTEGER",
+        "ID": "INTEGER PRIMARY KEY AUTOINCREMENT",  # ids are never reused
+    }
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         super().__init__()
@@ -808,11 +819,18 @@ class SqliteStateStore(StateStore):
 
     def _connection(self) -> sqlite3.Connection:
         self._check_open()
-        if self._conn is None or self._pid != os.getpid():
-            # After a fork the inherited connection belongs to the parent: never touch it.
+        if self._pid != os.getpid():
+            self._forget_inherited()
+        if self._conn is None:
             self._conn = self._connect()
-            self._pid = os.getpid()
         return self._conn
+
+    def _forget_inherited(self) -> None:
+        # After a fork the inherited connection belongs to the parent: never touch it.
+        if self._conn is not None:
+            _INHERITED.append(self._conn)
+        self._conn = None
+        self._pid = os.getpid()
 
     @contextmanager
     def _tx(self, write: bool) -> Iterator[sqlite3.Cursor]:
@@ -843,7 +861,9 @@ class SqliteStateStore(StateStore):
         return _utc(dt).isoformat()
 
     def _close(self) -> None:
-        if self._conn is not None and self._pid == os.getpid():
+        if self._pid != os.getpid():
+            self._forget_inherited()
+        if self._conn is not None:
             self._conn.close()
         self._conn = None
 
@@ -902,7 +922,9 @@ class PostgresStateStore(StateStore):
         "ID": "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
     }
     _FOR_UPDATE = " FOR UPDATE"
-    _SCHEMA_LOCK_KEY = int.from_bytes(hashlib.blake2b(b"indexer_dagster.state.schema", digest_size=8).digest(), "big", signed=True)
+    _SCHEMA_LOCK_KEY = int.from_bytes(
+        hashlib.blake2b(b"indexer_dagster.state.schema", digest_size=8).digest(), "big", signed=True
+    )
 
     def __init__(self, url: str, schema: str | None = None) -> None:
         super().__init__()
@@ -969,11 +991,26 @@ class PostgresStateStore(StateStore):
 
     def _connection(self) -> Any:
         self._check_open()
-        if self._conn is None or self._conn.closed or self._pid != os.getpid():
-            # A closed (broken) connection is replaced; after a fork the inherited one is the parent's.
+        if self._pid != os.getpid():
+            self._forget_inherited()
+        if self._conn is None or self._conn.closed:  # a broken connection is replaced
             self._conn = self._new_connection(autocommit=False)
-            self._pid = os.getpid()
         return self._conn
+
+    def _forget_inherited(self) -> None:
+        # After a fork the inherited connection is the parent's session. Point our copy of its socket at
+        # /dev/null, so that even a close or garbage collection here cannot terminate the parent's session.
+        conn, self._conn, self._pid = self._conn, None, os.getpid()
+        if conn is not None and not conn.closed:
+            try:
+                null = os.open(os.devnull, os.O_RDWR)
+                try:
+                    os.dup2(null, conn.fileno())
+                finally:
+                    os.close(null)
+            except Exception:  # noqa: BLE001
+                pass
+            _INHERITED.append(conn)
 
     @contextmanager
     def _tx(self, write: bool) -> Iterator[Any]:
@@ -1002,7 +1039,9 @@ class PostgresStateStore(StateStore):
         execute_batch(cur, self._q(sql), rows, page_size=500)
 
     def _close(self) -> None:
-        if self._conn is not None and self._pid == os.getpid() and not self._conn.closed:
+        if self._pid != os.getpid():
+            self._forget_inherited()
+        if self._conn is not None and not self._conn.closed:
             self._conn.close()
         self._conn = None
 

@@ -152,13 +152,17 @@ class Follower:
         if tip is not None:
             return tip
         head = int(await rpc.call("eth_blockNumber"), 16)
-        start = max(head - 1, self.cfg.start_block - 1, 0)
-        h = await self._fetch_header(rpc, start)
-        assert h is not None
+        anchor = max(head - 1, self.cfg.start_block - 1, 0)
+        # The window below the anchor too, so a reorg reaching into history is still detected.
+        numbers = range(max(anchor - self.window + 1, 0), anchor + 1)
+        results = await rpc.batch("eth_getBlockByNumber", [[hex(n), False] for n in numbers])
+        window = [header_of(b) for b in results if b]
+        if len(window) != len(numbers) or any(b.parent_hash != a.hash for a, b in zip(window, window[1:])):
+            raise ForkChanged("the node changed fork while the local chain was seeded; retrying")
         with self.store.writer_lock(self.chain):
             if self.store.tip(self.chain) is None:
-                self.store.put_headers(self.chain, [h])
-                self.store.set_cursor(self.chain, CURSOR, h.number, h.hash)
+                self.store.put_headers(self.chain, window)
+                self.store.set_cursor(self.chain, CURSOR, window[-1].number, window[-1].hash)
         return self.store.tip(self.chain)
 
     def remove_stale_segments(self) -> int:

@@ -1,0 +1,214 @@
+"""Reorgs on a real anvil chain with different Uniswap transactions on the new fork.
+
+After each scenario the canonical views must equal the node row for row, every orphaned row must be
+in the archive under its reorg id, and the ledger must list the reorg with its phase `done`.
+"""
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import polars as pl
+import pytest
+
+from indexer_dagster.config import load_config
+from indexer_dagster.devnet import Anvil, build_devnet, write_config
+from indexer_dagster.devnet.uniswap import generate_traffic, reorg as anvil_reorg
+from indexer_dagster.partitions import ranges_between
+from indexer_dagster.persist.catalog import build_catalog
+from indexer_dagster.query import query
+from indexer_dagster.reorg.repair import repair
+from indexer_dagster.reorg.state import Phase, open_state
+from indexer_dagster.sync.historical import sync_range
+from indexer_dagster.sync.realtime import Follower
+from indexer_dagster.sync.historical import rpc_client
+from tests.test_historical import node_logs
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def chain(tmp_path):
+    """A fresh anvil (reorgs change it) with the Uniswap V2 deployment and 25 blocks of traffic."""
+    node = Anvil(chain_id=31337).start()
+    try:
+        dep = build_devnet(node, blocks=25, txs_per_block=8, seed=3)
+        path = write_config(tmp_path / "indexer.yaml", node.url, 31337, dep, "data",
+                            blocks_per_partition=10, confirmations=4)
+        yield node, dep, load_config(path)
+    finally:
+        node.stop()
+
+
+def backfill_plain(cfg):
+    head = int(_rpc(cfg, "eth_blockNumber"), 16)
+    for r in ranges_between(cfg.start_block, head, cfg.chain.blocks_per_partition):
+        sync_range(cfg, r)
+
+
+def _rpc(cfg, method, params=()):
+    from indexer_dagster.devnet import rpc
+    return rpc(cfg.chain.rpc_url, method, list(params))
+
+
+def follow_until_synced(cfg, store, max_ticks=50):
+    """Tick the follower until its tip is the node's head (or a reorg is recorded)."""
+    async def go():
+        f = Follower(cfg, store)
+        results = []
+        async with rpc_client(cfg) as rpc:
+            await f.seed(rpc)
+            for _ in range(max_ticks):
+                res = await f.tick(rpc)
+                results.append(res)
+                if res.action in ("reorg", "suspended"):
+                    break
+                head = int(await rpc.call("eth_blockNumber"), 16)
+                if res.action == "idle" and res.tip == head:
+                    break
+        return results
+    return asyncio.run(go())
+
+
+def assert_views_equal_node(cfg, node):
+    build_catalog(cfg)
+    head = node.block_number()
+    addresses = [a for c in cfg.contracts for a in c.addresses]
+    expected = node_logs(node.url, addresses, 0, head)
+    got = query(cfg.duckdb_path, "select * from logs order by block_number, log_index")
+    assert got.height == expected.height
+    assert got.select(expected.columns).equals(expected)
+    blocks = query(cfg.duckdb_path, "select number, hash from blocks order by number")
+    assert blocks["number"].to_list() == list(range(0, head + 1))
+    node_hashes = [node.rpc("eth_getBlockByNumber", [hex(n), False])["hash"] for n in range(head + 1)]
+    assert blocks["hash"].to_list() == node_hashes
+    # Decoded tables agree with the logs they come from.
+    swaps = query(cfg.duckdb_path, "select count(*) n from uniswap_v2_pair_swap")["n"][0]
+    topic = next(s.topic0 for _, s in cfg.all_specs() if s.table == "uniswap_v2_pair_swap")
+    assert swaps == expected.filter(pl.col("topic0") == topic).height
+
+
+def test_tip_reorg_in_the_live_region(chain):
+    node, dep, cfg = chain
+    backfill_plain(cfg)
+    store = open_state(cfg.state_url)
+    follow_until_synced(cfg, store)
+    generate_traffic(node.url, dep, blocks=6, txs_per_block=6, seed=11)
+    res = follow_until_synced(cfg, store)
+    assert res[-1].tip == node.block_number()
+    assert_views_equal_node(cfg, node)
+    before = query(cfg.duckdb_path, "select * from logs where block_number > %d" % (node.block_number() - 3))
+
+    expected = anvil_reorg(node.url, dep, depth=3, txs_per_block=5, seed=99)
+    assert expected["old_hashes"] != expected["new_hashes"]
+    res = follow_until_synced(cfg, store)
+    assert res[-1].action == "reorg"
+    r = store.active_reorg(cfg.chain.name)
+    assert r.common_ancestor == expected["ancestor"] and r.depth == 3 and not r.touched_confirmed
+
+    done = repair(cfg, store, r.id)
+    assert done.reorg.phase is Phase.DONE
+    assert_views_equal_node(cfg, node)
+    orphaned = query(cfg.duckdb_path, "select * from orphaned_logs order by block_number, log_index")
+    assert orphaned.height == before.height and set(orphaned["reorg_id"]) == {r.id}
+    assert orphaned.select(before.columns[:-1]).equals(before.drop("status"))
+    ledger = query(cfg.duckdb_path, "select * from reorgs")
+    assert ledger.height == 1 and ledger["phase"][0] == "done" and ledger["depth"][0] == 3
+    assert ledger["rows_archived"][0] > 0
+    # The follower carries on from the new fork.
+    generate_traffic(node.url, dep, blocks=2, txs_per_block=4, seed=12)
+    assert follow_until_synced(cfg, store)[-1].action in ("idle", "extended")
+    assert_views_equal_node(cfg, node)
+
+
+def test_deep_reorg_across_a_partition_boundary_into_confirmed_history(chain):
+    node, dep, cfg = chain
+    store = open_state(cfg.state_url)
+    follow_until_synced(cfg, store)  # anchors the local chain at the head
+    backfill_plain(cfg)               # history in range files of 10 blocks
+    generate_traffic(node.url, dep, blocks=4, txs_per_block=6, seed=5)
+    follow_until_synced(cfg, store)
+    head = node.block_number()
+    depth = 7  # > confirmations (4), crossing a 10-block boundary
+    anvil_reorg(node.url, dep, depth=depth, txs_per_block=4, seed=77)
+    res = follow_until_synced(cfg, store)
+    assert res[-1].action == "reorg"
+    r = store.active_reorg(cfg.chain.name)
+    assert r.common_ancestor == head - depth and r.touched_confirmed
+    done = repair(cfg, store, r.id)
+    assert done.reorg.phase is Phase.DONE and done.restored_partitions
+    assert_views_equal_node(cfg, node)
+    ledger = query(cfg.duckdb_path, "select touched_confirmed, affected_partitions from reorgs")
+    assert ledger["touched_confirmed"][0]
+
+
+def test_rollback_to_a_shorter_chain(chain):
+    node, dep, cfg = chain
+    backfill_plain(cfg)
+    store = open_state(cfg.state_url)
+    follow_until_synced(cfg, store)
+    generate_traffic(node.url, dep, blocks=5, txs_per_block=5, seed=8)
+    follow_until_synced(cfg, store)
+    node.rpc("anvil_rollback", [3])
+    generate_traffic(node.url, dep, blocks=1, txs_per_block=3, seed=9)  # one conflicting block
+    res = follow_until_synced(cfg, store)
+    assert res[-1].action == "reorg"
+    r = store.active_reorg(cfg.chain.name)
+    repair(cfg, store, r.id)
+    assert_views_equal_node(cfg, node)
+
+
+CRASHER = textwrap.dedent("""
+    import os, signal, sys
+    from indexer_dagster.config import load_config
+    from indexer_dagster.persist import lake as lake_mod
+    from indexer_dagster.reorg.repair import repair
+    from indexer_dagster.reorg.state import open_state
+    cfg = load_config(sys.argv[1]); reorg_id = int(sys.argv[2]); phase = sys.argv[3]; after = int(sys.argv[4])
+    state = {"phase": None, "publishes": 0}
+    original = lake_mod.Transaction.publish
+    def publish(self):
+        original(self)
+        if state["phase"] == phase:
+            state["publishes"] += 1
+            if state["publishes"] >= after:
+                os.kill(os.getpid(), signal.SIGKILL)
+    lake_mod.Transaction.publish = publish
+    def on_phase(p):
+        state["phase"] = p.value
+        if after == 0 and p.value == phase:
+            os.kill(os.getpid(), signal.SIGKILL)
+    repair(cfg, open_state(cfg.state_url), reorg_id, on_phase=on_phase)
+""")
+
+
+@pytest.mark.parametrize("phase, after", [("suspending", 0), ("rolling_back", 1), ("rolling_back", 4),
+                                          ("restoring", 1), ("restoring", 2)])
+def test_reorg_job_killed_in_each_phase_then_resumed(chain, phase, after):
+    node, dep, cfg = chain
+    backfill_plain(cfg)
+    store = open_state(cfg.state_url)
+    follow_until_synced(cfg, store)
+    generate_traffic(node.url, dep, blocks=4, txs_per_block=6, seed=21)
+    follow_until_synced(cfg, store)
+    anvil_reorg(node.url, dep, depth=6, txs_per_block=4, seed=42)
+    assert follow_until_synced(cfg, store)[-1].action == "reorg"
+    r = store.active_reorg(cfg.chain.name)
+    proc = subprocess.run([sys.executable, "-c", CRASHER, str(cfg_path(cfg)), str(r.id), phase, str(after)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert store.get_reorg(r.id).phase is not Phase.DONE
+    done = repair(cfg, store, r.id)  # the next run finishes the same reorg from its recorded phase
+    assert done.reorg.phase is Phase.DONE
+    assert_views_equal_node(cfg, node)
+    orphaned = query(cfg.duckdb_path, "select reorg_id, block_number, log_index, count(*) n from orphaned_logs "
+                                      "group by all having n > 1")
+    assert orphaned.height == 0  # archived once, even though the step ran twice
+    assert query(cfg.duckdb_path, "select count(*) n from reorgs")["n"][0] == 1
+
+
+def cfg_path(cfg):
+    return cfg.resolve("indexer.yaml")
