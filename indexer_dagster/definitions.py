@@ -6,10 +6,12 @@ exists and in which partitions, resources say where the config lives.
 
 import dagster as dg
 
-from indexer_dagster.assets.historical import build_historical_assets
+from indexer_dagster.assets.historical import build_historical_assets, raw_keys
 from indexer_dagster.assets.partitions import block_ranges
 from indexer_dagster.config import IndexerConfig, load_config
+from indexer_dagster.jobs.live import build_live_jobs
 from indexer_dagster.resources import default_resources
+from indexer_dagster.sensors.chain_head import build_chain_head_sensor
 
 
 def historical_job_name(chain: str) -> str:
@@ -25,7 +27,15 @@ def build_definitions(cfg: IndexerConfig) -> dg.Definitions:
         executor_def=dg.in_process_executor,
         description="Backfill block ranges: headers and logs, then decoded events (several ranges per run).",
     )
-    return dg.Definitions(assets=assets, jobs=[historical], resources=default_resources())
+    blocks_key, logs_key = raw_keys(cfg.chain.name)
+    historical_keys = [blocks_key, logs_key, *[dg.AssetKey([cfg.chain.name, s.table]) for _, s in cfg.all_specs()]]
+    live_jobs = build_live_jobs(cfg, historical_keys)
+    sensor = build_chain_head_sensor(
+        cfg, [historical, *live_jobs], historical_job_name(cfg.chain.name), logs_key, parts.name
+    )
+    return dg.Definitions(
+        assets=assets, jobs=[historical, *live_jobs], sensors=[sensor], resources=default_resources()
+    )
 
 
 @dg.definitions

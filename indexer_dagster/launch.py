@@ -23,6 +23,9 @@ from indexer_dagster.config import CONFIG_ENV_VAR, IndexerConfig, load_config
 from indexer_dagster.partitions import BlockRange, ranges_between
 
 
+DEFAULT_INSTANCE_YAML = Path(__file__).resolve().parents[1] / "deploy" / "dagster.yaml"
+
+
 @dataclass
 class BatchOutcome:
     first: str
@@ -39,8 +42,8 @@ def ensure_dagster_home(default: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     settings = path / "dagster.yaml"
     if not settings.exists():
-        # Dagster's defaults: SQLite storage in this folder (see deploy/ for Postgres).
-        settings.write_text("telemetry:\n  enabled: false\n")
+        # SQLite storage in this folder, singleton live/reorg runs (see deploy/ for Postgres).
+        settings.write_text(DEFAULT_INSTANCE_YAML.read_text())
     os.environ["DAGSTER_HOME"] = str(path.resolve())
     return path
 

@@ -56,6 +56,20 @@ class FollowStats:
     blocks: int = 0
     logs: int = 0
     reorgs: list[int] = field(default_factory=list)
+    note: str = ""
+
+
+def follower_lease(chain: str) -> str:
+    return f"{chain}:follower"
+
+
+def follower_alive(store: StateStore, chain: str) -> bool:
+    """True when some process holds the chain's follower lease."""
+    try:
+        with store.writer_lock(follower_lease(chain), timeout_s=0):
+            return False
+    except TimeoutError:
+        return True
 
 
 def live_segments(lake: Lake, dataset: str) -> list[tuple[int, int, "Path"]]:  # noqa: F821
@@ -259,6 +273,9 @@ class Follower:
         return TickResult("extended", blocks=len(headers), logs=logs.height, tip=headers[-1].number)
 
     # -- the loop ----------------------------------------------------------------------------
+    def lease_name(self) -> str:
+        return follower_lease(self.chain)
+
     async def run(
         self,
         should_stop: Callable[[], bool],
@@ -266,6 +283,19 @@ class Follower:
         on_tick: Callable[[TickResult], None] | None = None,
     ) -> FollowStats:
         stats = FollowStats()
+        try:
+            # One follower per chain: held for the run's life, released by the OS if the process dies.
+            lease = self.store.writer_lock(self.lease_name(), timeout_s=10)
+            lease.__enter__()
+        except TimeoutError:
+            stats.note = "another follower holds the lease; this one exits"
+            return stats
+        try:
+            return await self._run(stats, should_stop, poll_s, on_tick)
+        finally:
+            lease.__exit__(None, None, None)
+
+    async def _run(self, stats: FollowStats, should_stop, poll_s, on_tick) -> FollowStats:
         async with rpc_client(self.cfg, self.stats) as rpc:
             await self.seed(rpc)
             self.remove_stale_segments()

@@ -1,0 +1,112 @@
+"""Live sync and reorg jobs: thin Dagster skins over `sync.realtime` and `reorg.repair`."""
+
+import time
+
+import dagster as dg
+
+from indexer_dagster.config import IndexerConfig
+from indexer_dagster.persist.catalog import build_catalog
+from indexer_dagster.reorg.repair import repair
+from indexer_dagster.reorg.state import open_state
+from indexer_dagster.resources import IndexerConfigResource
+from indexer_dagster.sync.realtime import Follower
+
+LIVE_ROLE = "live"
+REORG_ROLE = "reorg"
+ROLE_TAG = "indexer/role"
+CHAIN_TAG = "indexer/chain"
+SINGLETON_TAG = "indexer/singleton"  # dagster.yaml limits each value to one run at a time
+REORG_ID_TAG = "indexer/reorg_id"
+
+
+def live_job_name(chain: str) -> str:
+    return f"{chain}_live_sync"
+
+
+def reorg_job_name(chain: str) -> str:
+    return f"{chain}_reorg"
+
+
+class FollowConfig(dg.Config):
+    minutes: float = 30.0  # the run ends after this long; the sensor starts the next one
+    poll_seconds: float = 0.25
+
+
+class ReorgConfig(dg.Config):
+    reorg_id: int
+
+
+def build_live_jobs(cfg: IndexerConfig, historical_keys: list[dg.AssetKey]) -> list[dg.JobDefinition]:
+    chain = cfg.chain.name
+
+    @dg.op(name=f"{chain}_follow_head", description="Write each new block within a second; pause during reorgs.")
+    def follow_head(context: dg.OpExecutionContext, config: FollowConfig, indexer: IndexerConfigResource):
+        import asyncio
+
+        cfg = indexer.config
+        store = open_state(cfg.state_url)
+        follower = Follower(cfg, store)
+        deadline = time.monotonic() + config.minutes * 60
+        last_log = [0.0]
+        catalog_built = [False]
+
+        def on_tick(res) -> None:
+            if res.action == "extended" and not catalog_built[0]:
+                build_catalog(cfg)  # once per run: new live tables appear in the views
+                catalog_built[0] = True
+            if res.action in ("reorg",) or time.monotonic() - last_log[0] > 30:
+                last_log[0] = time.monotonic()
+                context.log.info(f"{chain}: {res.action} tip={res.tip} {res.detail}")
+
+        try:
+            stats = asyncio.run(follower.run(lambda: time.monotonic() > deadline, config.poll_seconds, on_tick))
+        finally:
+            store.close()
+        context.add_output_metadata({"blocks": stats.blocks, "logs": stats.logs, "ticks": stats.ticks,
+                                     "reorgs_detected": ",".join(map(str, stats.reorgs))})
+
+    @dg.op(name=f"{chain}_repair_reorg", retry_policy=dg.RetryPolicy(max_retries=3, delay=2),
+           description="Suspend, roll back (archive orphaned rows), restore from the new fork.")
+    def repair_reorg(context: dg.OpExecutionContext, config: ReorgConfig, indexer: IndexerConfigResource):
+        cfg = indexer.config
+        store = open_state(cfg.state_url)
+        restored: list[str] = []
+        try:
+            res = repair(cfg, store, config.reorg_id,
+                         on_phase=lambda p: context.log.info(f"reorg {config.reorg_id}: {p.value}"),
+                         on_partition=restored.append)
+        finally:
+            store.close()
+        build_catalog(cfg)
+        r = res.reorg
+        # The restored ranges were re-materialized from the new fork: record them as such.
+        for key in restored:
+            for asset_key in historical_keys:
+                context.log_event(dg.AssetMaterialization(
+                    asset_key=asset_key, partition=key,
+                    metadata={"reorg_id": r.id, "reason": "restored after a reorg"}))
+        context.add_output_metadata({
+            "reorg_id": r.id, "phase": r.phase.value, "common_ancestor": r.common_ancestor, "depth": r.depth,
+            "touched_confirmed": r.touched_confirmed, "rows_archived": sum(r.rows_archived.values()),
+            "restored_partitions": ",".join(restored), "seconds": round(res.seconds, 3),
+        })
+
+    tags = {CHAIN_TAG: chain}
+
+    @dg.job(
+        name=live_job_name(chain), executor_def=dg.in_process_executor,
+        tags={**tags, ROLE_TAG: LIVE_ROLE, SINGLETON_TAG: f"{LIVE_ROLE}-{chain}"},
+        description="The long-running follower of the chain head (the sensor keeps one alive).",
+    )
+    def live():
+        follow_head()
+
+    @dg.job(
+        name=reorg_job_name(chain), executor_def=dg.in_process_executor,
+        tags={**tags, ROLE_TAG: REORG_ROLE, SINGLETON_TAG: f"{REORG_ROLE}-{chain}"},
+        description="The singleton reorg job: one reorg at a time, resumable from its recorded phase.",
+    )
+    def reorg():
+        repair_reorg()
+
+    return [live, reorg]

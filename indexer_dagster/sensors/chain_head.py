@@ -1,0 +1,119 @@
+"""The chain-head sensor: the supervisor of live sync (see `sync.supervise` for the decisions)."""
+
+import time
+
+import dagster as dg
+
+from indexer_dagster.config import IndexerConfig
+from indexer_dagster.jobs.live import (
+    CHAIN_TAG, REORG_ID_TAG, ROLE_TAG, LIVE_ROLE, REORG_ROLE, ReorgConfig, live_job_name, reorg_job_name,
+)
+from indexer_dagster.partitions import parse_key, range_for_block
+from indexer_dagster.persist.lake import Lake
+from indexer_dagster.reorg.state import open_state
+from indexer_dagster.resources import IndexerConfigResource
+from indexer_dagster.sync.realtime import follower_alive, live_segments
+from indexer_dagster.sync.supervise import Facts, plan
+
+IN_PROGRESS = [
+    dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED,
+]
+
+
+def _runs(instance: dg.DagsterInstance, chain: str, role: str, statuses=None, extra: dict | None = None):
+    tags = {CHAIN_TAG: chain, ROLE_TAG: role, **(extra or {})}
+    return instance.get_runs(dg.RunsFilter(tags=tags, statuses=statuses or []), limit=200)
+
+
+def build_chain_head_sensor(cfg: IndexerConfig, jobs: list, historical_job: str, logs_key: dg.AssetKey, partitions_name: str):
+    chain = cfg.chain.name
+
+    @dg.sensor(
+        name=f"{chain}_chain_head",
+        minimum_interval_seconds=2,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        jobs=jobs,
+        description="Keeps the live follower running, launches the reorg job for unfinished reorgs, "
+                    "and fills history below the live anchor with range runs.",
+    )
+    def chain_head(context: dg.SensorEvaluationContext, indexer: IndexerConfigResource):
+        import asyncio
+
+        from indexer_dagster.sync.historical import rpc_client
+
+        cfg = indexer.config
+        instance = context.instance
+
+        async def head() -> int:
+            async with rpc_client(cfg) as rpc:
+                return int(await rpc.call("eth_blockNumber"), 16)
+
+        node_head = asyncio.run(head())
+        store = open_state(cfg.state_url)
+        try:
+            active = store.active_reorg(chain)
+            window = store.headers(chain)
+            tip = store.tip(chain)
+            alive = follower_alive(store, chain)
+        finally:
+            store.close()
+        live_runs = _runs(instance, chain, LIVE_ROLE, IN_PROGRESS)
+        if not alive:
+            # A live run whose process died (killed with its daemon, OOM, ...) stays "started" in the
+            # instance; nobody holds the follower lease, so mark it failed and start a new one.
+            for run in live_runs:
+                started = instance.get_run_record_by_id(run.run_id)
+                age = time.time() - (started.start_time or started.create_timestamp.timestamp())
+                if run.status == dg.DagsterRunStatus.STARTED and age > 30:
+                    instance.report_run_failed(run, "the live follower process is gone (no lease held)")
+            live_runs = _runs(instance, chain, LIVE_ROLE, IN_PROGRESS)
+        reorg_runs = _runs(instance, chain, REORG_ROLE, extra={REORG_ID_TAG: str(active.id)}) if active else []
+        lake = Lake(cfg.data_dir, chain)
+        seg_ranges = frozenset(
+            range_for_block(first, cfg.chain.blocks_per_partition).key for first, _l, _p in live_segments(lake, "blocks")
+        )
+        done = frozenset(instance.get_materialized_partitions(logs_key))
+        running = frozenset(
+            r.tags.get("dagster/partition") for r in instance.get_runs(
+                dg.RunsFilter(job_name=historical_job, statuses=IN_PROGRESS), limit=100)
+            if r.tags.get("dagster/partition")
+        )
+        facts = Facts(
+            node_head=node_head, start_block=cfg.start_block, blocks_per_partition=cfg.chain.blocks_per_partition,
+            live_anchor=window[0].number if window else None, live_tip=tip.number if tip else None,
+            active_reorg_id=active.id if active else None,
+            reorg_run_active=any(r.status in IN_PROGRESS for r in reorg_runs),
+            reorg_runs_before=sum(1 for r in reorg_runs if r.status not in IN_PROGRESS),
+            live_run_active=bool(live_runs),
+            range_keys_done=done, range_keys_running=running, live_segment_ranges=seg_ranges,
+            reorg_window=cfg.chain.reorg_window,
+        )
+        p = plan(facts)
+        known = set(instance.get_dynamic_partitions(partitions_name))
+        new_keys = [k for k in p.register_keys if k not in known]
+        requests = []
+        if p.launch_reorg is not None:
+            requests.append(dg.RunRequest(
+                job_name=reorg_job_name(chain),
+                run_key=f"reorg-{p.launch_reorg}-{p.reorg_attempt}",
+                run_config={"ops": {f"{chain}_repair_reorg": {"config": ReorgConfig(reorg_id=p.launch_reorg).model_dump()}}},
+                tags={REORG_ID_TAG: str(p.launch_reorg)},
+            ))
+        if p.launch_live:
+            requests.append(dg.RunRequest(job_name=live_job_name(chain), run_key=f"live-{time.time_ns()}"))
+        for key in p.range_runs:
+            r = parse_key(key)
+            complete = tip is not None and r.end <= tip.number
+            requests.append(dg.RunRequest(
+                job_name=historical_job, partition_key=key,
+                run_key=f"range-{key}-{'complete' if complete else 'partial'}",
+            ))
+        if not requests and not new_keys:
+            return dg.SkipReason(f"{chain}: head {node_head}, follower tip {facts.live_tip}, nothing to launch")
+        return dg.SensorResult(
+            run_requests=requests,
+            dynamic_partitions_requests=[dg.AddDynamicPartitionsRequest(partitions_name, new_keys)] if new_keys else [],
+        )
+
+    return chain_head

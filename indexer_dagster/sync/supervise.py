@@ -1,0 +1,68 @@
+"""What the chain-head sensor should launch, decided from plain facts (no Dagster here).
+
+The sensor is a supervisor, not the data path: a long-running follower run writes new blocks within
+a second (a sensor ticks every ~5 s and each run pays a process start, too slow for the head), and
+the sensor keeps that follower alive, launches the singleton reorg job when the ledger has an
+unfinished reorg, and fills history below the follower's anchor with range runs.
+"""
+
+from dataclasses import dataclass, field
+
+from indexer_dagster.partitions import BlockRange, ranges_between
+
+
+@dataclass(frozen=True)
+class Facts:
+    node_head: int
+    start_block: int
+    blocks_per_partition: int
+    live_anchor: int | None          # lowest block of the local chain window when the follower was seeded
+    live_tip: int | None
+    active_reorg_id: int | None
+    reorg_run_active: bool
+    reorg_runs_before: int            # finished runs of the active reorg (a crashed one is retried)
+    live_run_active: bool
+    range_keys_done: frozenset[str]   # range partitions materialized at least once
+    range_keys_running: frozenset[str]
+    live_segment_ranges: frozenset[str] = frozenset()  # ranges that still have live segment files
+    reorg_window: int = 64
+    max_new_range_runs: int = 4
+
+
+@dataclass
+class Plan:
+    register_keys: list[str] = field(default_factory=list)
+    launch_reorg: int | None = None
+    reorg_attempt: int = 0
+    launch_live: bool = False
+    range_runs: list[str] = field(default_factory=list)
+    reason: str = ""
+
+
+def plan(f: Facts) -> Plan:
+    p = Plan()
+    all_ranges = ranges_between(f.start_block, max(f.node_head, f.start_block), f.blocks_per_partition)
+    p.register_keys = [r.key for r in all_ranges]
+    if f.active_reorg_id is not None:
+        # Everything waits for the reorg: the follower pauses itself, range runs would be refused.
+        if not f.reorg_run_active:
+            p.launch_reorg, p.reorg_attempt = f.active_reorg_id, f.reorg_runs_before
+            p.reason = f"reorg {f.active_reorg_id} is unfinished"
+        return p
+    if not f.live_run_active:
+        p.launch_live = True
+    # History: ranges with blocks below the follower's first written block that were never materialized.
+    limit = f.live_anchor if f.live_anchor is not None else f.node_head
+    todo: list[BlockRange] = [
+        r for r in all_ranges
+        if r.start <= limit and r.key not in f.range_keys_done and r.key not in f.range_keys_running
+    ]
+    # Compaction: once a range is below the reorg window, one range file replaces its live segments.
+    if f.live_tip is not None:
+        todo += [
+            r for r in all_ranges
+            if r.key in f.live_segment_ranges and r.end <= f.live_tip - f.reorg_window
+            and r.key not in f.range_keys_running and r not in todo
+        ]
+    p.range_runs = [r.key for r in todo[: max(0, f.max_new_range_runs - len(f.range_keys_running))]]
+    return p

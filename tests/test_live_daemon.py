@@ -1,0 +1,108 @@
+"""The real dagster-daemon follows a live anvil (a block a second, Uniswap traffic, random reorgs),
+survives being killed, and ends with views equal to the node."""
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from indexer_dagster.config import load_config
+from indexer_dagster.devnet import Anvil, build_devnet, write_config
+from indexer_dagster.devnet.uniswap import generate_traffic, reorg as anvil_reorg
+from indexer_dagster.persist.catalog import build_catalog
+from indexer_dagster.query import query
+from indexer_dagster.reorg.state import open_state
+from tests.test_historical import node_logs
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+
+
+def start_daemon(env, log):
+    return subprocess.Popen(
+        [str(Path(sys.executable).parent / "dagster-daemon"), "run", "-w", str(REPO / "workspace.yaml")],
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+
+
+def kill_tree(proc):
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def views_equal_node(cfg, node) -> tuple[bool, str]:
+    build_catalog(cfg)
+    head = node.block_number()
+    addresses = [a for c in cfg.contracts for a in c.addresses]
+    expected = node_logs(node.url, addresses, 0, head)
+    try:
+        got = query(cfg.duckdb_path, "select * from logs order by block_number, log_index")
+        blocks = query(cfg.duckdb_path, "select number, hash from blocks order by number")
+    except Exception as e:  # noqa: BLE001 - not ready yet
+        return False, str(e)
+    if blocks["number"].to_list() != list(range(head + 1)):
+        return False, f"blocks {blocks.height} vs head {head}"
+    if got.height != expected.height or not got.select(expected.columns).equals(expected):
+        return False, f"logs {got.height} vs node {expected.height}"
+    return True, ""
+
+
+def test_daemon_follows_live_chain_with_random_reorgs(tmp_path):
+    node = Anvil(chain_id=31337).start()
+    daemon = None
+    log = open(tmp_path / "daemon.log", "w")
+    try:
+        dep = build_devnet(node, blocks=10, txs_per_block=6, seed=5)
+        path = write_config(tmp_path / "indexer.yaml", node.url, 31337, dep, "data",
+                            blocks_per_partition=50, confirmations=3)
+        cfg = load_config(path)
+        home = tmp_path / "dagster_home"
+        home.mkdir()
+        shutil.copy(REPO / "deploy" / "dagster.yaml", home / "dagster.yaml")
+        env = {**os.environ, "DAGSTER_HOME": str(home), "INDEXER_CONFIG": str(path)}
+        daemon = start_daemon(env, log)
+        rng = random.Random(1)
+        deadline = time.monotonic() + 60
+        reorgs = 0
+        killed = False
+        while time.monotonic() < deadline:
+            generate_traffic(node.url, dep, blocks=1, txs_per_block=4, seed=rng.randrange(10**6), verify=False)
+            if rng.random() < 0.12 and node.block_number() > 20:
+                anvil_reorg(node.url, dep, depth=rng.randint(1, 5), txs_per_block=3, seed=rng.randrange(10**6),
+                            verify=False)
+                reorgs += 1
+            if not killed and time.monotonic() > deadline - 30:
+                kill_tree(daemon)  # the daemon dies while following the head; the same command restarts it
+                daemon = start_daemon(env, log)
+                killed = True
+            time.sleep(1)
+        assert reorgs >= 2
+        ok, why = False, ""
+        for _ in range(90):
+            ok, why = views_equal_node(cfg, node)
+            store = open_state(cfg.state_url)
+            active = store.active_reorg(cfg.chain.name)
+            store.close()
+            if ok and active is None:
+                break
+            time.sleep(1)
+        assert ok, why + "\n" + (tmp_path / "daemon.log").read_text()[-3000:]
+        ledger = query(cfg.duckdb_path, "select * from reorgs")
+        assert ledger.height >= 1 and set(ledger["phase"]) == {"done"}
+        orphaned = query(cfg.duckdb_path, "select distinct reorg_id from orphaned_logs")
+        assert set(orphaned["reorg_id"]) <= set(ledger["reorg_id"])
+    finally:
+        if daemon is not None:
+            kill_tree(daemon)
+        subprocess.run(["pkill", "-9", "-f", str(tmp_path)], check=False)
+        node.stop()
+        log.close()
