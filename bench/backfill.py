@@ -90,6 +90,7 @@ def main() -> None:
     ap.add_argument("--txs-per-block", type=int, default=50)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--blocks-per-partition", type=int, default=10_000, help="the config default")
     ap.add_argument("--span", type=int, default=50, help="raw client: blocks per eth_getLogs")
     ap.add_argument("--in-flight", type=int, default=4, help="raw client: concurrent requests")
     args = ap.parse_args()
@@ -97,7 +98,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-backfill-"))
     node, _dep, config = run_devnet(
         out_dir=work / "devnet", blocks=args.blocks, txs_per_block=args.txs_per_block, seed=1,
-        state_cache=REPO / "bench" / ".cache", blocks_per_partition=1000, echo=print,
+        state_cache=REPO / "bench" / ".cache", blocks_per_partition=args.blocks_per_partition, echo=print,
     )
     try:
         cfg = load_config(config)
@@ -114,10 +115,9 @@ def main() -> None:
             idx_rates.append(n_idx / seconds)
             print(f"rep {rep + 1}: raw {raw_rates[-1]:,.0f} logs/s, indexer {idx_rates[-1]:,.0f} logs/s "
                   f"({n_idx:,} logs, {seconds:.1f}s)", flush=True)
-        half_s, half_logs, _ = run_indexer(config, work, head // 2, args.workers)
-        # Peak RSS is a high-water mark over all children, so measure the half range in a fresh process.
-        peak_half = _peak_in_fresh_process(config, work, head // 2, args.workers)
-        peak_full = _peak_in_fresh_process(config, work, None, args.workers)
+        # Peak RSS is a high-water mark over all children, so each range is measured in a fresh process.
+        peak_half, half_logs = _peak_in_fresh_process(config, work, head // 2, args.workers)
+        peak_full, _ = _peak_in_fresh_process(config, work, None, args.workers)
         raw_med, idx_med = statistics.median(raw_rates), statistics.median(idx_rates)
         print()
         print(f"logs: {n_raw:,} in {head + 1:,} blocks ({len(addresses)} contracts)")
@@ -131,14 +131,15 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _peak_in_fresh_process(config: Path, work: Path, to_block: int | None, workers: int) -> float:
+def _peak_in_fresh_process(config: Path, work: Path, to_block: int | None, workers: int) -> tuple[float, int]:
     code = (
         "import sys, resource; sys.path.insert(0, %r); from bench.backfill import run_indexer; from pathlib import Path;"
-        "run_indexer(Path(%r), Path(%r), %r, %d);"
-        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)"
+        "s, n, _ = run_indexer(Path(%r), Path(%r), %r, %d);"
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, n)"
     ) % (str(REPO), str(config), str(work), to_block, workers)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
+    peak, logs = out.stdout.strip().splitlines()[-1].split()
+    return float(peak), int(logs)
 
 
 if __name__ == "__main__":

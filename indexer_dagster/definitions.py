@@ -27,11 +27,10 @@ def build_definitions(cfg: IndexerConfig) -> dg.Definitions:
         executor_def=dg.in_process_executor,
         description="Backfill block ranges: headers and logs, then decoded events (several ranges per run).",
     )
-    blocks_key, logs_key = raw_keys(cfg.chain.name)
-    historical_keys = [blocks_key, logs_key, *[dg.AssetKey([cfg.chain.name, s.table]) for _, s in cfg.all_specs()]]
+    historical_keys = [*raw_keys(cfg.chain.name), *[dg.AssetKey([cfg.chain.name, s.table]) for _, s in cfg.all_specs()]]
     live_jobs = build_live_jobs(cfg, historical_keys)
     sensor = build_chain_head_sensor(
-        cfg, [historical, *live_jobs], historical_job_name(cfg.chain.name), logs_key, parts.name
+        cfg, [historical, *live_jobs], historical_job_name(cfg.chain.name), parts.name
     )
     return dg.Definitions(
         assets=assets, jobs=[historical, *live_jobs], sensors=[sensor], resources=default_resources()

@@ -23,7 +23,8 @@ from indexer_dagster.query import query
 from indexer_dagster.reorg.repair import repair
 from indexer_dagster.reorg.state import Phase, open_state
 from indexer_dagster.sync.historical import sync_range
-from indexer_dagster.sync.realtime import Follower
+from indexer_dagster.sync.realtime import ANCHOR, Follower
+from indexer_dagster.sync.supervise import history_due
 from indexer_dagster.sync.historical import rpc_client
 from tests.test_historical import node_logs
 
@@ -54,13 +55,22 @@ def _rpc(cfg, method, params=()):
     return rpc(cfg.chain.rpc_url, method, list(params))
 
 
+def fill_history(cfg, store):
+    """What the chain-head sensor does below the follower's anchor: range runs until the files reach it."""
+    anchor = store.get_cursor(cfg.chain.name, ANCHOR)
+    lake_blocks = cfg.data_dir / cfg.chain.name / "blocks"
+    for r in history_due(lake_blocks, cfg.start_block, cfg.chain.blocks_per_partition, anchor[0]):
+        sync_range(cfg, r)
+
+
 def follow_until_synced(cfg, store, max_ticks=50):
-    """Tick the follower until its tip is the node's head (or a reorg is recorded)."""
+    """Tick the follower until its tip is the node's head (or a reorg is recorded), with history filled."""
     async def go():
         f = Follower(cfg, store)
         results = []
         async with rpc_client(cfg) as rpc:
             await f.seed(rpc)
+            await asyncio.to_thread(fill_history, cfg, store)
             for _ in range(max_ticks):
                 res = await f.tick(rpc)
                 results.append(res)
@@ -212,3 +222,97 @@ def test_reorg_job_killed_in_each_phase_then_resumed(chain, phase, after):
 
 def cfg_path(cfg):
     return cfg.resolve("indexer.yaml")
+
+
+def test_lagging_node_moving_back_is_not_a_reorg(chain):
+    node, dep, cfg = chain
+    backfill_plain(cfg)
+    store = open_state(cfg.state_url)
+    generate_traffic(node.url, dep, blocks=4, txs_per_block=5, seed=31)
+    follow_until_synced(cfg, store)
+    build_catalog(cfg)
+    before = query(cfg.duckdb_path, "select * from logs order by block_number, log_index")
+    node.rpc("anvil_rollback", [3])  # the head goes back, no conflicting block yet: like a lagging node
+    res = follow_until_synced(cfg, store, max_ticks=3)
+    assert {r.action for r in res} == {"waiting"}
+    assert store.active_reorg(cfg.chain.name) is None
+    after = query(cfg.duckdb_path, "select * from logs order by block_number, log_index")
+    assert after.equals(before)  # nothing destroyed
+
+
+def test_second_reorg_while_the_first_is_unrepaired(chain):
+    node, dep, cfg = chain
+    backfill_plain(cfg)
+    store = open_state(cfg.state_url)
+    generate_traffic(node.url, dep, blocks=6, txs_per_block=5, seed=41)
+    follow_until_synced(cfg, store)
+    anvil_reorg(node.url, dep, depth=2, txs_per_block=3, seed=1)
+    assert follow_until_synced(cfg, store)[-1].action == "reorg"
+    first = store.active_reorg(cfg.chain.name)
+    build_catalog(cfg)
+    indexed = query(cfg.duckdb_path, "select * exclude (status) from logs where block_number > %d "
+                                     "order by block_number, log_index" % (node.block_number() - 5))
+    # Before the job runs, the node reorganises again, deeper, with other transactions.
+    anvil_reorg(node.url, dep, depth=5, txs_per_block=3, seed=2)
+    done = repair(cfg, store, first.id)
+    assert done.reorg.phase is Phase.DONE and done.reorg.common_ancestor == node.block_number() - 5
+    assert_views_equal_node(cfg, node)
+    # Every row the views showed above the (merged) ancestor is in the archive, once.
+    archived = query(cfg.duckdb_path, "select * exclude (reorg_id, orphaned_at) from orphaned_logs "
+                                      "order by block_number, log_index")
+    assert archived.equals(indexed)
+    # And one right after the first was repaired: a second ledger entry.
+    anvil_reorg(node.url, dep, depth=1, txs_per_block=2, seed=3)
+    assert follow_until_synced(cfg, store)[-1].action == "reorg"
+    second = store.active_reorg(cfg.chain.name)
+    assert second.id != first.id
+    repair(cfg, store, second.id)
+    assert_views_equal_node(cfg, node)
+    assert query(cfg.duckdb_path, "select count(*) n from reorgs where phase = 'done'")["n"][0] == 2
+
+
+def test_reorg_during_a_backfill_of_the_same_ranges(chain):
+    import threading
+
+    node, dep, cfg = chain
+    store = open_state(cfg.state_url)
+    generate_traffic(node.url, dep, blocks=6, txs_per_block=5, seed=51)
+    follow_until_synced(cfg, store)
+    # A slow backfill (one block per request) of every range, running while the reorg is handled.
+    slow = cfg.model_copy(update={"chain": cfg.chain.model_copy(
+        update={"blocks_per_request": 1, "max_blocks_per_request": 1, "concurrency": 1})})
+    slow._base_dir, slow._specs = cfg._base_dir, cfg._specs
+    errors = []
+    t = threading.Thread(target=lambda: _catch(errors, backfill_plain, slow))
+    t.start()
+    anvil_reorg(node.url, dep, depth=4, txs_per_block=3, seed=52)
+    assert follow_until_synced(cfg, store)[-1].action == "reorg"
+    repair(cfg, store, store.active_reorg(cfg.chain.name).id)
+    t.join(timeout=300)
+    assert not errors, errors
+    assert_views_equal_node(cfg, node)
+
+
+def _catch(errors, fn, *args):
+    try:
+        fn(*args)
+    except Exception as e:  # noqa: BLE001 - reported by the test
+        errors.append(e)
+
+
+def test_reorg_below_the_window_stops_live_sync(chain, tmp_path):
+    from indexer_dagster.sync.realtime import ReorgTooDeep
+
+    node, dep, _ = chain
+    path = write_config(tmp_path / "small.yaml", node.url, 31337, dep, "data_small",
+                        blocks_per_partition=10, confirmations=2)
+    path.write_text(path.read_text().replace("confirmations: 2", "confirmations: 2\n  reorg_window: 3"))
+    cfg = load_config(path)
+    backfill_plain(cfg)
+    store = open_state(cfg.state_url)
+    follow_until_synced(cfg, store)
+    generate_traffic(node.url, dep, blocks=5, txs_per_block=4, seed=61)
+    follow_until_synced(cfg, store)
+    anvil_reorg(node.url, dep, depth=6, txs_per_block=3, seed=62)
+    with pytest.raises(ReorgTooDeep, match="reorg_window"):
+        follow_until_synced(cfg, store)

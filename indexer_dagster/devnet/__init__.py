@@ -162,7 +162,8 @@ def _plain_state_file(path: Path) -> tuple[Path, bool]:
 def _start_from_state(state: Path, **kw) -> Anvil:
     plain, temporary = _plain_state_file(state)
     try:
-        return Anvil(load_state=plain, **kw).start()
+        # A large dump (a million logs) takes anvil well over the default start-up wait to load.
+        return Anvil(load_state=plain, startup_timeout=600.0, **kw).start()
     finally:
         if temporary:
             plain.unlink(missing_ok=True)

@@ -145,7 +145,8 @@ class RangeFetcher:
             [{"fromBlock": _hex(from_block), "toBlock": _hex(to_block), "address": list(addresses)}],
         )
         # Parsing releases the GIL: let it run beside the next downloads.
-        return parse_logs_body(body, self.chain_id)
+        # Parsing releases the GIL: the event loop keeps reading the other responses meanwhile.
+        return await asyncio.to_thread(parse_logs_body, body, self.chain_id)
 
     async def logs(self, from_block: int, to_block: int) -> pl.DataFrame:
         """Logs of all addresses in [from_block, to_block], splitting the range when the node says it is too big."""

@@ -198,3 +198,17 @@ class RpcClient:
             return out
 
         return await self._with_retries(method, payload, check)
+
+
+def call_sync(url: str, method: str, params: Sequence[Any] = (), timeout_s: float = 10.0) -> Any:
+    """One blocking JSON-RPC call (for the few checks made while holding a lock inside other code)."""
+    import urllib.request
+
+    payload = orjson.dumps({"jsonrpc": "2.0", "id": 1, "method": method, "params": list(params)})
+    req = urllib.request.Request(url, data=payload, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+            body = resp.read()
+    except Exception as e:  # noqa: BLE001 - classified, never with the URL
+        raise RpcError(classify_exception(e), method=method) from None
+    return RpcClient._result(body)

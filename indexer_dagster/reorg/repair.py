@@ -28,6 +28,7 @@ import polars as pl
 
 from indexer_dagster.config import IndexerConfig
 from indexer_dagster.monitor.fetch import BLOCK_SCHEMA, LOG_SCHEMA, ForkChanged
+from indexer_dagster.monitor.rpc import call_sync
 from indexer_dagster.partitions import BlockRange, parse_key
 from indexer_dagster.persist.heads import record_head
 from indexer_dagster.persist.lake import Lake
@@ -70,8 +71,14 @@ def _files_above(lake: Lake, dataset: str, ancestor: int) -> list[tuple[str, Pat
     return out
 
 
-def orphan_key(reorg_id: int, name: str) -> str:
-    return f"r{reorg_id:06d}-{name}"
+def orphan_key(reorg_id: int, ancestor: int, name: str) -> str:
+    """Archive file name: the reorg, the ancestor rolled back to (a merged, deeper reorg rolls back
+    again to a lower one and archives the further rows in a file of its own) and the source file."""
+    return f"r{reorg_id:06d}-a{ancestor:012d}-{name}"
+
+
+def _source_name(archive: Path) -> str:
+    return archive.stem.split("-", 2)[2]
 
 
 def roll_back(cfg: IndexerConfig, store: StateStore, reorg: Reorg) -> dict[str, int]:
@@ -88,7 +95,7 @@ def roll_back(cfg: IndexerConfig, store: StateStore, reorg: Reorg) -> dict[str, 
         archive_dir = lake.dir(f"{ORPHANED}/{dataset}")
         if archive_dir.is_dir():
             for p in archive_dir.glob(f"r{reorg.id:06d}-*.parquet"):
-                if not p.stem.split("-", 1)[1].startswith("live-"):
+                if not _source_name(p).startswith("live-"):
                     in_range_files.update(pl.read_parquet(p, columns=[col])[col].to_list())
         for name, path in _files_above(lake, dataset, ancestor):  # range files first, then live segments
             df = pl.read_parquet(path)
@@ -99,7 +106,7 @@ def roll_back(cfg: IndexerConfig, store: StateStore, reorg: Reorg) -> dict[str, 
                 in_range_files.update(orphans[col].unique().to_list())
             if df.filter(pl.col(col) > ancestor).height == 0:
                 continue
-            archive_ds, key = f"{ORPHANED}/{dataset}", orphan_key(reorg.id, name)
+            archive_ds, key = f"{ORPHANED}/{dataset}", orphan_key(reorg.id, ancestor, name)
             with lake.transaction() as tx:
                 if not lake.exists(archive_ds, key):
                     stamped = orphans.with_columns(
@@ -134,35 +141,34 @@ def touched_ranges(cfg: IndexerConfig, reorg: Reorg) -> list[BlockRange]:
     keys = set()
     if d.is_dir():
         for p in d.glob(f"r{reorg.id:06d}-*.parquet"):
-            name = p.stem.split("-", 1)[1]
+            name = _source_name(p)
             if not name.startswith("live-"):
                 keys.add(name)
     return sorted(parse_key(k) for k in keys)
 
 
-async def _fetch_new_fork(cfg: IndexerConfig, store: StateStore, reorg: Reorg, first: int):
-    """Headers and logs of the new fork from `first` to the node's head, checked to descend from the ancestor."""
+async def _fetch_new_fork(cfg: IndexerConfig, store: StateStore, reorg: Reorg, live_from: int):
+    """The new fork's headers from the ancestor + 1 to the node's head (checked to descend from the
+    ancestor), and the blocks and logs of those from `live_from` on (the part no range file holds)."""
     follower = Follower(cfg, store)
     async with rpc_client(cfg) as rpc:
         head = int(await rpc.call("eth_blockNumber"), 16)
         ancestor = await follower._fetch_header(rpc, reorg.common_ancestor)
         if ancestor is None or ancestor.hash != reorg.ancestor_hash:
             raise ForkChanged(f"the common ancestor {reorg.common_ancestor} itself was reorganised")
-        if head < first:
-            return [], None, None
         headers: list[Header] = []
-        for n in range(first, head + 1):
+        for n in range(reorg.common_ancestor + 1, head + 1):
             h = await follower._fetch_header(rpc, n)
             if h is None:
                 break
             headers.append(h)
-        if not headers:
-            return [], None, None
-        expected_parent = reorg.ancestor_hash if first == reorg.common_ancestor + 1 else None
-        chain_ok = all(b.parent_hash == a.hash for a, b in zip(headers, headers[1:]))
-        if not chain_ok or (expected_parent and headers[0].parent_hash != expected_parent):
+        parents = [ancestor.hash] + [h.hash for h in headers[:-1]]
+        if any(h.parent_hash != p for h, p in zip(headers, parents)):
             raise ForkChanged("the node changed fork again during the restore")
-        blocks, logs = await follower.fetch_blocks(rpc, headers)
+        live = [h for h in headers if h.number >= live_from]
+        if not live:
+            return headers, None, None
+        blocks, logs = await follower.fetch_blocks(rpc, live)
         return headers, blocks, logs
 
 
@@ -187,12 +193,20 @@ def restore(cfg: IndexerConfig, store: StateStore, reorg: Reorg, on_partition: C
     chain = cfg.chain.name
     lake = Lake(cfg.data_dir, chain)
 
+    def ancestor_hash() -> str | None:
+        block = call_sync(cfg.chain.rpc_url, "eth_getBlockByNumber", [hex(reorg.common_ancestor), False])
+        return block["hash"].lower() if block else None
+
     @contextmanager
     def ours():
         with store.writer_lock(chain):
             current = store.get_reorg(reorg.id)
             if current is None or current.phase is not Phase.RESTORING:
                 raise ForkChanged("the reorg is no longer being restored")
+            # Publish only while the ancestor is still canonical: if the node forked below it, the
+            # files about to replace ours would drop old-fork rows that were never archived.
+            if ancestor_hash() != reorg.ancestor_hash:
+                raise ForkChanged(f"block {reorg.common_ancestor} was reorganised too")
             yield
 
     restored = []
@@ -200,27 +214,37 @@ def restore(cfg: IndexerConfig, store: StateStore, reorg: Reorg, on_partition: C
         sync_range(cfg, r, guard=ours)
         restored.append(r.key)
         on_partition(r.key)
-    covered = max((r.end for r in touched_ranges(cfg, reorg)), default=reorg.common_ancestor)
-    first = max(reorg.common_ancestor + 1, min(covered + 1, _highest_range_block(lake) + 1))
-    headers, blocks, logs = asyncio.run(_fetch_new_fork(cfg, store, reorg, first))
+    live_from = max(reorg.common_ancestor + 1, _highest_range_block(lake) + 1)
+    headers, blocks, logs = asyncio.run(_fetch_new_fork(cfg, store, reorg, live_from))
     with lake.transaction(ours) as tx:
-        if headers:
-            key = f"{headers[0].number:012d}-{headers[-1].number:012d}"
+        if blocks is not None:
+            key = f"{blocks['number'][0]:012d}-{blocks['number'][-1]:012d}"
             tx.writer(f"{LIVE}/blocks", key, BLOCK_SCHEMA).write(blocks)
             tx.writer(f"{LIVE}/logs", key, LOG_SCHEMA).write(logs)
             decoder = Decoder(cfg, None)
             decoder.open(tx, key, prefix=f"{LIVE}/")
             decoder.write(logs)
             decoder.flush()
-    # The local chain restarts from the new fork: stored ancestor + the headers just written.
-    new_chain = [h for h in headers if h.number > reorg.common_ancestor]
-    if new_chain:
-        store.put_headers(chain, new_chain)
+    _check_ranges_match(lake, restored, headers)
+    # The local chain restarts from the new fork: the stored ancestor + the headers just restored.
+    # (If the node moved on meanwhile, the follower's next check finds it like any other change.)
+    if headers:
+        store.put_headers(chain, headers)
     tip = store.tip(chain)
     if tip is not None:
         store.set_cursor(chain, CURSOR, tip.number, tip.hash)
         record_head(lake, cfg.chain.chain_id, tip.number, tip.hash, cfg.chain.confirmations, force=True)
     return restored
+
+
+def _check_ranges_match(lake: Lake, keys: list[str], headers: list[Header]) -> None:
+    """The re-fetched range files must hold the same fork as the headers the local chain restarts from."""
+    by_number = {h.number: h.hash for h in headers}
+    for key in keys:
+        blocks = pl.read_parquet(lake.path("blocks", key), columns=["number", "hash"])
+        for number, block_hash in blocks.iter_rows():
+            if number in by_number and by_number[number] != block_hash:
+                raise ForkChanged(f"range {key} was re-fetched from another fork than block {number}'s header")
 
 
 def _highest_range_block(lake: Lake) -> int:

@@ -8,12 +8,12 @@ from indexer_dagster.config import IndexerConfig
 from indexer_dagster.jobs.live import (
     CHAIN_TAG, REORG_ID_TAG, ROLE_TAG, LIVE_ROLE, REORG_ROLE, ReorgConfig, live_job_name, reorg_job_name,
 )
-from indexer_dagster.partitions import parse_key, range_for_block
+from indexer_dagster.partitions import range_for_block
 from indexer_dagster.persist.lake import Lake
 from indexer_dagster.reorg.state import open_state
 from indexer_dagster.resources import IndexerConfigResource
-from indexer_dagster.sync.realtime import follower_alive, live_segments
-from indexer_dagster.sync.supervise import Facts, plan
+from indexer_dagster.sync.realtime import ANCHOR, follower_alive, live_segments
+from indexer_dagster.sync.supervise import Facts, plan, range_coverage
 
 IN_PROGRESS = [
     dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED,
@@ -26,7 +26,7 @@ def _runs(instance: dg.DagsterInstance, chain: str, role: str, statuses=None, ex
     return instance.get_runs(dg.RunsFilter(tags=tags, statuses=statuses or []), limit=200)
 
 
-def build_chain_head_sensor(cfg: IndexerConfig, jobs: list, historical_job: str, logs_key: dg.AssetKey, partitions_name: str):
+def build_chain_head_sensor(cfg: IndexerConfig, jobs: list, historical_job: str, partitions_name: str):
     chain = cfg.chain.name
 
     @dg.sensor(
@@ -53,7 +53,7 @@ def build_chain_head_sensor(cfg: IndexerConfig, jobs: list, historical_job: str,
         store = open_state(cfg.state_url)
         try:
             active = store.active_reorg(chain)
-            window = store.headers(chain)
+            anchor = store.get_cursor(chain, ANCHOR)
             tip = store.tip(chain)
             alive = follower_alive(store, chain)
         finally:
@@ -73,7 +73,6 @@ def build_chain_head_sensor(cfg: IndexerConfig, jobs: list, historical_job: str,
         seg_ranges = frozenset(
             range_for_block(first, cfg.chain.blocks_per_partition).key for first, _l, _p in live_segments(lake, "blocks")
         )
-        done = frozenset(instance.get_materialized_partitions(logs_key))
         running = frozenset(
             r.tags.get("dagster/partition") for r in instance.get_runs(
                 dg.RunsFilter(job_name=historical_job, statuses=IN_PROGRESS), limit=100)
@@ -81,12 +80,12 @@ def build_chain_head_sensor(cfg: IndexerConfig, jobs: list, historical_job: str,
         )
         facts = Facts(
             node_head=node_head, start_block=cfg.start_block, blocks_per_partition=cfg.chain.blocks_per_partition,
-            live_anchor=window[0].number if window else None, live_tip=tip.number if tip else None,
+            live_anchor=anchor[0] if anchor else None, live_tip=tip.number if tip else None,
             active_reorg_id=active.id if active else None,
             reorg_run_active=any(r.status in IN_PROGRESS for r in reorg_runs),
             reorg_runs_before=sum(1 for r in reorg_runs if r.status not in IN_PROGRESS),
             live_run_active=bool(live_runs),
-            range_keys_done=done, range_keys_running=running, live_segment_ranges=seg_ranges,
+            range_coverage=range_coverage(lake.dir("blocks")), range_keys_running=running, live_segment_ranges=seg_ranges,
             reorg_window=cfg.chain.reorg_window,
         )
         p = plan(facts)
@@ -103,12 +102,8 @@ def build_chain_head_sensor(cfg: IndexerConfig, jobs: list, historical_job: str,
         if p.launch_live:
             requests.append(dg.RunRequest(job_name=live_job_name(chain), run_key=f"live-{time.time_ns()}"))
         for key in p.range_runs:
-            r = parse_key(key)
-            complete = tip is not None and r.end <= tip.number
-            requests.append(dg.RunRequest(
-                job_name=historical_job, partition_key=key,
-                run_key=f"range-{key}-{'complete' if complete else 'partial'}",
-            ))
+            # No run key: a range that failed is asked for again (one run per range at a time).
+            requests.append(dg.RunRequest(job_name=historical_job, partition_key=key))
         if not requests and not new_keys:
             return dg.SkipReason(f"{chain}: head {node_head}, follower tip {facts.live_tip}, nothing to launch")
         return dg.SensorResult(

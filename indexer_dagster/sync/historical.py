@@ -85,8 +85,17 @@ def _fetcher(cfg: IndexerConfig, rpc: RpcClient, sizer: RangeSizer) -> RangeFetc
     )
 
 
+# Logs per eth_getLogs response the span aims at: below the common 10,000-result caps, large enough
+# that per-request costs stay small next to parsing.
+TARGET_LOGS_PER_REQUEST = 5000
+
+
 def new_sizer(cfg: IndexerConfig) -> RangeSizer:
-    return RangeSizer(initial=cfg.chain.blocks_per_request, maximum=cfg.chain.max_blocks_per_request)
+    return RangeSizer(
+        initial=cfg.chain.blocks_per_request,
+        maximum=cfg.chain.max_blocks_per_request,
+        target_logs=TARGET_LOGS_PER_REQUEST,
+    )
 
 
 async def _head(rpc: RpcClient) -> tuple[int, str]:

@@ -33,6 +33,7 @@ from indexer_dagster.sync.historical import Decoder, new_sizer, rpc_client
 
 LIVE = "live"
 CURSOR = "live"
+ANCHOR = "anchor"  # the block the follower was seeded at: range files hold it and everything below
 BY_HASH_MAX_BLOCKS = 8  # fewer new blocks than this: fetch logs per block hash; more: by range, then verify
 
 
@@ -177,6 +178,7 @@ class Follower:
             if self.store.tip(self.chain) is None:
                 self.store.put_headers(self.chain, window)
                 self.store.set_cursor(self.chain, CURSOR, window[-1].number, window[-1].hash)
+                self.store.set_cursor(self.chain, ANCHOR, window[-1].number, window[-1].hash)
         return self.store.tip(self.chain)
 
     def remove_stale_segments(self) -> int:

@@ -8,6 +8,10 @@ unfinished reorg, and fills history below the follower's anchor with range runs.
 
 from dataclasses import dataclass, field
 
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
 from indexer_dagster.partitions import BlockRange, ranges_between
 
 
@@ -22,7 +26,7 @@ class Facts:
     reorg_run_active: bool
     reorg_runs_before: int            # finished runs of the active reorg (a crashed one is retried)
     live_run_active: bool
-    range_keys_done: frozenset[str]   # range partitions materialized at least once
+    range_coverage: dict[str, int]    # range key -> highest block its range file holds
     range_keys_running: frozenset[str]
     live_segment_ranges: frozenset[str] = frozenset()  # ranges that still have live segment files
     reorg_window: int = 64
@@ -51,11 +55,13 @@ def plan(f: Facts) -> Plan:
         return p
     if not f.live_run_active:
         p.launch_live = True
-    # History: ranges with blocks below the follower's first written block that were never materialized.
+    # History: every block up to the follower's anchor must be in a range file (blocks above it come
+    # from the follower), so a range is due while its file stops short of min(its end, the anchor).
     limit = f.live_anchor if f.live_anchor is not None else f.node_head
     todo: list[BlockRange] = [
         r for r in all_ranges
-        if r.start <= limit and r.key not in f.range_keys_done and r.key not in f.range_keys_running
+        if r.start <= limit and f.range_coverage.get(r.key, -1) < min(r.end, limit)
+        and r.key not in f.range_keys_running
     ]
     # Compaction: once a range is below the reorg window, one range file replaces its live segments.
     if f.live_tip is not None:
@@ -66,3 +72,27 @@ def plan(f: Facts) -> Plan:
         ]
     p.range_runs = [r.key for r in todo[: max(0, f.max_new_range_runs - len(f.range_keys_running))]]
     return p
+
+
+def range_coverage(blocks_dir: Path) -> dict[str, int]:
+    """Range key -> the highest block number in its `blocks` file (from the Parquet footer statistics)."""
+    out: dict[str, int] = {}
+    if not blocks_dir.is_dir():
+        return out
+    for p in blocks_dir.glob("*.parquet"):
+        meta = pq.ParquetFile(p).metadata
+        col = meta.schema.to_arrow_schema().get_field_index("number")
+        highs = [meta.row_group(i).column(col).statistics.max for i in range(meta.num_row_groups)
+                 if meta.row_group(i).column(col).statistics is not None]
+        if highs:
+            out[p.stem] = max(highs)
+    return out
+
+
+def history_due(blocks_dir: Path, start_block: int, blocks_per_partition: int, anchor: int) -> list[BlockRange]:
+    """Ranges whose files do not yet reach the follower's anchor (what the sensor asks range runs for)."""
+    cov = range_coverage(blocks_dir)
+    return [
+        r for r in ranges_between(start_block, anchor, blocks_per_partition)
+        if cov.get(r.key, -1) < min(r.end, anchor)
+    ]
