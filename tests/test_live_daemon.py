@@ -76,11 +76,11 @@ def test_daemon_follows_live_chain_with_random_reorgs(tmp_path):
         killed = False
         while time.monotonic() < deadline:
             generate_traffic(node.url, dep, blocks=1, txs_per_block=4, seed=rng.randrange(10**6), verify=False)
-            if rng.random() < 0.12 and node.block_number() > 20:
+            if rng.random() < 0.15 and node.block_number() > 20:
                 anvil_reorg(node.url, dep, depth=rng.randint(1, 5), txs_per_block=3, seed=rng.randrange(10**6),
                             verify=False)
                 reorgs += 1
-            if not killed and time.monotonic() > deadline - 30:
+            if not killed and time.monotonic() > deadline - 35:
                 kill_tree(daemon)  # the daemon dies while following the head; the same command restarts it
                 daemon = start_daemon(env, log)
                 killed = True

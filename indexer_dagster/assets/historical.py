@@ -14,7 +14,9 @@ from indexer_dagster.monitor.rpc import RpcStats
 from indexer_dagster.partitions import parse_key
 from indexer_dagster.persist.catalog import build_catalog
 from indexer_dagster.resources import IndexerConfigResource
+from indexer_dagster.reorg.state import open_state
 from indexer_dagster.sync.historical import decode_range, sync_range
+from indexer_dagster.sync.realtime import range_lease
 
 RANGES_PER_RUN = 8
 # Transient failures are retried inside the RPC client; this retries what escapes it (e.g. a node
@@ -60,9 +62,12 @@ def build_historical_assets(cfg: IndexerConfig, partitions_def: dg.PartitionsDef
         tables = [t for k, t in table_of.items() if k in selected]
         fetch = blocks_key in selected or logs_key in selected
         stats = RpcStats()
+        store = open_state(cfg.state_url)
         for key in context.partition_keys:
             r = parse_key(key)
-            res = sync_range(cfg, r, tables, stats=stats) if fetch else decode_range(cfg, r, tables)
+            # One writer per range at a time; the lease also tells the sensor this run is alive.
+            with store.writer_lock(range_lease(chain, key), timeout_s=3600):
+                res = sync_range(cfg, r, tables, stats=stats) if fetch else decode_range(cfg, r, tables)
             common = {"block_range": f"{res.from_block}-{res.to_block}" if res.from_block is not None else "empty",
                       "seconds": round(res.seconds, 3)}
             if fetch:
@@ -85,6 +90,7 @@ def build_historical_assets(cfg: IndexerConfig, partitions_def: dg.PartitionsDef
                 f"{chain} {key}: {res.blocks} blocks, {res.logs} logs, {sum(res.events.values())} events "
                 f"in {res.seconds:.1f}s ({stats.total_requests} requests, {stats.total_retries} retries)"
             )
+        store.close()
         # New tables appear in the catalog; existing views pick up new files by themselves.
         build_catalog(cfg)
         for spec in specs:  # in spec order, which is topological (raw before decoded)

@@ -12,7 +12,7 @@ from indexer_dagster.partitions import range_for_block
 from indexer_dagster.persist.lake import Lake
 from indexer_dagster.reorg.state import open_state
 from indexer_dagster.resources import IndexerConfigResource
-from indexer_dagster.sync.realtime import ANCHOR, follower_alive, live_segments
+from indexer_dagster.sync.realtime import ANCHOR, follower_alive, lease_held, live_segments, range_lease
 from indexer_dagster.sync.supervise import Facts, plan, range_coverage
 
 IN_PROGRESS = [
@@ -24,6 +24,15 @@ IN_PROGRESS = [
 def _runs(instance: dg.DagsterInstance, chain: str, role: str, statuses=None, extra: dict | None = None):
     tags = {CHAIN_TAG: chain, ROLE_TAG: role, **(extra or {})}
     return instance.get_runs(dg.RunsFilter(tags=tags, statuses=statuses or []), limit=200)
+
+
+def _fail_dead(instance: dg.DagsterInstance, runs, why: str, grace_s: float = 15.0) -> None:
+    """Mark runs failed that have been started for a while (a new one takes its lease in seconds)."""
+    for run in runs:
+        record = instance.get_run_record_by_id(run.run_id)
+        started = record.start_time or record.create_timestamp.timestamp()
+        if run.status == dg.DagsterRunStatus.STARTED and time.time() - started > grace_s:
+            instance.report_run_failed(run, why)
 
 
 def build_chain_head_sensor(cfg: IndexerConfig, jobs: list, historical_job: str, partitions_name: str):
@@ -55,19 +64,18 @@ def build_chain_head_sensor(cfg: IndexerConfig, jobs: list, historical_job: str,
             active = store.active_reorg(chain)
             anchor = store.get_cursor(chain, ANCHOR)
             tip = store.tip(chain)
-            alive = follower_alive(store, chain)
+            # A run whose process died (killed with its daemon, OOM, ...) stays "started" in the
+            # instance forever; its lease died with it, so mark it failed and let it be replaced.
+            live_runs = _runs(instance, chain, LIVE_ROLE, IN_PROGRESS)
+            if not follower_alive(store, chain):
+                _fail_dead(instance, live_runs, "the live follower process is gone (no lease held)")
+                live_runs = _runs(instance, chain, LIVE_ROLE, IN_PROGRESS)
+            history_runs = instance.get_runs(dg.RunsFilter(job_name=historical_job, statuses=IN_PROGRESS), limit=100)
+            dead = [r for r in history_runs if r.tags.get("dagster/partition")
+                    and not lease_held(store, range_lease(chain, r.tags["dagster/partition"]))]
+            _fail_dead(instance, dead, "the range run's process is gone (no lease held)")
         finally:
             store.close()
-        live_runs = _runs(instance, chain, LIVE_ROLE, IN_PROGRESS)
-        if not alive:
-            # A live run whose process died (killed with its daemon, OOM, ...) stays "started" in the
-            # instance; nobody holds the follower lease, so mark it failed and start a new one.
-            for run in live_runs:
-                started = instance.get_run_record_by_id(run.run_id)
-                age = time.time() - (started.start_time or started.create_timestamp.timestamp())
-                if run.status == dg.DagsterRunStatus.STARTED and age > 30:
-                    instance.report_run_failed(run, "the live follower process is gone (no lease held)")
-            live_runs = _runs(instance, chain, LIVE_ROLE, IN_PROGRESS)
         reorg_runs = _runs(instance, chain, REORG_ROLE, extra={REORG_ID_TAG: str(active.id)}) if active else []
         lake = Lake(cfg.data_dir, chain)
         seg_ranges = frozenset(

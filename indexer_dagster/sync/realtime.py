@@ -64,13 +64,21 @@ def follower_lease(chain: str) -> str:
     return f"{chain}:follower"
 
 
-def follower_alive(store: StateStore, chain: str) -> bool:
-    """True when some process holds the chain's follower lease."""
+def range_lease(chain: str, key: str) -> str:
+    return f"{chain}:range:{key}"
+
+
+def lease_held(store: StateStore, name: str) -> bool:
+    """True when some live process holds the lease `name` (leases die with their process)."""
     try:
-        with store.writer_lock(follower_lease(chain), timeout_s=0):
+        with store.writer_lock(name, timeout_s=0):
             return False
     except TimeoutError:
         return True
+
+
+def follower_alive(store: StateStore, chain: str) -> bool:
+    return lease_held(store, follower_lease(chain))
 
 
 def live_segments(lake: Lake, dataset: str) -> list[tuple[int, int, "Path"]]:  # noqa: F821
