@@ -12,6 +12,7 @@ from eth_abi import decode as abi_decode
 
 from indexer_dagster.devnet import rpc
 from indexer_dagster.parse.abi import load_abi
+from indexer_dagster.persist.lake import data_files
 from indexer_dagster.query import query
 from tests.conftest import cfg_of, cli_env
 
@@ -142,7 +143,7 @@ def test_decoded_views_match_an_independent_decode(devnet, make_config, dagster_
 def _snapshot(cfg) -> dict[str, pl.DataFrame]:
     out = {}
     for p in sorted(cfg.data_dir.glob(f"{cfg.chain.name}/**/*.parquet")):
-        if "_meta" not in p.parts:
+        if "_meta" not in p.parts and not p.name.startswith("."):
             out[str(p.relative_to(cfg.data_dir))] = pl.read_parquet(p)
     return out
 
@@ -178,7 +179,7 @@ def test_killed_backfill_leaves_no_partial_file_and_rerun_is_exact(devnet, make_
     proc.wait()
     # Whatever is visible is complete: every visible file equals the node's logs for its range.
     addresses = [a for c in cfg.contracts for a in c.addresses]
-    for f in logs_dir.glob("*.parquet"):
+    for f in data_files(logs_dir):
         start, end = (int(x) for x in f.stem.split("-"))
         got = pl.read_parquet(f)
         exp = node_logs(node.url, addresses, start, min(end, node.block_number()))
@@ -189,7 +190,7 @@ def test_killed_backfill_leaves_no_partial_file_and_rerun_is_exact(devnet, make_
     got = view(cfg, "select * from logs order by block_number, log_index")
     exp = node_logs(node.url, addresses, 0, head)
     assert got.select(exp.columns).equals(exp)
-    assert not [p for p in logs_dir.iterdir() if p.name.startswith(".")]
+    assert not [p for p in logs_dir.iterdir() if p.name.endswith(".tmp")]
 
 
 def test_from_to_and_bad_ranges(devnet, make_config, dagster_home):

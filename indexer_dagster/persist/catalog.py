@@ -17,6 +17,7 @@ from filelock import FileLock
 from indexer_dagster.config import IndexerConfig
 from indexer_dagster.monitor.fetch import BLOCK_SCHEMA, LOG_SCHEMA
 from indexer_dagster.persist.heads import HEAD_DATASET, HEAD_KEY, HEAD_SCHEMA
+from indexer_dagster.persist.lake import Lake
 
 _DUCK_TYPES = {
     pl.Int64: "BIGINT",
@@ -50,10 +51,6 @@ def _source(glob: str, schema: dict[str, pl.DataType], has_files: bool) -> str:
     return f"SELECT {cols} WHERE false"
 
 
-def _any_files(data_dir: Path, *parts: str) -> bool:
-    return any(not p.name.startswith(".") for p in data_dir.glob("/".join(["*", *parts, "*.parquet"])))
-
-
 def view_statements(cfg: IndexerConfig) -> dict[str, str]:
     """CREATE VIEW statements, by view name, for every table of the lake.
 
@@ -65,11 +62,14 @@ def view_statements(cfg: IndexerConfig) -> dict[str, str]:
     from indexer_dagster.sync.realtime import LIVE
 
     d = cfg.data_dir
+    lake = Lake(d, cfg.chain.name)
     views: dict[str, str] = {}
 
     def src(dataset: str, schema: dict) -> str:
+        # Every dataset directory holds an empty typed schema file, so its glob never matches nothing.
+        lake.ensure_schema_file(dataset, schema)
         parts = dataset.split("/")
-        return _source(str(d.joinpath("*", *parts, "*.parquet")), schema, _any_files(d, *parts))
+        return _source(str(d.joinpath("*", *parts, "*.parquet")), schema, True)
 
     def meta(key: str, schema: dict) -> str:
         glob = str(d / "*" / HEAD_DATASET / f"{key}.parquet")

@@ -38,9 +38,19 @@ class Lake:
     def glob(self, dataset: str) -> str:
         return str(self.dir(dataset) / "*.parquet")
 
-    def has_files(self, dataset: str) -> bool:
-        d = self.dir(dataset)
-        return d.is_dir() and any(p.suffix == ".parquet" and not p.name.startswith(".") for p in d.iterdir())
+    def files(self, dataset: str) -> list[Path]:
+        """The dataset's data files, sorted (hidden names — temp files, the schema file — excluded)."""
+        return data_files(self.dir(dataset))
+
+    def ensure_schema_file(self, dataset: str, schema: dict[str, pl.DataType]) -> None:
+        """An empty, typed, hidden `.schema.parquet`: DuckDB globs match it, so a view over the dataset
+        keeps working (with zero rows) when every data file has been compacted or rolled away."""
+        path = self.dir(dataset) / SCHEMA_FILE
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".schema.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+            pl.DataFrame(schema=schema).write_parquet(tmp)
+            os.replace(tmp, path)
 
     def exists(self, dataset: str, range_key: str) -> bool:
         return self.path(dataset, range_key).is_file()
@@ -75,6 +85,15 @@ class Lake:
 
     def read(self, dataset: str, range_key: str) -> pl.DataFrame:
         return pl.read_parquet(self.path(dataset, range_key))
+
+
+SCHEMA_FILE = ".schema.parquet"
+
+
+def data_files(directory: Path) -> list[Path]:
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.glob("*.parquet") if not p.name.startswith("."))
 
 
 class Transaction:

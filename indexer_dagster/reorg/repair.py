@@ -61,10 +61,7 @@ def _files_above(lake: Lake, dataset: str, ancestor: int) -> list[tuple[str, Pat
     """(archive name, path) of every range file and live segment of `dataset` holding blocks > ancestor."""
     out = []
     for prefix in ("", f"{LIVE}/"):
-        d = lake.dir(prefix + dataset)
-        if not d.is_dir():
-            continue
-        for p in sorted(d.glob("*.parquet")):
+        for p in lake.files(prefix + dataset):
             last = int(p.stem.split("-")[1])
             if last > ancestor:
                 out.append((("live-" if prefix else "") + p.stem, p))
@@ -248,10 +245,7 @@ def _check_ranges_match(lake: Lake, keys: list[str], headers: list[Header]) -> N
 
 
 def _highest_range_block(lake: Lake) -> int:
-    d = lake.dir("blocks")
-    if not d.is_dir():
-        return -1
-    ends = [pl.scan_parquet(p).select(pl.col("number").max()).collect().item() for p in d.glob("*.parquet")]
+    ends = [pl.scan_parquet(p).select(pl.col("number").max()).collect().item() for p in lake.files("blocks")]
     return max([e for e in ends if e is not None], default=-1)
 
 

@@ -82,11 +82,8 @@ def follower_alive(store: StateStore, chain: str) -> bool:
 
 
 def live_segments(lake: Lake, dataset: str) -> list[tuple[int, int, "Path"]]:  # noqa: F821
-    d = lake.dir(f"{LIVE}/{dataset}")
-    if not d.is_dir():
-        return []
     out = []
-    for p in d.glob("*.parquet"):
+    for p in lake.files(f"{LIVE}/{dataset}"):
         a, b = p.stem.split("-")
         out.append((int(a), int(b), p))
     return sorted(out)

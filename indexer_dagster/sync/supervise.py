@@ -13,6 +13,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from indexer_dagster.partitions import BlockRange, ranges_between
+from indexer_dagster.persist.lake import data_files
 
 
 @dataclass(frozen=True)
@@ -77,9 +78,7 @@ def plan(f: Facts) -> Plan:
 def range_coverage(blocks_dir: Path) -> dict[str, int]:
     """Range key -> the highest block number in its `blocks` file (from the Parquet footer statistics)."""
     out: dict[str, int] = {}
-    if not blocks_dir.is_dir():
-        return out
-    for p in blocks_dir.glob("*.parquet"):
+    for p in data_files(blocks_dir):
         meta = pq.ParquetFile(p).metadata
         col = meta.schema.to_arrow_schema().get_field_index("number")
         highs = [meta.row_group(i).column(col).statistics.max for i in range(meta.num_row_groups)
