@@ -2,6 +2,7 @@
 
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import click
@@ -25,6 +26,8 @@ config_option = click.option(
 @click.group()
 def main() -> None:
     """EVM event indexer on Dagster: block ranges into Parquet, views in DuckDB."""
+    # Dagster's beta/preview notices are for developers of definitions, not for CLI users.
+    warnings.filterwarnings("ignore", message=r".*(is currently in beta|is currently in preview).*")
 
 
 @main.command()
