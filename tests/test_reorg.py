@@ -83,6 +83,16 @@ def follow_until_synced(cfg, store, max_ticks=50):
     return asyncio.run(go())
 
 
+def indexed_live(cfg, node, dep, blocks, txs_per_block, seed):
+    """History backfilled, the follower seeded, `blocks` more blocks of traffic, all indexed live."""
+    backfill_plain(cfg)
+    store = open_state(cfg.state_url)
+    follow_until_synced(cfg, store)
+    generate_traffic(node.url, dep, blocks=blocks, txs_per_block=txs_per_block, seed=seed)
+    follow_until_synced(cfg, store)
+    return store
+
+
 def assert_views_equal_node(cfg, node):
     build_catalog(cfg)
     head = node.block_number()
@@ -103,12 +113,8 @@ def assert_views_equal_node(cfg, node):
 
 def test_tip_reorg_in_the_live_region(chain):
     node, dep, cfg = chain
-    backfill_plain(cfg)
-    store = open_state(cfg.state_url)
-    follow_until_synced(cfg, store)
-    generate_traffic(node.url, dep, blocks=6, txs_per_block=6, seed=11)
-    res = follow_until_synced(cfg, store)
-    assert res[-1].tip == node.block_number()
+    store = indexed_live(cfg, node, dep, blocks=6, txs_per_block=6, seed=11)
+    assert store.tip(cfg.chain.name).number == node.block_number()
     assert_views_equal_node(cfg, node)
     before = query(cfg.duckdb_path, "select * from logs where block_number > %d" % (node.block_number() - 3))
 
@@ -157,11 +163,7 @@ def test_deep_reorg_across_a_partition_boundary_into_confirmed_history(chain):
 
 def test_rollback_to_a_shorter_chain(chain):
     node, dep, cfg = chain
-    backfill_plain(cfg)
-    store = open_state(cfg.state_url)
-    follow_until_synced(cfg, store)
-    generate_traffic(node.url, dep, blocks=5, txs_per_block=5, seed=8)
-    follow_until_synced(cfg, store)
+    store = indexed_live(cfg, node, dep, blocks=5, txs_per_block=5, seed=8)
     node.rpc("anvil_rollback", [3])
     generate_traffic(node.url, dep, blocks=1, txs_per_block=3, seed=9)  # one conflicting block
     res = follow_until_synced(cfg, store)
@@ -199,11 +201,7 @@ CRASHER = textwrap.dedent("""
                                           ("restoring", 1), ("restoring", 2)])
 def test_reorg_job_killed_in_each_phase_then_resumed(chain, phase, after):
     node, dep, cfg = chain
-    backfill_plain(cfg)
-    store = open_state(cfg.state_url)
-    follow_until_synced(cfg, store)
-    generate_traffic(node.url, dep, blocks=4, txs_per_block=6, seed=21)
-    follow_until_synced(cfg, store)
+    store = indexed_live(cfg, node, dep, blocks=4, txs_per_block=6, seed=21)
     anvil_reorg(node.url, dep, depth=6, txs_per_block=4, seed=42)
     assert follow_until_synced(cfg, store)[-1].action == "reorg"
     r = store.active_reorg(cfg.chain.name)
@@ -308,11 +306,7 @@ def test_reorg_below_the_window_stops_live_sync(chain, tmp_path):
                         blocks_per_partition=10, confirmations=2)
     path.write_text(path.read_text().replace("confirmations: 2", "confirmations: 2\n  reorg_window: 3"))
     cfg = load_config(path)
-    backfill_plain(cfg)
-    store = open_state(cfg.state_url)
-    follow_until_synced(cfg, store)
-    generate_traffic(node.url, dep, blocks=5, txs_per_block=4, seed=61)
-    follow_until_synced(cfg, store)
+    store = indexed_live(cfg, node, dep, blocks=5, txs_per_block=4, seed=61)
     anvil_reorg(node.url, dep, depth=6, txs_per_block=3, seed=62)
     with pytest.raises(ReorgTooDeep, match="reorg_window"):
         follow_until_synced(cfg, store)
