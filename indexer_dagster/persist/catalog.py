@@ -59,6 +59,7 @@ def view_statements(cfg: IndexerConfig) -> dict[str, str]:
     (moved out by a reorg) are in `orphaned_<dataset>`.
     """
     from indexer_dagster.reorg.repair import LEDGER_KEY, LEDGER_SCHEMA, ORPHANED
+    from indexer_dagster.sync.dex import DEX, DEX_TABLES
     from indexer_dagster.sync.realtime import LIVE
 
     d = cfg.data_dir
@@ -107,6 +108,16 @@ def view_statements(cfg: IndexerConfig) -> dict[str, str]:
         views[name] = with_status(merged(dataset, schema, number_col), number_col)
         views[f"orphaned_{name}"] = src(f"{ORPHANED}/{dataset}", {**schema, **orphan_extra})
     views["reorgs"] = meta(LEDGER_KEY, LEDGER_SCHEMA)
+    # Derived DEX tables (one file per chain and table): a view once the first build wrote them.
+    status_col = {"pools": None, "tokens": None, "pool_state": "last_block", "pool_volume": "last_block",
+                  "pool_candles": "last_block"}
+    for table in DEX_TABLES:
+        files = sorted(d.glob(f"*/{DEX}/{table}.parquet"))
+        if not files:
+            continue
+        sql = f"SELECT * FROM read_parquet('{d}/*/{DEX}/{table}.parquet', union_by_name = true)"
+        col = status_col.get(table, "block_number")
+        views[table] = with_status(sql, col) if col else sql
     return views
 
 

@@ -1,0 +1,161 @@
+"""Derived DEX tables (stage 4): recomputed as a whole from the canonical decoded events.
+
+The decoded views already hold exactly the canonical rows (range files and live segments merged,
+orphans moved out by the reorg job), so rebuilding from them after every reorg gives the same
+tables as a computation from scratch on the new fork. Each table is one Parquet file per chain,
+`<chain>/dex/<table>.parquet`, replaced atomically; token metadata is read once per token.
+"""
+
+import asyncio
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import polars as pl
+
+from indexer_dagster.config import IndexerConfig
+from indexer_dagster.monitor.fetch import ForkChanged
+from indexer_dagster.monitor.tokens import TOKEN_SCHEMA, pair_tokens, token_metadata
+from indexer_dagster.persist.catalog import build_catalog
+from indexer_dagster.persist.lake import Lake
+from indexer_dagster.process import dex
+from indexer_dagster.query import query
+from indexer_dagster.reorg.state import open_state
+from indexer_dagster.sync.historical import rpc_client
+
+DEX = "dex"
+# The Uniswap V2 events the DEX tables are derived from, by canonical signature (any contract name).
+UNISWAP_V2 = {
+    "swap": "Swap(address,uint256,uint256,uint256,uint256,address)",
+    "sync": "Sync(uint112,uint112)",
+    "mint": "Mint(address,uint256,uint256)",
+    "burn": "Burn(address,uint256,uint256,address)",
+    "pair_created": "PairCreated(address,address,address,uint256)",
+}
+DEX_TABLES = ["pools", "tokens", "swaps", "pool_reserves", "pool_state", "liquidity_events", "pool_volume",
+              "pool_candles"]
+VOLUME_INTERVALS = ("1h", "1d")
+CANDLE_INTERVALS = ("1m", "1h")
+
+
+@dataclass
+class DexResult:
+    rows: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    top_pools: pl.DataFrame | None = None
+
+
+def source_tables(cfg: IndexerConfig) -> dict[str, list[str]]:
+    """Decoded tables holding each Uniswap V2 event kind."""
+    out: dict[str, list[str]] = {k: [] for k in UNISWAP_V2}
+    for _, spec in cfg.all_specs():
+        for kind, sig in UNISWAP_V2.items():
+            if spec.signature == sig:
+                out[kind].append(spec.table)
+    return out
+
+
+def enabled(cfg: IndexerConfig) -> bool:
+    t = source_tables(cfg)
+    return bool(t["swap"] and t["sync"])
+
+
+def _read(cfg: IndexerConfig, tables: list[str]) -> pl.DataFrame | None:
+    if not tables:
+        return None
+    sql = " UNION ALL ".join(f'SELECT * EXCLUDE (status) FROM "{t}"' for t in tables)
+    return query(cfg.duckdb_path, sql)
+
+
+def _with_interval(frames: dict[str, pl.DataFrame]) -> pl.DataFrame:
+    return pl.concat([f.with_columns(pl.lit(i).alias("interval")) for i, f in frames.items()], how="vertical")
+
+
+async def _tokens(cfg: IndexerConfig, lake: Lake, wanted: set[str]) -> pl.DataFrame:
+    cached = pl.read_parquet(lake.path(DEX, "tokens")) if lake.exists(DEX, "tokens") else pl.DataFrame(
+        schema=TOKEN_SCHEMA)
+    missing = sorted(wanted - set(cached["address"]))
+    if missing:
+        async with rpc_client(cfg) as rpc:
+            fresh = await token_metadata(rpc, missing)
+        cached = pl.concat([cached, fresh], how="vertical")
+    return cached.filter(pl.col("address").is_in(sorted(wanted))).sort("address")
+
+
+async def _extra_pools(cfg: IndexerConfig, pools: pl.DataFrame, pair_addresses: set[str]) -> pl.DataFrame:
+    """Pools whose PairCreated is not indexed: token0/token1 read from the pair contracts."""
+    known = set(pools["pool"]) if pools.height else set()
+    missing = sorted(pair_addresses - known)
+    if not missing:
+        return pools
+    async with rpc_client(cfg) as rpc:
+        found = await pair_tokens(rpc, missing)
+    extra = found.with_columns(pl.lit(cfg.chain.chain_id, pl.Int64).alias("chain_id"))
+    return pl.concat([pools, extra], how="diagonal_relaxed") if pools.height else extra
+
+
+def compute(cfg: IndexerConfig) -> dict[str, pl.DataFrame]:
+    """All DEX tables from the catalog's canonical event views."""
+    src = source_tables(cfg)
+    lake = Lake(cfg.data_dir, cfg.chain.name)
+    swap, sync = _read(cfg, src["swap"]), _read(cfg, src["sync"])
+    mint, burn = _read(cfg, src["mint"]), _read(cfg, src["burn"])
+    created = _read(cfg, src["pair_created"])
+    pools = dex.pools(created) if created is not None and created.height else pl.DataFrame(
+        schema={"chain_id": pl.Int64, "pool": pl.String, "token0": pl.String, "token1": pl.String})
+    pair_addresses = set(swap["address"]) | set(sync["address"])
+    pools = asyncio.run(_extra_pools(cfg, pools, pair_addresses))
+    tokens = asyncio.run(_tokens(cfg, lake, set(pools["token0"]) | set(pools["token1"])))
+    swaps = dex.swaps(swap, pools, tokens)
+    reserves = dex.pool_reserves(sync, pools, tokens)
+    out = {
+        "pools": pools,
+        "tokens": tokens,
+        "swaps": swaps,
+        "pool_reserves": reserves,
+        "pool_state": dex.pool_state(reserves),
+        "pool_volume": _with_interval({i: dex.pool_volume(swaps, i) for i in VOLUME_INTERVALS}),
+        "pool_candles": _with_interval({i: dex.pool_candles(swaps, i) for i in CANDLE_INTERVALS}),
+    }
+    if mint is not None and burn is not None:
+        out["liquidity_events"] = dex.liquidity_events(mint, burn, pools, tokens)
+    return out
+
+
+def build_dex(cfg: IndexerConfig) -> DexResult:
+    """Recompute and publish the DEX tables; refused (ForkChanged) if a reorg began meanwhile."""
+    started = time.perf_counter()
+    store = open_state(cfg.state_url)
+    chain = cfg.chain.name
+    epoch = store.reorg_epoch(chain)
+    store.close()
+    build_catalog(cfg)
+    tables = compute(cfg)
+    lake = Lake(cfg.data_dir, chain)
+
+    @contextmanager
+    def guard():
+        s = open_state(cfg.state_url)
+        try:
+            with s.writer_lock(chain):
+                if s.reorg_epoch(chain) != epoch or s.active_reorg(chain) is not None:
+                    raise ForkChanged("a reorg happened while the DEX tables were computed; recompute")
+                yield
+        finally:
+            s.close()
+
+    with lake.transaction(guard) as tx:
+        for name, frame in tables.items():
+            tx.writer(DEX, name, dict(frame.schema)).write(frame)
+    build_catalog(cfg)  # DEX views appear once their files exist
+    res = DexResult(rows={k: v.height for k, v in tables.items()}, seconds=time.perf_counter() - started)
+    state = tables["pool_state"]
+    if state.height:
+        vol = tables["swaps"].group_by("pool").agg(pl.len().alias("swaps"))
+        res.top_pools = (
+            state.join(vol, on="pool", how="left")
+            .sort("swaps", descending=True, nulls_last=True)
+            .select("pool", "swaps", "reserve0_h", "reserve1_h", "price", "last_block")
+            .head(10)
+        )
+    return res
