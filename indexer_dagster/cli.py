@@ -104,6 +104,13 @@ def backfill(config_path: str | None, from_block: int | None, to_block: int | No
         run_backfill(instance, cfg, Path(config_path), ranges, workers, on_progress, on_batch)
     instance.dispose()
     build_catalog(cfg)
+    if not failures:
+        from indexer_dagster.sync import dex
+
+        if dex.enabled(cfg):
+            res = dex.build_dex(cfg)
+            click.echo(f"DEX tables: {res.rows.get('swaps', 0):,} swaps, {res.rows.get('pool_state', 0)} pools "
+                       f"({res.seconds:.1f}s)")
     elapsed = time.perf_counter() - started
     click.echo(f"done: {logs_seen[0]:,} logs in {elapsed:.1f}s ({logs_seen[0] / max(elapsed, 1e-6):,.0f} logs/s); "
                f"catalog: {cfg.duckdb_path}")

@@ -6,12 +6,14 @@ exists and in which partitions, resources say where the config lives.
 
 import dagster as dg
 
+from indexer_dagster.assets.dex import build_dex_assets, dex_job_name
 from indexer_dagster.assets.historical import build_historical_assets, raw_keys
 from indexer_dagster.assets.partitions import block_ranges
 from indexer_dagster.config import IndexerConfig, load_config
 from indexer_dagster.jobs.live import build_live_jobs
 from indexer_dagster.resources import default_resources
 from indexer_dagster.sensors.chain_head import build_chain_head_sensor
+from indexer_dagster.sync.dex import enabled as dex_enabled
 
 
 def historical_job_name(chain: str) -> str:
@@ -29,8 +31,17 @@ def build_definitions(cfg: IndexerConfig) -> dg.Definitions:
     )
     historical_keys = [*raw_keys(cfg.chain.name), *[dg.AssetKey([cfg.chain.name, s.table]) for _, s in cfg.all_specs()]]
     live_jobs = build_live_jobs(cfg, historical_keys)
+    if dex_enabled(cfg):
+        dex_assets = build_dex_assets(cfg)
+        assets = [*assets, *dex_assets]
+        live_jobs.append(dg.define_asset_job(
+            dex_job_name(cfg.chain.name), selection=dg.AssetSelection.assets(*dex_assets),
+            executor_def=dg.in_process_executor, tags={"indexer/singleton": f"dex-{cfg.chain.name}"},
+            description="Recompute the DEX tables from the canonical events.",
+        ))
     sensor = build_chain_head_sensor(
-        cfg, [historical, *live_jobs], historical_job_name(cfg.chain.name), parts.name
+        cfg, [historical, *live_jobs], historical_job_name(cfg.chain.name), parts.name,
+        dex_job_name(cfg.chain.name) if dex_enabled(cfg) else None,
     )
     return dg.Definitions(
         assets=assets, jobs=[historical, *live_jobs], sensors=[sensor], resources=default_resources()

@@ -56,6 +56,18 @@ def views_equal_node(cfg, node) -> tuple[bool, str]:
     return True, ""
 
 
+def dex_matches_chain(cfg, node) -> bool:
+    try:
+        state = query(cfg.duckdb_path, "select pool, reserve0, reserve1 from pool_state")
+    except Exception:  # noqa: BLE001 - not built yet
+        return False
+    for pool, r0, r1 in state.iter_rows():
+        ret = node.rpc("eth_call", [{"to": pool, "data": "0x0902f1ac"}, "latest"])  # getReserves()
+        if (int(r0), int(r1)) != (int(ret[2:66], 16), int(ret[66:130], 16)):
+            return False
+    return state.height == 6
+
+
 def test_daemon_follows_live_chain_with_random_reorgs(tmp_path):
     node = Anvil(chain_id=31337).start()
     daemon = None
@@ -100,6 +112,12 @@ def test_daemon_follows_live_chain_with_random_reorgs(tmp_path):
         assert ledger.height >= 1 and set(ledger["phase"]) == {"done"}
         orphaned = query(cfg.duckdb_path, "select distinct reorg_id from orphaned_logs")
         assert set(orphaned["reorg_id"]) <= set(ledger["reorg_id"])
+        # The sensor rebuilds the DEX tables after the tip moves and after reorgs: they reach the chain.
+        for _ in range(60):
+            if dex_matches_chain(cfg, node):
+                break
+            time.sleep(1)
+        assert dex_matches_chain(cfg, node)
     finally:
         if daemon is not None:
             kill_tree(daemon)

@@ -35,7 +35,9 @@ def _fail_dead(instance: dg.DagsterInstance, runs, why: str, grace_s: float = 15
             instance.report_run_failed(run, why)
 
 
-def build_chain_head_sensor(cfg: IndexerConfig, jobs: list, historical_job: str, partitions_name: str):
+def build_chain_head_sensor(
+    cfg: IndexerConfig, jobs: list, historical_job: str, partitions_name: str, dex_job: str | None = None
+):
     chain = cfg.chain.name
 
     @dg.sensor(
@@ -64,6 +66,7 @@ def build_chain_head_sensor(cfg: IndexerConfig, jobs: list, historical_job: str,
             active = store.active_reorg(chain)
             anchor = store.get_cursor(chain, ANCHOR)
             tip = store.tip(chain)
+            epoch = store.reorg_epoch(chain)
             # A run whose process died (killed with its daemon, OOM, ...) stays "started" in the
             # instance forever; its lease died with it, so mark it failed and let it be replaced.
             live_runs = _runs(instance, chain, LIVE_ROLE, IN_PROGRESS)
@@ -109,6 +112,11 @@ def build_chain_head_sensor(cfg: IndexerConfig, jobs: list, historical_job: str,
             ))
         if p.launch_live:
             requests.append(dg.RunRequest(job_name=live_job_name(chain), run_key=f"live-{time.time_ns()}"))
+        if dex_job and active is None and tip is not None and not instance.get_runs(
+            dg.RunsFilter(job_name=dex_job, statuses=IN_PROGRESS), limit=1
+        ):
+            # Derived tables follow the canonical events: rebuilt when the tip moved or a reorg was repaired.
+            requests.append(dg.RunRequest(job_name=dex_job, run_key=f"dex-{tip.number}-{tip.hash[:10]}-{epoch}"))
         for key in p.range_runs:
             # No run key: a range that failed is asked for again (one run per range at a time).
             requests.append(dg.RunRequest(job_name=historical_job, partition_key=key))

@@ -1,0 +1,61 @@
+"""DEX assets (group `dex`): swaps, reserves, pool state, liquidity, volume, candles, pools, tokens.
+
+One multi-asset recomputes them together from the canonical decoded events (`sync.dex`); the
+chain-head sensor requests it after the indexed tip moves or a reorg is repaired, one run at a time.
+"""
+
+import dagster as dg
+
+from indexer_dagster.config import IndexerConfig
+from indexer_dagster.resources import IndexerConfigResource
+from indexer_dagster.sync.dex import DEX_TABLES, build_dex, source_tables
+
+DESCRIPTIONS = {
+    "pools": "Uniswap V2 pools (PairCreated, or token0()/token1() of configured pairs).",
+    "tokens": "symbol and decimals of every pool token, read once with eth_call.",
+    "swaps": "One row per swap: direction, exact amounts in/out, human amounts, execution price.",
+    "pool_reserves": "Reserves after each Sync, exact and human-scaled, with the spot price.",
+    "pool_state": "Latest reserves, price and block per pool.",
+    "liquidity_events": "Mints and burns with exact and human amounts.",
+    "pool_volume": "Volume and swap count per pool per hour (`1h`) and day (`1d`).",
+    "pool_candles": "OHLC execution price and volume per pool per minute (`1m`) and hour (`1h`).",
+}
+
+
+def dex_job_name(chain: str) -> str:
+    return f"{chain}_dex"
+
+
+def build_dex_assets(cfg: IndexerConfig) -> list:
+    chain = cfg.chain.name
+    src = source_tables(cfg)
+    deps = [dg.AssetKey([chain, t]) for tables in src.values() for t in tables]
+    specs = [
+        dg.AssetSpec([chain, "dex", t], deps=deps, group_name="dex", kinds={"parquet", "duckdb"},
+                     description=DESCRIPTIONS[t])
+        for t in DEX_TABLES
+    ]
+
+    @dg.multi_asset(name=f"{chain}_dex_tables", specs=specs,
+                    retry_policy=dg.RetryPolicy(max_retries=3, delay=2))
+    def dex_tables(context: dg.AssetExecutionContext, indexer: IndexerConfigResource):
+        res = build_dex(indexer.config)
+        preview = _markdown(res.top_pools)
+        for spec in specs:
+            table = spec.key.path[-1]
+            meta = {"rows": res.rows.get(table, 0), "seconds": round(res.seconds, 3)}
+            if table == "pool_state" and preview:
+                meta["top_pools"] = dg.MetadataValue.md(preview)
+            yield dg.MaterializeResult(asset_key=spec.key, metadata=meta)
+
+    return [dex_tables]
+
+
+def _markdown(df) -> str:
+    if df is None or df.height == 0:
+        return ""
+    cols = df.columns
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for row in df.iter_rows():
+        lines.append("| " + " | ".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in row) + " |")
+    return "\n".join(lines)
