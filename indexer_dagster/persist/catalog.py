@@ -109,7 +109,7 @@ def view_statements(cfg: IndexerConfig) -> dict[str, str]:
         views[f"orphaned_{name}"] = src(f"{ORPHANED}/{dataset}", {**schema, **orphan_extra})
     views["reorgs"] = meta(LEDGER_KEY, LEDGER_SCHEMA)
     # Derived DEX tables (one file per chain and table): a view once the first build wrote them.
-    status_col = {"pools": None, "tokens": None, "pool_state": "last_block", "pool_volume": "last_block",
+    status_col = {"tokens": None, "pool_state": "last_block", "pool_volume": "last_block",
                   "pool_candles": "last_block"}
     for table in DEX_TABLES:
         files = sorted(d.glob(f"*/{DEX}/{table}.parquet"))
