@@ -52,6 +52,8 @@ from collections.abc import Sequence
 
 import polars as pl
 
+from indexer_dagster.parse.abi import KEY_SCHEMA as DECODED_KEYS
+
 __all__ = [
     "EXACT",
     "EXACT_LIMIT",
@@ -73,15 +75,7 @@ EXACT_LIMIT = 10**38
 INTERVALS = ("1m", "1h", "1d")
 
 #: Key columns of a decoded event table (without ``address``), with their canonical types.
-KEY_SCHEMA: dict[str, pl.DataType] = {
-    "chain_id": pl.Int64(),
-    "block_number": pl.Int64(),
-    "block_hash": pl.Utf8(),
-    "block_timestamp": pl.Datetime("us", "UTC"),
-    "transaction_hash": pl.Utf8(),
-    "transaction_index": pl.Int64(),
-    "log_index": pl.Int64(),
-}
+KEY_SCHEMA: dict[str, pl.DataType] = {k: v for k, v in DECODED_KEYS.items() if k != "address"}
 _KEYS = list(KEY_SCHEMA)
 _ROW_ORDER = ["chain_id", "block_number", "log_index"]
 _IN_POOL_ORDER = ["block_number", "log_index"]
