@@ -45,3 +45,14 @@ def query(duckdb_path: str | Path, sql: str) -> pl.DataFrame:
             raise QueryError(str(e).splitlines()[0]) from None
     finally:
         con.close()
+
+
+# The Python query API (imported last: it uses QueryError from this module). Its `connect` returns an
+# `Indexer` and is exported as `indexer_dagster.connect`; the `connect` above keeps returning a raw
+# DuckDB connection for the CLI.
+from indexer_dagster.query.api import (  # noqa: E402
+    CANDLE_INTERVALS as CANDLE_INTERVALS,
+    MIN_STATUSES as MIN_STATUSES,
+    VOLUME_INTERVALS as VOLUME_INTERVALS,
+    Indexer as Indexer,
+)

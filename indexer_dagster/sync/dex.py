@@ -35,6 +35,11 @@ UNISWAP_V2 = {
 DEX_TABLES = ["pools", "tokens", "swaps", "pool_reserves", "pool_state", "liquidity_events", "pool_volume",
               "pool_candles"]
 VOLUME_INTERVALS = ("1h", "1d")
+POOL_SCHEMA = {
+    "chain_id": pl.Int64, "pool": pl.String, "token0": pl.String, "token1": pl.String, "factory": pl.String,
+    "pair_index": pl.Int64, "created_block": pl.Int64, "created_timestamp": pl.Datetime("us", "UTC"),
+    "block_number": pl.Int64, "log_index": pl.Int64, "transaction_hash": pl.String,
+}
 CANDLE_INTERVALS = ("1m", "1h")
 
 
@@ -91,7 +96,9 @@ async def _extra_pools(cfg: IndexerConfig, pools: pl.DataFrame, pair_addresses: 
     async with rpc_client(cfg) as rpc:
         found = await pair_tokens(rpc, missing)
     extra = found.with_columns(pl.lit(cfg.chain.chain_id, pl.Int64).alias("chain_id"))
-    return pl.concat([pools, extra], how="diagonal_relaxed") if pools.height else extra
+    # Unknown creation: the columns PairCreated would give stay null.
+    extra = extra.with_columns([pl.lit(None, t).alias(c) for c, t in POOL_SCHEMA.items() if c not in extra.columns])
+    return pl.concat([pools, extra.select(list(POOL_SCHEMA))], how="vertical_relaxed")
 
 
 def compute(cfg: IndexerConfig) -> dict[str, pl.DataFrame]:
@@ -101,8 +108,7 @@ def compute(cfg: IndexerConfig) -> dict[str, pl.DataFrame]:
     swap, sync = _read(cfg, src["swap"]), _read(cfg, src["sync"])
     mint, burn = _read(cfg, src["mint"]), _read(cfg, src["burn"])
     created = _read(cfg, src["pair_created"])
-    pools = dex.pools(created) if created is not None and created.height else pl.DataFrame(
-        schema={"chain_id": pl.Int64, "pool": pl.String, "token0": pl.String, "token1": pl.String})
+    pools = dex.pools(created) if created is not None and created.height else pl.DataFrame(schema=POOL_SCHEMA)
     pair_addresses = set(swap["address"]) | set(sync["address"])
     pools = asyncio.run(_extra_pools(cfg, pools, pair_addresses))
     tokens = asyncio.run(_tokens(cfg, lake, set(pools["token0"]) | set(pools["token1"])))
