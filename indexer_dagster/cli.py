@@ -172,8 +172,8 @@ def query(config_path: str | None, sql: str, fmt: str, output: str | None) -> No
 @click.option("--txs-per-block", type=click.IntRange(min=1), default=20, show_default=True)
 @click.option("--seed", type=int, default=1, show_default=True)
 @click.option("--block-time", type=float, default=None, help="Keep mining a block every N seconds afterwards.")
-@click.option("--state-cache", type=click.Path(dir_okay=False), default=None,
-              help="Reuse (or create) an anvil state dump for these parameters.")
+@click.option("--state-cache", type=click.Path(), default=None,
+              help="A directory (or file) where an anvil state dump for these parameters is reused or created.")
 def devnet(out_dir, port, chain_id, blocks, txs_per_block, seed, block_time, state_cache) -> None:
     """Start anvil, deploy real Uniswap V2 contracts, generate traffic, write a config; runs until Ctrl-C."""
     from indexer_dagster.devnet import run_devnet

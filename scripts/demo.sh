@@ -49,7 +49,8 @@ echo
 echo "== 4. live sync: Dagster (UI + daemon) on http://127.0.0.1:$UI_PORT follows the head by itself;"
 echo "      a block of traffic every 2 s, and a reorg in ~40 s, detected and repaired (see the reorgs view)."
 echo "      Ctrl-C stops everything."
-"$ROOT/.venv/bin/dagster" dev -w "$ROOT/workspace.yaml" -p "$UI_PORT" > "$DEVNET_DIR/dagster.log" 2>&1 &
+# In a process group of its own: stopping the demo stops the UI, the daemon and the runs it launched.
+setsid "$ROOT/.venv/bin/dagster" dev -w "$ROOT/workspace.yaml" -p "$UI_PORT" > "$DEVNET_DIR/dagster.log" 2>&1 &
 DAGSTER_PID=$!
-trap 'kill $DAGSTER_PID $DEVNET_PID 2>/dev/null || true' EXIT
+trap 'kill -- -$DAGSTER_PID 2>/dev/null; kill $DEVNET_PID 2>/dev/null || true' EXIT
 "$PY" "$ROOT/scripts/demo_live.py" "$DEVNET_DIR"
