@@ -176,8 +176,13 @@ def query(config_path: str | None, sql: str, fmt: str, output: str | None) -> No
               help="A directory (or file) where an anvil state dump for these parameters is reused or created.")
 def devnet(out_dir, port, chain_id, blocks, txs_per_block, seed, block_time, state_cache) -> None:
     """Start anvil, deploy real Uniswap V2 contracts, generate traffic, write a config; runs until Ctrl-C."""
+    import signal
+
     from indexer_dagster.devnet import run_devnet
 
+    # Stop cleanly (and stop anvil) on SIGTERM too: scripts that start the devnet in the background
+    # cannot send it SIGINT (background jobs ignore it).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     anvil, _deployment, config_path = run_devnet(
         out_dir=out_dir, port=port, chain_id=chain_id, blocks=blocks, txs_per_block=txs_per_block, seed=seed,
         block_time=block_time, state_cache=state_cache,

@@ -18,7 +18,17 @@ echo "== 1. devnet: anvil on port $DEVNET_PORT, real Uniswap V2 contracts, traff
 "${INDEXER[@]}" devnet --out "$DEVNET_DIR" --port "$DEVNET_PORT" --blocks "${DEMO_BLOCKS:-400}" \
   --txs-per-block "${DEMO_TXS:-20}" --state-cache "$ROOT/.devnet-cache" > "$DEVNET_DIR/devnet.log" 2>&1 &
 DEVNET_PID=$!
-trap 'kill $DEVNET_PID 2>/dev/null || true' EXIT
+cleanup() {
+  set +e  # a process already gone is not an error here
+  # The live traffic, any run Dagster launched that outlived `dagster dev`, then the chain
+  # (background jobs ignore Ctrl-C, so they get SIGTERM; the devnet stops anvil on it).
+  [ -n "${LIVE_PID:-}" ] && kill "$LIVE_PID" 2>/dev/null
+  pkill -f "$ROOT/.venv/bin/python3 -m dagster api execute_run" 2>/dev/null
+  kill "$DEVNET_PID" 2>/dev/null
+  wait "$DEVNET_PID" 2>/dev/null
+  true
+}
+trap cleanup EXIT
 for _ in $(seq 1 600); do
   [ -f "$DEVNET_DIR/indexer.yaml" ] && grep -q "ready" "$DEVNET_DIR/devnet.log" 2>/dev/null && break
   kill -0 $DEVNET_PID 2>/dev/null || { cat "$DEVNET_DIR/devnet.log"; exit 1; }
@@ -49,8 +59,8 @@ echo
 echo "== 4. live sync: Dagster (UI + daemon) on http://127.0.0.1:$UI_PORT follows the head by itself;"
 echo "      a block of traffic every 2 s, and a reorg in ~40 s, detected and repaired (see the reorgs view)."
 echo "      Ctrl-C stops everything."
-# In a process group of its own: stopping the demo stops the UI, the daemon and the runs it launched.
-setsid "$ROOT/.venv/bin/dagster" dev -w "$ROOT/workspace.yaml" -p "$UI_PORT" > "$DEVNET_DIR/dagster.log" 2>&1 &
-DAGSTER_PID=$!
-trap 'kill -- -$DAGSTER_PID 2>/dev/null; kill $DEVNET_PID 2>/dev/null || true' EXIT
-"$PY" "$ROOT/scripts/demo_live.py" "$DEVNET_DIR"
+echo "      (Dagster's own log: $DEVNET_DIR/dagster.log)"
+"$PY" "$ROOT/scripts/demo_live.py" "$DEVNET_DIR" &
+LIVE_PID=$!
+# In the foreground, so Ctrl-C stops the UI and the daemon the way Dagster expects.
+"$ROOT/.venv/bin/dagster" dev -w "$ROOT/workspace.yaml" -p "$UI_PORT" > "$DEVNET_DIR/dagster.log" 2>&1
