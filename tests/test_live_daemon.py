@@ -113,11 +113,11 @@ def test_daemon_follows_live_chain_with_random_reorgs(tmp_path):
         orphaned = query(cfg.duckdb_path, "select distinct reorg_id from orphaned_logs")
         assert set(orphaned["reorg_id"]) <= set(ledger["reorg_id"])
         # The sensor rebuilds the DEX tables after the tip moves and after reorgs: they reach the chain.
-        for _ in range(60):
+        for _ in range(120):
             if dex_matches_chain(cfg, node):
                 break
             time.sleep(1)
-        assert dex_matches_chain(cfg, node)
+        assert dex_matches_chain(cfg, node), (tmp_path / "daemon.log").read_text()[-3000:]
     finally:
         if daemon is not None:
             kill_tree(daemon)

@@ -7,6 +7,7 @@ chain-head sensor requests it after the indexed tip moves or a reorg is repaired
 import dagster as dg
 
 from indexer_dagster.config import IndexerConfig
+from indexer_dagster.reorg.state import open_state
 from indexer_dagster.resources import IndexerConfigResource
 from indexer_dagster.sync.dex import DEX_TABLES, build_dex, source_tables
 
@@ -26,6 +27,10 @@ def dex_job_name(chain: str) -> str:
     return f"{chain}_dex"
 
 
+def dex_lease(chain: str) -> str:
+    return f"{chain}:dex"
+
+
 def build_dex_assets(cfg: IndexerConfig) -> list:
     chain = cfg.chain.name
     src = source_tables(cfg)
@@ -39,7 +44,14 @@ def build_dex_assets(cfg: IndexerConfig) -> list:
     @dg.multi_asset(name=f"{chain}_dex_tables", specs=specs,
                     retry_policy=dg.RetryPolicy(max_retries=3, delay=2))
     def dex_tables(context: dg.AssetExecutionContext, indexer: IndexerConfigResource):
-        res = build_dex(indexer.config)
+        cfg = indexer.config
+        store = open_state(cfg.state_url)
+        try:
+            # The lease tells the sensor this run is alive (a run killed with its daemon is replaced).
+            with store.writer_lock(dex_lease(chain), timeout_s=600):
+                res = build_dex(cfg)
+        finally:
+            store.close()
         preview = _markdown(res.top_pools)
         for spec in specs:
             table = spec.key.path[-1]

@@ -77,6 +77,9 @@ def build_chain_head_sensor(
             dead = [r for r in history_runs if r.tags.get("dagster/partition")
                     and not lease_held(store, range_lease(chain, r.tags["dagster/partition"]))]
             _fail_dead(instance, dead, "the range run's process is gone (no lease held)")
+            if dex_job and not lease_held(store, f"{chain}:dex"):
+                dex_runs = instance.get_runs(dg.RunsFilter(job_name=dex_job, statuses=IN_PROGRESS), limit=10)
+                _fail_dead(instance, dex_runs, "the DEX run's process is gone (no lease held)")
         finally:
             store.close()
         reorg_runs = _runs(instance, chain, REORG_ROLE, extra={REORG_ID_TAG: str(active.id)}) if active else []
