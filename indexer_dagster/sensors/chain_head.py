@@ -31,7 +31,10 @@ def _fail_dead(instance: dg.DagsterInstance, runs, why: str, grace_s: float = 15
     for run in runs:
         record = instance.get_run_record_by_id(run.run_id)
         started = record.start_time or record.create_timestamp.timestamp()
-        if run.status == dg.DagsterRunStatus.STARTED and time.time() - started > grace_s:
+        # STARTING too: a run whose worker died while starting (e.g. with the daemon) never leaves it;
+        # a live one may take a while to start on a busy machine, so it gets more time.
+        limit = {dg.DagsterRunStatus.STARTED: grace_s, dg.DagsterRunStatus.STARTING: 4 * grace_s}.get(run.status)
+        if limit is not None and time.time() - started > limit:
             instance.report_run_failed(run, why)
 
 
