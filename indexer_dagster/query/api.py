@@ -242,11 +242,7 @@ class Indexer:
     ) -> pl.DataFrame:
         """Latest reserves and spot price of one pool (None: of every pool), ordered by (chain_id, pool)."""
         _check_status(min_status)
-        w = _Where()
-        if pool is not None:
-            w.add("pool = ?", _address(pool, "pool"))
-        if chain_id is not None:
-            w.add("chain_id = ?", _int(chain_id, "chain_id"))
+        w = _pool_filter(pool, chain_id)
         with self._lock:
             con = self._connection()
             cols = self._require_view(con, "pool_state")
@@ -296,11 +292,7 @@ class Indexer:
         """Swaps of one pool (None: of every pool) in blocks ``from_block..to_block`` (inclusive),
         ordered by (chain_id, block_number, log_index)."""
         _check_status(min_status)
-        w = _Where()
-        if pool is not None:
-            w.add("pool = ?", _address(pool, "pool"))
-        if chain_id is not None:
-            w.add("chain_id = ?", _int(chain_id, "chain_id"))
+        w = _pool_filter(pool, chain_id)
         with self._lock:
             con = self._connection()
             cols = self._require_view(con, "swaps")
@@ -392,6 +384,16 @@ class Indexer:
 
 
 # ------------------------------------------------------------------------------------------------
+
+
+def _pool_filter(pool: str | None, chain_id: int | None) -> "_Where":
+    """The optional pool and chain conditions shared by the pool helpers."""
+    w = _Where()
+    if pool is not None:
+        w.add("pool = ?", _address(pool, "pool"))
+    if chain_id is not None:
+        w.add("chain_id = ?", _int(chain_id, "chain_id"))
+    return w
 
 
 class _Where:
