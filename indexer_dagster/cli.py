@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from indexer_dagster.config import CONFIG_ENV_VAR, ConfigError, load_config
+from indexer_dagster.config import CHAIN_ENV_VAR, CONFIG_ENV_VAR, ConfigError, load_config
 
 
 def _load(config: str | None):
@@ -23,6 +23,19 @@ config_option = click.option(
 )
 
 
+chain_option = click.option(
+    "--chain", "chain", envvar=CHAIN_ENV_VAR,
+    help=f"One chain of a multi-chain config (default: every chain; ${CHAIN_ENV_VAR}).",
+)
+
+
+def _selected_chains(cfg, chain: str | None) -> list:
+    try:
+        return [cfg.for_chain(chain)] if chain else cfg.chains
+    except ConfigError as e:
+        raise click.ClickException(str(e)) from None
+
+
 @click.group()
 def main() -> None:
     """EVM event indexer on Dagster: block ranges into Parquet, views in DuckDB."""
@@ -32,27 +45,38 @@ def main() -> None:
 
 @main.command()
 @config_option
-def check(config_path: str | None) -> None:
+@chain_option
+def check(config_path: str | None, chain: str | None) -> None:
     """Validate the config, then check it against the node (reachable, chain id, start block)."""
     from indexer_dagster.monitor.node import check_against_node
 
-    cfg = _load(config_path)
-    try:
-        head = check_against_node(cfg)
-    except ConfigError as e:
-        raise click.ClickException(str(e)) from None
-    click.echo(f"config ok: chain {cfg.chain.name} (id {cfg.chain.chain_id}), head {head}, "
-               f"{len(cfg.contracts)} contracts, {len(cfg.all_specs())} event tables")
+    for cfg in _selected_chains(_load(config_path), chain):
+        try:
+            head = check_against_node(cfg)
+        except ConfigError as e:
+            raise click.ClickException(str(e)) from None
+        click.echo(f"config ok: chain {cfg.chain.name} (id {cfg.chain.chain_id}), head {head}, "
+                   f"{len(cfg.contracts)} contracts, {len(cfg.all_specs())} event tables")
 
 
 @main.command()
 @config_option
+@chain_option
 @click.option("--from", "from_block", type=click.IntRange(min=0), help="First block (default: the config's start_block).")
 @click.option("--to", "to_block", type=click.IntRange(min=0), help="Last block (default: the chain head).")
 @click.option("--workers", type=click.IntRange(min=1, max=32), default=1, show_default=True,
               help="Parallel Dagster runs (each batches several ranges).")
-def backfill(config_path: str | None, from_block: int | None, to_block: int | None, workers: int) -> None:
+def backfill(config_path: str | None, chain: str | None, from_block: int | None, to_block: int | None,
+             workers: int) -> None:
     """Index a block range through Dagster (the same assets the UI runs), with a progress bar."""
+    cfg = _load(config_path)
+    for one in _selected_chains(cfg, chain):
+        if len(cfg.chains) > 1:
+            click.echo(f"chain {one.chain.name} (id {one.chain.chain_id}):")
+        _backfill_chain(one, config_path, from_block, to_block, workers)
+
+
+def _backfill_chain(cfg, config_path: str | None, from_block: int | None, to_block: int | None, workers: int) -> None:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from indexer_dagster.launch import ensure_dagster_home, register_ranges, run_backfill
@@ -60,7 +84,6 @@ def backfill(config_path: str | None, from_block: int | None, to_block: int | No
     from indexer_dagster.partitions import ranges_between
     from indexer_dagster.persist.catalog import build_catalog
 
-    cfg = _load(config_path)
     try:
         head = check_against_node(cfg)
     except ConfigError as e:

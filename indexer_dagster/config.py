@@ -26,6 +26,7 @@ from pydantic import (
 from indexer_dagster.parse.abi import AbiError, EventSpec, event_specs, load_abi
 
 CONFIG_ENV_VAR = "INDEXER_CONFIG"
+CHAIN_ENV_VAR = "INDEXER_CHAIN"  # picks one chain of a multi-chain config
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _CHAIN_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
@@ -129,6 +130,21 @@ class IndexerConfig(_Strict):
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
     _specs: dict[str, list[EventSpec]] = PrivateAttr(default_factory=dict)
+    # Every chain of the file (a `chains:` config); each shares the storage section.
+    _siblings: tuple["IndexerConfig", ...] = PrivateAttr(default=())
+
+    @property
+    def chains(self) -> list["IndexerConfig"]:
+        """The configs of all chains in the file (just this one for a single-chain config)."""
+        return list(self._siblings) or [self]
+
+    def for_chain(self, name: str) -> "IndexerConfig":
+        for c in self.chains:
+            if c.chain.name == name:
+                return c
+        names = ", ".join(c.chain.name for c in self.chains)
+        raise ConfigError(f"chain {name!r} is not in the config (it has: {names}); pass one of those to --chain")
+
 
     @model_validator(mode="after")
     def _unique_names(self) -> "IndexerConfig":
@@ -219,6 +235,12 @@ def _format_validation_error(err: ValidationError) -> str:
 
 
 def parse_config(text: str, base_dir: Path, source: str = "<config>", environ: dict[str, str] | None = None) -> IndexerConfig:
+    """The config of a file; for a `chains:` file, its first chain (`.chains` / `.for_chain()` give the others)."""
+    return parse_configs(text, base_dir, source, environ)[0]
+
+
+def parse_configs(text: str, base_dir: Path, source: str = "<config>", environ: dict[str, str] | None = None) -> list[IndexerConfig]:
+    """One config per chain: a file has either `chain:` + `contracts:` or a `chains:` list of both."""
     try:
         raw: Any = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -229,13 +251,58 @@ def parse_config(text: str, base_dir: Path, source: str = "<config>", environ: d
         raise ConfigError(f"{source}: expected a mapping with keys chain, contracts, storage")
     # Interpolate after parsing so a secret's characters cannot change the YAML structure.
     raw = _interpolate_tree(raw, environ)
+    if "chains" not in raw:
+        return [_validate(raw, base_dir, source, "")]
+    return _parse_chains(raw, base_dir, source)
+
+
+def _validate(raw: dict, base_dir: Path, source: str, where: str) -> IndexerConfig:
     try:
         cfg = IndexerConfig.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(f"{source}: {_format_validation_error(e)}") from None
+        raise ConfigError(f"{source}: {where}{_format_validation_error(e)}") from None
     cfg._base_dir = base_dir
-    cfg._load_abis()
+    try:
+        cfg._load_abis()
+    except ConfigError as e:
+        raise ConfigError(f"{where}{e}") from None
     return cfg
+
+
+def _parse_chains(raw: dict, base_dir: Path, source: str) -> list[IndexerConfig]:
+    """`chains: [{name, chain_id, rpc_url, ..., contracts: [...]}, ...]` with the other sections shared."""
+    chains = raw["chains"]
+    if "chain" in raw or "contracts" in raw:
+        raise ConfigError(f"{source}: use either chain + contracts (one chain) or chains (several), not both; "
+                          "move each chain's contracts under its entry in chains")
+    if not isinstance(chains, list) or not chains or not all(isinstance(c, dict) for c in chains):
+        raise ConfigError(f"{source}: chains must be a non-empty list of mappings, each with the chain keys "
+                          "(name, chain_id, rpc_url, ...) and its contracts")
+    shared = {k: v for k, v in raw.items() if k != "chains"}
+    configs = []
+    for i, entry in enumerate(chains):
+        label = f"chains[{i}]" + (f" ({entry['name']})" if isinstance(entry.get("name"), str) else "")
+        if "contracts" not in entry:
+            raise ConfigError(f"{source}: {label}.contracts: required key is missing; list the chain's contracts")
+        chain = {k: v for k, v in entry.items() if k != "contracts"}
+        configs.append(_validate({**shared, "chain": chain, "contracts": entry["contracts"]}, base_dir, source,
+                                 f"{label}: "))
+    for attr, what in (("name", "name"), ("chain_id", "chain_id")):
+        values = [getattr(c.chain, attr) for c in configs]
+        dupes = sorted({str(v) for v in values if values.count(v) > 1})
+        if dupes:
+            raise ConfigError(f"{source}: chains: {what} {', '.join(dupes)} appears more than once; "
+                              f"each chain needs its own {what}")
+    tables: dict[str, tuple[str, object]] = {}
+    for c in configs:
+        for _, spec in c.all_specs():
+            seen = tables.setdefault(spec.table, (c.chain.name, spec.schema()))
+            if seen[1] != spec.schema():
+                raise ConfigError(f"{source}: chains: table {spec.table} has different columns on {seen[0]} and "
+                                  f"{c.chain.name} (one view serves all chains); rename one of the contracts")
+    for c in configs:
+        c._siblings = tuple(configs)
+    return configs
 
 
 def _interpolate_tree(node: Any, environ: dict[str, str] | None) -> Any:
@@ -248,8 +315,14 @@ def _interpolate_tree(node: Any, environ: dict[str, str] | None) -> Any:
     return node
 
 
-def load_config(path: str | os.PathLike | None = None) -> IndexerConfig:
-    """Load the config from `path`, else from $INDEXER_CONFIG."""
+def load_config(path: str | os.PathLike | None = None, chain: str | None = None) -> IndexerConfig:
+    """Load the config from `path`, else from $INDEXER_CONFIG; `chain` (else $INDEXER_CHAIN) picks one chain."""
+    cfg = _load_file(path)
+    chain = chain or os.environ.get(CHAIN_ENV_VAR) or None
+    return cfg.for_chain(chain) if chain else cfg
+
+
+def _load_file(path: str | os.PathLike | None) -> IndexerConfig:
     if path is None:
         path = os.environ.get(CONFIG_ENV_VAR)
         if not path:

@@ -21,6 +21,17 @@ def historical_job_name(chain: str) -> str:
 
 
 def build_definitions(cfg: IndexerConfig) -> dg.Definitions:
+    """Definitions of every chain in the config: each has its own partitions, jobs and sensor."""
+    per_chain = [_chain_definitions(c) for c in cfg.chains]
+    return dg.Definitions(
+        assets=[a for assets, _, _ in per_chain for a in assets],
+        jobs=[j for _, jobs, _ in per_chain for j in jobs],
+        sensors=[s for _, _, sensors in per_chain for s in sensors],
+        resources=default_resources(),
+    )
+
+
+def _chain_definitions(cfg: IndexerConfig) -> tuple[list, list, list]:
     parts = block_ranges(cfg.chain.name)
     assets = build_historical_assets(cfg, parts)
     historical = dg.define_asset_job(
@@ -43,9 +54,7 @@ def build_definitions(cfg: IndexerConfig) -> dg.Definitions:
         cfg, [historical, *live_jobs], historical_job_name(cfg.chain.name), parts.name,
         dex_job_name(cfg.chain.name) if dex_enabled(cfg) else None,
     )
-    return dg.Definitions(
-        assets=assets, jobs=[historical, *live_jobs], sensors=[sensor], resources=default_resources()
-    )
+    return assets, [historical, *live_jobs], [sensor]
 
 
 @dg.definitions

@@ -19,7 +19,7 @@ from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PART
 
 from indexer_dagster.assets.historical import RANGES_PER_RUN
 from indexer_dagster.assets.partitions import block_ranges
-from indexer_dagster.config import CONFIG_ENV_VAR, IndexerConfig, load_config
+from indexer_dagster.config import CHAIN_ENV_VAR, CONFIG_ENV_VAR, IndexerConfig, load_config
 from indexer_dagster.partitions import BlockRange, ranges_between
 
 
@@ -63,19 +63,21 @@ def plan_batches(ranges: list[BlockRange], per_run: int = RANGES_PER_RUN) -> lis
     return [ranges[i : i + per_run] for i in range(0, len(ranges), per_run)]
 
 
-def _worker_init(q, config_path: str, dagster_home: str) -> None:
+def _worker_init(q, config_path: str, chain: str, dagster_home: str) -> None:
     os.environ[CONFIG_ENV_VAR] = config_path
+    os.environ[CHAIN_ENV_VAR] = chain
     os.environ["DAGSTER_HOME"] = dagster_home
     from indexer_dagster.sync.historical import set_progress_reporter
 
     set_progress_reporter(lambda b, n: q.put((b, n)))
 
 
-def run_batch(first: str, last: str, instance: dg.DagsterInstance | None = None) -> BatchOutcome:
+def run_batch(first: str, last: str, instance: dg.DagsterInstance | None = None,
+              chain: str | None = None) -> BatchOutcome:
     """Execute one run of the historical job over the ranges first..last (in this or a worker process)."""
     from indexer_dagster.definitions import build_definitions, historical_job_name
 
-    cfg = load_config(os.environ[CONFIG_ENV_VAR])
+    cfg = load_config(os.environ[CONFIG_ENV_VAR], chain)
     job = build_definitions(cfg).resolve_job_def(historical_job_name(cfg.chain.name))
     with contextlib.nullcontext(instance) if instance else dg.DagsterInstance.get() as instance:
         result = job.execute_in_process(
@@ -120,7 +122,7 @@ def run_backfill(
         os.environ[CONFIG_ENV_VAR] = str(config_path.resolve())
         set_progress_reporter(on_progress)
         try:
-            outcomes = [run_batch(b[0].key, b[-1].key, instance) for b in batches]
+            outcomes = [run_batch(b[0].key, b[-1].key, instance, cfg.chain.name) for b in batches]
         finally:
             set_progress_reporter(None)
         for o in outcomes:
@@ -133,7 +135,7 @@ def run_backfill(
         max_workers=max(1, workers),
         mp_context=ctx,
         initializer=_worker_init,
-        initargs=(q, str(config_path.resolve()), os.environ["DAGSTER_HOME"]),
+        initargs=(q, str(config_path.resolve()), cfg.chain.name, os.environ["DAGSTER_HOME"]),
     ) as pool:
         pending = {pool.submit(run_batch, b[0].key, b[-1].key) for b in batches}
         while pending:

@@ -44,7 +44,7 @@ def build_dex_assets(cfg: IndexerConfig) -> list:
     @dg.multi_asset(name=f"{chain}_dex_tables", specs=specs,
                     retry_policy=dg.RetryPolicy(max_retries=3, delay=2))
     def dex_tables(context: dg.AssetExecutionContext, indexer: IndexerConfigResource):
-        cfg = indexer.config
+        cfg = indexer.for_chain(chain)
         store = open_state(cfg.state_url)
         try:
             # The lease tells the sensor this run is alive (a run killed with its daemon is replaced).

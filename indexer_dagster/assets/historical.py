@@ -57,7 +57,7 @@ def build_historical_assets(cfg: IndexerConfig, partitions_def: dg.PartitionsDef
         pool=f"rpc_{chain}",
     )
     def historical(context: dg.AssetExecutionContext, indexer: IndexerConfigResource):
-        cfg = indexer.config
+        cfg = indexer.for_chain(chain)
         selected = context.selected_asset_keys
         tables = [t for k, t in table_of.items() if k in selected]
         fetch = blocks_key in selected or logs_key in selected

@@ -43,7 +43,7 @@ def build_live_jobs(cfg: IndexerConfig, historical_keys: list[dg.AssetKey]) -> l
     def follow_head(context: dg.OpExecutionContext, config: FollowConfig, indexer: IndexerConfigResource):
         import asyncio
 
-        cfg = indexer.config
+        cfg = indexer.for_chain(chain)
         store = open_state(cfg.state_url)
         follower = Follower(cfg, store)
         deadline = time.monotonic() + config.minutes * 60
@@ -68,7 +68,7 @@ def build_live_jobs(cfg: IndexerConfig, historical_keys: list[dg.AssetKey]) -> l
     @dg.op(name=f"{chain}_repair_reorg", retry_policy=dg.RetryPolicy(max_retries=3, delay=2),
            description="Suspend, roll back (archive orphaned rows), restore from the new fork.")
     def repair_reorg(context: dg.OpExecutionContext, config: ReorgConfig, indexer: IndexerConfigResource):
-        cfg = indexer.config
+        cfg = indexer.for_chain(chain)
         store = open_state(cfg.state_url)
         restored: list[str] = []
         try:

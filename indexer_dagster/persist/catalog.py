@@ -102,7 +102,9 @@ def view_statements(cfg: IndexerConfig) -> dict[str, str]:
 
     orphan_extra = {"reorg_id": pl.Int64, "orphaned_at": pl.Datetime("us", "UTC")}
     tables = [("blocks", BLOCK_SCHEMA, "number"), ("logs", LOG_SCHEMA, "block_number")]
-    tables += [(f"events/{spec.table}", spec.schema(), "block_number") for _, spec in cfg.all_specs()]
+    # One view per table across all chains of the config (their files sit under data_dir/<chain>/).
+    specs = {spec.table: spec for c in cfg.chains for _, spec in c.all_specs()}
+    tables += [(f"events/{table}", spec.schema(), "block_number") for table, spec in specs.items()]
     for dataset, schema, number_col in tables:
         name = dataset.split("/")[-1]
         views[name] = with_status(merged(dataset, schema, number_col), number_col)

@@ -14,7 +14,11 @@ class IndexerConfigResource(dg.ConfigurableResource):
 
     @cached_property
     def config(self) -> IndexerConfig:
+        """The file's config (its first chain for a multi-chain file); definitions use `for_chain`."""
         return load_config(self.config_path)
+
+    def for_chain(self, name: str) -> IndexerConfig:
+        return self.config.for_chain(name)
 
 
 def default_resources() -> dict:

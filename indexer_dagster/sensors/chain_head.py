@@ -56,7 +56,7 @@ def build_chain_head_sensor(
 
         from indexer_dagster.sync.historical import rpc_client
 
-        cfg = indexer.config
+        cfg = indexer.for_chain(chain)
         instance = context.instance
 
         async def head() -> int:

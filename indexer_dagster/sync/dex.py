@@ -68,7 +68,10 @@ def enabled(cfg: IndexerConfig) -> bool:
 def _read(cfg: IndexerConfig, tables: list[str]) -> pl.DataFrame | None:
     if not tables:
         return None
-    sql = " UNION ALL ".join(f'SELECT * EXCLUDE (status) FROM "{t}"' for t in tables)
+    # The views span every chain of the config; this chain's DEX tables come from its own rows.
+    sql = " UNION ALL ".join(
+        f'SELECT * EXCLUDE (status) FROM "{t}" WHERE chain_id = {int(cfg.chain.chain_id)}' for t in tables
+    )
     return query(cfg.duckdb_path, sql)
 
 
