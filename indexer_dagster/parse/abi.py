@@ -242,8 +242,8 @@ def _canonical_type(inp: dict, where: str) -> str:
     t = t.replace(" ", "")
     if t.startswith("tuple"):
         comps = inp.get("components")
-        if not isinstance(comps, list):
-            raise AbiError(f"{where}: tuple type without 'components'")
+        if not isinstance(comps, list) or not all(isinstance(c, dict) for c in comps):
+            raise AbiError(f"{where}: tuple type without 'components' (a list of JSON objects) — fix the ABI")
         inner = ",".join(_canonical_type(c, f"{where}.{c.get('name') or '?'}") for c in comps)
         out = f"({inner}){t[len('tuple'):]}"
     else:

@@ -18,22 +18,30 @@ def connect(duckdb_path: str | Path) -> duckdb.DuckDBPyConnection:
     path = Path(duckdb_path)
     if not path.is_file():
         raise QueryError(f"{path} does not exist yet; run `indexer backfill` (or `indexer catalog`) first")
+    from indexer_dagster.persist.duck_lock import is_lock_error, lock_message
+
     for attempt in range(_LOCK_RETRIES):
         try:
             return duckdb.connect(str(path), read_only=True)
-        except duckdb.IOException as e:
-            if "lock" not in str(e).lower() or attempt == _LOCK_RETRIES - 1:
-                raise QueryError(
-                    f"cannot open {path}: {e}. Another program holds it open for writing; close it and retry"
-                ) from None
+        except duckdb.Error as e:
+            if not is_lock_error(e):
+                first = str(e).splitlines()[0] if str(e) else type(e).__name__
+                raise QueryError(f"cannot open the catalog {path} ({first}); rebuild it with `indexer catalog`") from None
+            if attempt == _LOCK_RETRIES - 1:
+                raise QueryError(lock_message(path, e)) from None
             time.sleep(0.1)
     raise AssertionError("unreachable")
 
 
 def query(duckdb_path: str | Path, sql: str) -> pl.DataFrame:
     """Run one read-only SQL statement and return a Polars frame; writes are refused."""
+    from indexer_dagster.query.api import _check_read_only
+
     con = connect(duckdb_path)
     try:
+        # Refuse by statement type before running: a read-only catalog still lets COPY TO, EXPORT,
+        # INSTALL, ATTACH, SET or PRAGMA write files or change the session.
+        _check_read_only(con, sql, who="`indexer query`")
         try:
             rel = con.sql(sql)
             return rel.pl() if rel is not None else pl.DataFrame()

@@ -441,20 +441,20 @@ def _attach(path: Path) -> duckdb.DuckDBPyConnection:
                     f"{path} does not exist yet; run `indexer backfill` (or `indexer catalog`) first"
                 ) from None
             if "lock" in msg.lower():
-                raise QueryError(
-                    f"cannot open {path}: {msg}. Another program holds it open for writing; close it and retry"
-                ) from None
+                from indexer_dagster.persist.duck_lock import lock_message
+
+                raise QueryError(lock_message(path, msg)) from None
             raise QueryError(f"cannot open {path}: {msg}") from None
     raise AssertionError("unreachable")
 
 
-def _check_read_only(con: duckdb.DuckDBPyConnection, query: str) -> None:
+def _check_read_only(con: duckdb.DuckDBPyConnection, query: str, who: str = "Indexer.sql()") -> None:
     try:
         statements = con.extract_statements(query)
     except duckdb.Error as e:
         raise QueryError(str(e).strip()) from None
     if len(statements) != 1:
-        raise QueryError(f"Indexer.sql() runs exactly one statement; got {len(statements)}")
+        raise QueryError(f"{who} runs exactly one statement; got {len(statements)}")
     kind = statements[0].type.name
     if kind == "EXPLAIN":
         inner = _EXPLAIN_PREFIX.sub("", query, count=1)
@@ -468,7 +468,7 @@ def _check_read_only(con: duckdb.DuckDBPyConnection, query: str) -> None:
     elif kind in _READ_ONLY_TYPES:
         return
     raise QueryError(
-        f"the catalog is read-only: Indexer.sql() runs {_READ_ONLY_HINT} statements only, not {kind}"
+        f"the catalog is read-only: {who} runs {_READ_ONLY_HINT} statements only, not {kind}"
     )
 
 
