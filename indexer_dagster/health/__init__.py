@@ -1,0 +1,1 @@
+"""Operations: health status, Prometheus metrics, webhook alerts and structured logs (plain modules, no Dagster)."""
