@@ -1,0 +1,85 @@
+"""The ranges whose last checks failed: `<data_dir>/<chain>/_meta/failed_checks.parquet`.
+
+A range that fails a check (see `persist.verify_range`) is not trusted: the catalog keeps its rows
+`unconfirmed` whatever their depth, and the chain-head sensor syncs the range again. The next run
+of the range that passes every check removes its rows here. It lives in the lake (not the state
+store) so the DuckDB views can read it like the chain head, with no second database.
+"""
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import polars as pl
+from filelock import FileLock
+
+from indexer_dagster.partitions import BlockRange
+from indexer_dagster.persist.lake import Lake
+
+DATASET = "_meta"
+KEY = "failed_checks"
+SCHEMA = {
+    "chain_id": pl.Int64,
+    "chain": pl.String,
+    "range_key": pl.String,
+    "first_block": pl.Int64,
+    "last_block": pl.Int64,
+    "check_name": pl.String,
+    "description": pl.String,
+    "failed_at": pl.Datetime("us", "UTC"),
+}
+
+
+def ledger_path(lake: Lake) -> Path:
+    return lake.path(DATASET, KEY)
+
+
+def read_failed(lake: Lake) -> pl.DataFrame:
+    p = ledger_path(lake)
+    return pl.read_parquet(p) if p.is_file() else pl.DataFrame(schema=SCHEMA)
+
+
+def ensure_ledger(lake: Lake) -> Path:
+    """An empty ledger if there is none, so the views always have a file to read."""
+    p = ledger_path(lake)
+    if not p.is_file():
+        p.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(p) + ".lock"):
+            if not p.is_file():
+                lake.write(DATASET, KEY, pl.DataFrame(schema=SCHEMA))
+    return p
+
+
+def failed_ranges(lake: Lake, older_than_s: float = 0.0) -> dict[str, list[str]]:
+    """Range key -> the names of its failed checks (only failures at least `older_than_s` old: the
+    sensor's back-off, so a range that keeps failing is not re-synced in a tight loop)."""
+    out: dict[str, list[str]] = {}
+    df = read_failed(lake)
+    if older_than_s > 0:
+        cutoff = int((time.time() - older_than_s) * 1_000_000)
+        df = df.filter(pl.col("failed_at").dt.epoch("us") <= cutoff)
+    for key, name in df.select("range_key", "check_name").iter_rows():
+        out.setdefault(key, []).append(name)
+    return out
+
+
+def record_range_checks(
+    lake: Lake, chain_id: int, r: BlockRange, failed: Sequence[tuple[str, str]], add: bool = False
+) -> None:
+    """Replace range `r`'s entries with its latest failed checks ((name, description) pairs; none clears
+    it), or with `add`, add these to its entries (a neighbour's check blamed it too)."""
+    p = ledger_path(lake)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(p) + ".lock"):
+        current = read_failed(lake)
+        names = {n for n, _ in failed}
+        kept = current.filter((pl.col("range_key") != r.key) | (pl.lit(add) & ~pl.col("check_name").is_in(sorted(names))))
+        if kept.height == current.height and not failed and p.is_file():
+            return  # nothing to clear: no rewrite
+        now = int(time.time() * 1_000_000)
+        new = pl.DataFrame(
+            [{"chain_id": chain_id, "chain": lake.chain, "range_key": r.key, "first_block": r.start,
+              "last_block": r.end, "check_name": n, "description": d, "failed_at": now} for n, d in failed],
+            schema={**SCHEMA, "failed_at": pl.Int64},
+        ).with_columns(pl.col("failed_at").cast(SCHEMA["failed_at"]))
+        lake.write(DATASET, KEY, pl.concat([kept, new]).sort("range_key", "check_name"))
