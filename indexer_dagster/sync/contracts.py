@@ -235,8 +235,10 @@ async def scan_creations(cfg: IndexerConfig, rpc: RpcClient, from_block: int, to
     while todo:
         a, b = todo.pop(0)
         try:
-            body = await rpc.call_raw(
-                "eth_getLogs", [{"fromBlock": hex(a), "toBlock": hex(b), "address": factories, "topics": [topics]}]
+            # Parsed inside the retries: a truncated 200 body is fetched again, not a crash.
+            frame = await rpc.call_raw(
+                "eth_getLogs", [{"fromBlock": hex(a), "toBlock": hex(b), "address": factories, "topics": [topics]}],
+                parse=lambda body: parse_logs_body(body, cfg.chain.chain_id),
             )
         except RpcError as e:
             if e.info.kind is not RpcErrorKind.RANGE_TOO_LARGE or a == b:
@@ -244,7 +246,7 @@ async def scan_creations(cfg: IndexerConfig, rpc: RpcClient, from_block: int, to
             mid = (a + b) // 2
             todo[:0] = [(a, mid), (mid + 1, b)]
             continue
-        frames.append(parse_logs_body(body, cfg.chain.chain_id))
+        frames.append(frame)
     logs = pl.concat(frames, how="vertical") if frames else pl.DataFrame()
     if logs.height == 0:
         return empty_children()
