@@ -9,7 +9,7 @@ backfill writes anything.
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from eth_utils import is_checksum_address, is_hex_address, to_checksum_address
@@ -42,7 +42,19 @@ class _Strict(BaseModel):
 class ChainConfig(_Strict):
     name: str = Field(description="Short lower-case name; keys partitions, files and views.")
     chain_id: int = Field(gt=0)
-    rpc_url: str = Field(description="HTTP(S) JSON-RPC endpoint; use ${VAR} to keep keys out of files.")
+    rpc_url: str | None = Field(
+        default=None, description="HTTP(S) JSON-RPC endpoint; use ${VAR} to keep keys out of files."
+    )
+    rpc_urls: list[str] | None = Field(
+        default=None, min_length=1,
+        description="Several endpoints in order of preference (instead of rpc_url): failover and failback.",
+    )
+    requests_per_second: float | None = Field(
+        default=None, gt=0,
+        description="Cap per endpoint, shared by every run and host using the same storage.state_url.",
+    )
+    failover_after: int = Field(default=3, ge=1, description="Consecutive failed attempts before the next endpoint.")
+    failback_after_s: float = Field(default=60.0, ge=0, description="Seconds before trying the preferred endpoint again.")
     confirmations: int = Field(default=12, ge=0)
     start_block: int = Field(default=0, ge=0)
     blocks_per_partition: int = Field(default=10_000, ge=1, le=10_000_000)
@@ -52,6 +64,11 @@ class ChainConfig(_Strict):
     headers_batch_size: int = Field(default=100, ge=1, le=1000)
     request_timeout_s: float = Field(default=30.0, gt=0)
     max_retries: int = Field(default=8, ge=0)
+    verify_logs: Literal["bloom", "double", "off"] = Field(
+        default="bloom",
+        description="Missing-log detection: check logs against each header's logsBloom; 'double' also "
+        "fetches every chunk's logs twice and requires agreement; 'off' for chains without usable blooms.",
+    )
     reorg_window: int | None = Field(
         default=None, ge=1, description="Canonical headers kept to detect reorgs; default max(2 x confirmations, 64)."
     )
@@ -63,12 +80,43 @@ class ChainConfig(_Strict):
             raise ValueError(f"{v!r} is not a valid chain name: use lower-case letters, digits and _ (e.g. 'mainnet')")
         return v
 
+    @field_validator("verify_logs", mode="before")
+    @classmethod
+    def _verify_off(cls, v: Any) -> Any:
+        return "off" if v is False else v  # YAML reads a bare `off` as false
+
     @field_validator("rpc_url")
     @classmethod
-    def _url(cls, v: str) -> str:
-        if not re.match(r"^https?://[^\s/]+", v):
+    def _url(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^https?://[^\s/]+", v):
             raise ValueError("the RPC URL must start with http:// or https:// (websocket URLs are not supported)")
         return v
+
+    @field_validator("rpc_urls")
+    @classmethod
+    def _urls(cls, v: list[str] | None) -> list[str] | None:
+        for i, u in enumerate(v or []):
+            if not re.match(r"^https?://[^\s/]+", u):
+                raise ValueError(f"entry [{i}] must start with http:// or https:// (websocket URLs are not supported)")
+        if v is not None and len(set(v)) != len(v):
+            raise ValueError("an endpoint is listed twice")
+        return v
+
+    @model_validator(mode="after")
+    def _endpoints(self) -> "ChainConfig":
+        if (self.rpc_url is None) == (self.rpc_urls is None):
+            raise ValueError(
+                "give exactly one of chain.rpc_url (one endpoint) and chain.rpc_urls (a list, in order of preference)"
+                if self.rpc_url else "chain.rpc_url is missing: give the node's URL (or chain.rpc_urls, a list)"
+            )
+        if self.rpc_urls is not None:
+            object.__setattr__(self, "rpc_url", self.rpc_urls[0])  # the preferred one, for single-URL callers
+        return self
+
+    @property
+    def endpoints(self) -> list[str]:
+        """The RPC endpoints in order of preference."""
+        return list(self.rpc_urls) if self.rpc_urls else [self.rpc_url]
 
     @model_validator(mode="after")
     def _spans(self) -> "ChainConfig":
@@ -81,10 +129,21 @@ class ChainConfig(_Strict):
         return self
 
 
+class FactoryConfig(_Strict):
+    """Where a contract's addresses come from when a factory creates them (e.g. Uniswap V2 pairs)."""
+
+    contract: str = Field(description="Name of the configured contract (with addresses) that creates them.")
+    event: str = Field(description="The factory's creation event: a name or a full signature.")
+    parameter: str = Field(description="The event argument (type address) holding the new contract's address.")
+
+
 class ContractConfig(_Strict):
     name: str
     abi: str = Field(description="Path to a bare ABI list or an artifact JSON with an 'abi' key.")
-    addresses: list[str] = Field(min_length=1)
+    # Exactly one of `addresses` and `factory`; a factory contract's `addresses` stays [] (its
+    # addresses are the factory's children, resolved at run time by `sync.contracts`).
+    addresses: list[str] = Field(default_factory=list)
+    factory: FactoryConfig | None = None
     events: list[str] | None = Field(default=None, description="Event names or signatures; default all.")
     start_block: int | None = Field(default=None, ge=0)
 
@@ -112,6 +171,15 @@ class ContractConfig(_Strict):
             raise ValueError("an address is listed twice")
         return out
 
+    @model_validator(mode="after")
+    def _addresses_or_factory(self) -> "ContractConfig":
+        if bool(self.addresses) == (self.factory is not None):
+            raise ValueError(
+                f"contract {self.name} needs exactly one of `addresses` (a list of addresses) and `factory` "
+                "({contract, event, parameter}: its addresses are created by a factory contract)"
+            )
+        return self
+
 
 class StorageConfig(_Strict):
     data_dir: str = "./data"
@@ -123,13 +191,34 @@ class StorageConfig(_Strict):
     )
 
 
+class AlertsConfig(_Strict):
+    """Where alerts go (`health.alerts`) and when the indexer counts as stale."""
+
+    webhook_url: str | None = Field(default=None, description="JSON POST target; may carry a token: never logged.")
+    max_lag_blocks: int = Field(default=50, ge=0, description="Alert when the indexed head is further behind.")
+    max_lag_seconds: float = Field(default=600.0, ge=0, description="Same, in block-timestamp seconds.")
+    rpc_failures: int = Field(default=3, ge=1, description="Consecutive failed node checks before an alert.")
+    timeout_s: float = Field(default=10.0, gt=0)
+    max_attempts: int = Field(default=4, ge=1, le=20)
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _webhook(cls, v: str | None) -> str | None:
+        if v is not None and v != "" and not re.match(r"^https?://[^\s/]+", v):
+            raise ValueError("the webhook URL must start with http:// or https://")
+        return v or None
+
+
 class IndexerConfig(_Strict):
     chain: ChainConfig
     contracts: Annotated[list[ContractConfig], Field(min_length=1)]
     storage: StorageConfig = StorageConfig()
+    alerts: AlertsConfig = AlertsConfig()
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
     _specs: dict[str, list[EventSpec]] = PrivateAttr(default_factory=dict)
+    # Factory-created contract name -> [(the factory's creation event, the column holding the child)].
+    _factories: dict[str, list[tuple[EventSpec, str]]] = PrivateAttr(default_factory=dict)
     # Every chain of the file (a `chains:` config); each shares the storage section.
     _siblings: tuple["IndexerConfig", ...] = PrivateAttr(default=())
 
@@ -145,7 +234,6 @@ class IndexerConfig(_Strict):
         names = ", ".join(c.chain.name for c in self.chains)
         raise ConfigError(f"chain {name!r} is not in the config (it has: {names}); pass one of those to --chain")
 
-
     @model_validator(mode="after")
     def _unique_names(self) -> "IndexerConfig":
         names = [c.name for c in self.contracts]
@@ -156,7 +244,11 @@ class IndexerConfig(_Strict):
 
     # Paths are relative to the config file, so a config works from any working directory.
     def resolve(self, path: str) -> Path:
-        p = Path(path).expanduser()
+        try:
+            p = Path(path).expanduser()
+        except RuntimeError:  # "~user/..." of a user this machine does not know
+            raise ConfigError(f"{path!r}: cannot expand '~' (no such user or no home directory); "
+                              "write the path out in full") from None
         return p if p.is_absolute() else (self._base_dir / p).resolve()
 
     @property
@@ -190,19 +282,68 @@ class IndexerConfig(_Strict):
     def all_specs(self) -> list[tuple[ContractConfig, EventSpec]]:
         return [(c, s) for c in self.contracts for s in self._specs[c.name]]
 
+    def factory_events(self, contract: ContractConfig) -> list[tuple[EventSpec, str]]:
+        """The creation event(s) of a factory-created contract and the column naming the child."""
+        return self._factories.get(contract.name, [])
+
+    def _load_factories(self) -> None:
+        by_name = {c.name: c for c in self.contracts}
+        for i, c in enumerate(self.contracts):
+            if c.factory is None:
+                continue
+            f, key = c.factory, f"contracts[{i}] ({c.name}).factory"
+            parent = by_name.get(f.contract)
+            if parent is None or parent.factory is not None or parent is c:
+                names = ", ".join(x.name for x in self.contracts if x.factory is None) or "none"
+                raise ConfigError(
+                    f"{key}.contract: {f.contract!r} is not a configured contract with addresses (configured: "
+                    f"{names}); add the factory under contracts with its addresses, and name it here"
+                )
+            try:
+                specs = event_specs(parent.name, load_abi(self.resolve(parent.abi)), [f.event])
+            except AbiError as e:
+                raise ConfigError(f"{key}.event: {e}") from None
+            found = []
+            for spec in specs:
+                match = [p for p in spec.inputs if p.name == f.parameter]
+                if match and match[0].type != "address":
+                    raise ConfigError(f"{key}.parameter: {f.parameter!r} of {spec.signature} is a {match[0].type}, "
+                                      "not an address; name the argument that holds the created contract's address")
+                if match:
+                    found.append((spec, match[0].column))
+            if not found:
+                args = ", ".join(f"{p.name or '<unnamed>'} {p.type}" for s in specs for p in s.inputs)
+                raise ConfigError(f"{key}.parameter: {f.event} has no argument {f.parameter!r} (its arguments: "
+                                  f"{args}); name the address argument that holds the created contract")
+            self._factories[c.name] = found
+
     def _load_abis(self) -> None:
         for i, c in enumerate(self.contracts):
             key = f"contracts[{i}] ({c.name})"
             try:
-                self._specs[c.name] = event_specs(c.name, load_abi(self.resolve(c.abi)), c.events)
-            except AbiError as e:
+                abi = load_abi(self.resolve(c.abi))
+            except (AbiError, ConfigError) as e:
                 raise ConfigError(f"{key}.abi: {e}") from None
+            try:
+                self._specs[c.name] = event_specs(c.name, abi, c.events)
+            except AbiError as e:
+                # Name the key to fix: the selection when the whole ABI is fine, else the ABI.
+                raise ConfigError(f"{key}.{'events' if c.events and _abi_sound(c.name, abi) else 'abi'}: {e}") from None
             if not self._specs[c.name]:
                 raise ConfigError(f"{key}.events: the selection decodes no event; list at least one event of the ABI")
         tables = [s.table for _, s in self.all_specs()]
         clash = sorted({t for t in tables if tables.count(t) > 1})
         if clash:
             raise ConfigError(f"contracts: two contracts produce the same table {clash}; rename one contract")
+        self._load_factories()
+
+
+def _abi_sound(contract: str, abi: list[dict]) -> bool:
+    try:
+        event_specs(contract, abi, None)
+    except AbiError:
+        return False
+    return True
 
 
 def interpolate_env(text: str, environ: dict[str, str] | None = None) -> str:
@@ -230,7 +371,7 @@ def _format_validation_error(err: ValidationError) -> str:
             lines.append(f"{loc}: required key is missing")
         else:
             msg = e["msg"].removeprefix("Value error, ")
-            lines.append(f"{loc}: {msg}")
+            lines.append(f"{loc}: {msg}" if loc else msg)
     return "invalid config: " + "; ".join(lines)
 
 
@@ -250,7 +391,10 @@ def parse_configs(text: str, base_dir: Path, source: str = "<config>", environ: 
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping with keys chain, contracts, storage")
     # Interpolate after parsing so a secret's characters cannot change the YAML structure.
-    raw = _interpolate_tree(raw, environ)
+    try:
+        raw = _interpolate_tree(raw, environ)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
     if "chains" not in raw:
         return [_validate(raw, base_dir, source, "")]
     return _parse_chains(raw, base_dir, source)
@@ -264,6 +408,11 @@ def _validate(raw: dict, base_dir: Path, source: str, where: str) -> IndexerConf
     cfg._base_dir = base_dir
     try:
         cfg._load_abis()
+        for key in ("data_dir", "duckdb_path", "state_url"):  # paths resolve now, not mid-run
+            try:
+                getattr(cfg, key)
+            except ConfigError as e:
+                raise ConfigError(f"storage.{key}: {e}") from None
     except ConfigError as e:
         raise ConfigError(f"{where}{e}") from None
     return cfg
@@ -305,13 +454,28 @@ def _parse_chains(raw: dict, base_dir: Path, source: str) -> list[IndexerConfig]
     return configs
 
 
-def _interpolate_tree(node: Any, environ: dict[str, str] | None) -> Any:
+def _interpolate_tree(node: Any, environ: dict[str, str] | None, where: str = "", parents: tuple = (),
+                      done: dict[int, Any] | None = None) -> Any:
     if isinstance(node, str):
-        return interpolate_env(node, environ)
-    if isinstance(node, list):
-        return [_interpolate_tree(v, environ) for v in node]
-    if isinstance(node, dict):
-        return {k: _interpolate_tree(v, environ) for k, v in node.items()}
+        try:
+            return interpolate_env(node, environ)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}" if where else str(e)) from None
+    if isinstance(node, (list, dict)):
+        if any(node is p for p in parents):  # YAML anchors can make a structure contain itself
+            raise ConfigError(f"{where or 'config'}: a YAML alias refers to the structure that contains it "
+                              "(a cycle); copy the values instead of using *alias there")
+        done = {} if done is None else done
+        if id(node) in done:  # a structure shared by aliases is walked once (no exponential blow-up)
+            return done[id(node)]
+        parents = (*parents, node)
+        if isinstance(node, list):
+            out: Any = [_interpolate_tree(v, environ, f"{where}[{i}]", parents, done) for i, v in enumerate(node)]
+        else:
+            out = {k: _interpolate_tree(v, environ, f"{where}.{k}" if where else str(k), parents, done)
+                   for k, v in node.items()}
+        done[id(node)] = out
+        return out
     return node
 
 
@@ -330,7 +494,13 @@ def _load_file(path: str | os.PathLike | None) -> IndexerConfig:
     p = Path(path).expanduser()
     if not p.is_file():
         raise ConfigError(f"config file {p} does not exist; pass --config PATH or set {CONFIG_ENV_VAR}")
-    return parse_config(p.read_text(), p.resolve().parent, str(p))
+    try:
+        text = p.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not a UTF-8 text file (byte {e.start}); save the YAML config as UTF-8") from None
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot be read ({e.strerror}); check its permissions") from None
+    return parse_config(text, p.resolve().parent, str(p))
 
 
 def redact_url(url: str) -> str:

@@ -4,7 +4,8 @@ The range is cut into chunks sized by the adaptive `RangeSizer`; several chunks 
 once and come out in order, so a caller can stream them into one Parquet file with bounded memory.
 Each chunk's logs are checked against its headers (same block hash per block, unbroken parent-hash
 chain); a chunk that straddles a fork change is fetched again, and a fork change between chunks
-raises `ForkChanged` so the caller restarts the range instead of mixing forks.
+raises `ForkChanged` so the caller restarts the range instead of mixing forks. Each chunk's logs are
+also checked against the headers' `logsBloom` (and, in `double` mode, fetched twice): see `verify`.
 """
 
 import asyncio
@@ -18,6 +19,7 @@ import polars as pl
 from indexer_dagster.monitor.errors import RpcError, RpcErrorKind
 from indexer_dagster.monitor.ranges import RangeSizer
 from indexer_dagster.monitor.rpc import RpcClient
+from indexer_dagster.monitor.verify import LogVerifier, agree, parse_bloom, reconcile
 
 BLOCK_SCHEMA = {
     "chain_id": pl.Int64,
@@ -89,7 +91,7 @@ def parse_logs_body(body: bytes, chain_id: int) -> pl.DataFrame:
 
 
 def parse_headers(results: Sequence[Mapping | None], numbers: Sequence[int], chain_id: int) -> pl.DataFrame:
-    rows_n, rows_h, rows_p, rows_t = [], [], [], []
+    rows_n, rows_h, rows_p, rows_t, rows_b = [], [], [], [], []
     for n, block in zip(numbers, results, strict=True):
         if block is None:
             # A lagging node or a reorg in progress (anvil shows this too): not data, try again.
@@ -98,10 +100,11 @@ def parse_headers(results: Sequence[Mapping | None], numbers: Sequence[int], cha
         rows_h.append(block["hash"].lower())
         rows_p.append(block["parentHash"].lower())
         rows_t.append(int(block["timestamp"], 16) * 1_000_000)
+        rows_b.append(block.get("logsBloom"))
     return pl.DataFrame(
         {"chain_id": [chain_id] * len(rows_n), "number": rows_n, "hash": rows_h, "parent_hash": rows_p,
-         "timestamp": rows_t},
-        schema={**BLOCK_SCHEMA, "timestamp": pl.Int64},
+         "timestamp": rows_t, "logs_bloom": rows_b},
+        schema={**BLOCK_SCHEMA, "timestamp": pl.Int64, "logs_bloom": pl.String},
     ).with_columns(pl.col("timestamp").cast(pl.Datetime("us", "UTC")))
 
 
@@ -117,6 +120,8 @@ class RangeFetcher:
         *,
         headers_batch_size: int = 100,
         address_starts: Mapping[str, int] | None = None,
+        verifier: LogVerifier | None = None,
+        verify_mode: str = "bloom",
     ) -> None:
         self.rpc = rpc
         self.chain_id = chain_id
@@ -125,6 +130,9 @@ class RangeFetcher:
         self.headers_batch_size = headers_batch_size
         # Addresses whose logs count only from their own start block (per-contract start_block).
         self.address_starts = {a.lower(): s for a, s in (address_starts or {}).items()}
+        # Missing-log detection (`chain.verify_logs`): "bloom", "double" (bloom + every answer twice), "off".
+        self.verifier = verifier if verify_mode != "off" else None
+        self.double = verify_mode == "double"
 
     async def head(self) -> int:
         return int(await self.rpc.call("eth_blockNumber"), 16)
@@ -139,14 +147,45 @@ class RangeFetcher:
             [parse_headers(r, b, self.chain_id) for r, b in zip(results, batches, strict=True)], how="vertical"
         )
 
+    def _parse(self, body: bytes) -> pl.DataFrame:
+        return parse_logs_body(body, self.chain_id)
+
     async def _logs_once(self, from_block: int, to_block: int, addresses: Sequence[str]) -> pl.DataFrame:
-        body = await self.rpc.call_raw(
+        # Parsed in a worker thread (Polars releases the GIL: the event loop keeps reading the other
+        # responses meanwhile), inside the client's retries: a truncated 200 body is fetched again.
+        return await self.rpc.call_raw(
             "eth_getLogs",
             [{"fromBlock": _hex(from_block), "toBlock": _hex(to_block), "address": list(addresses)}],
+            parse=self._parse,
         )
-        # Parsing releases the GIL: let it run beside the next downloads.
-        # Parsing releases the GIL: the event loop keeps reading the other responses meanwhile.
-        return await asyncio.to_thread(parse_logs_body, body, self.chain_id)
+
+    async def logs_by_hash(self, block_hash: str) -> pl.DataFrame:
+        """All logs of the addresses in one block, by its hash (EIP-234): of that block's fork only."""
+        groups = [
+            self.addresses[i : i + MAX_ADDRESSES_PER_REQUEST]
+            for i in range(0, len(self.addresses), MAX_ADDRESSES_PER_REQUEST)
+        ]
+        frames = await asyncio.gather(*[
+            self.rpc.call_raw("eth_getLogs", [{"blockHash": block_hash, "address": g}], parse=self._parse)
+            for g in groups
+        ])
+        out = pl.concat(frames, how="vertical") if frames else parse_logs_body(b'{"result":[]}', self.chain_id)
+        if out.height and not (out["block_hash"] == block_hash).all():
+            raise ForkChanged("the node answered logs of another block")
+        return out.sort("log_index")
+
+    async def verified(self, blocks: pl.DataFrame, logs: pl.DataFrame, again) -> pl.DataFrame:
+        """`logs` of `blocks` (with `logs_bloom`) after missing-log detection; `again()` fetches them anew
+        (double mode). Suspect blocks are fetched again by hash; raises `MissingLogs`."""
+        if self.verifier is None:
+            return logs
+        stats = self.rpc.stats.errors
+        if self.double:
+            first, last = blocks["number"].min(), blocks["number"].max()
+            logs = await agree(again, logs, stats, f"logs of blocks {first}-{last}")
+        hashes = dict(zip(blocks["number"].to_list(), blocks["hash"].to_list(), strict=True))
+        blooms = {n: parse_bloom(b) for n, b in zip(blocks["number"].to_list(), blocks["logs_bloom"].to_list(), strict=True)}
+        return await reconcile(self.verifier, blooms, logs, lambda n: self.logs_by_hash(hashes[n]), stats)
 
     async def logs(self, from_block: int, to_block: int) -> pl.DataFrame:
         """Logs of all addresses in [from_block, to_block], splitting the range when the node says it is too big."""
@@ -181,6 +220,10 @@ class RangeFetcher:
                 await asyncio.sleep(0.5)
                 continue
             if _consistent(blocks, logs):
+                logs = await self.verified(blocks, logs, lambda: self.logs(from_block, to_block))
+                if not _consistent(blocks, logs):
+                    continue
+                blocks = blocks.drop("logs_bloom")
                 return Chunk(from_block, to_block, blocks, await asyncio.to_thread(self._finish_logs, blocks, logs))
             await asyncio.sleep(0.2)
         raise ForkChanged(f"blocks {from_block}-{to_block} kept changing fork across {_CHUNK_ATTEMPTS} fetches")

@@ -7,15 +7,18 @@ may carry an API key.
 """
 
 import asyncio
+import inspect
 import random
+import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import aiohttp
 import orjson
 
+from indexer_dagster.monitor.budget import endpoint_key
 from indexer_dagster.monitor.errors import (
     RpcError,
     RpcErrorInfo,
@@ -33,6 +36,8 @@ class RpcStats:
     requests: Counter = field(default_factory=Counter)
     retries: Counter = field(default_factory=Counter)
     errors: Counter = field(default_factory=Counter)
+    failovers: int = 0  # moves to the next endpoint after repeated failures
+    budget_wait_s: float = 0.0  # time spent waiting for the shared requests-per-second budget
 
     @property
     def total_requests(self) -> int:
@@ -47,6 +52,8 @@ class RpcStats:
             "requests": dict(self.requests),
             "retries": dict(self.retries),
             "errors": dict(self.errors),
+            "failovers": self.failovers,
+            "budget_wait_s": round(self.budget_wait_s, 3),
         }
 
 
@@ -62,19 +69,47 @@ class RetryPolicy:
         return random.uniform(0, min(self.max_delay_s, self.base_delay_s * (2**attempt)))
 
 
+@dataclass
+class _Failover:
+    active: int = 0  # index of the endpoint requests go to
+    fails: int = 0  # consecutive transient failures of the active endpoint
+    moved_at: float = 0.0  # when requests left the preferred endpoint (monotonic)
+
+
+_FAILOVER: dict[tuple[str, ...], _Failover] = {}
+
+
 class RpcClient:
-    """Use as `async with RpcClient(url) as rpc:`; all methods are coroutines."""
+    """Use as `async with RpcClient(url) as rpc:`; all methods are coroutines.
+
+    `url` may be a list of endpoints in order of preference: after `failover_after` consecutive
+    transient failures or rate limits of the active endpoint, requests move to the next one, and
+    `failback_after_s` later they try the preferred one again. `budget` (an `RpcBudget`) caps the
+    requests per second of each endpoint across processes; every attempt waits for it.
+    """
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         *,
         timeout_s: float = 30.0,
         concurrency: int = 4,
         retry: RetryPolicy | None = None,
         stats: RpcStats | None = None,
+        budget: Any = None,
+        failover_after: int = 3,
+        failback_after_s: float = 60.0,
     ) -> None:
-        self._url = url
+        self._urls = [url] if isinstance(url, str) else list(url)
+        if not self._urls:
+            raise ValueError("RpcClient needs at least one endpoint")
+        self._budget = budget
+        self._budget_keys = [endpoint_key(u) for u in self._urls]
+        self.failover_after = max(1, failover_after)
+        self.failback_after_s = failback_after_s
+        # Shared by the clients of this process with the same endpoints: a new client (the next range,
+        # the next follower tick) starts where the last one found a working endpoint.
+        self._fo = _FAILOVER.setdefault(tuple(self._urls), _Failover())
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._limit = asyncio.Semaphore(concurrency)
         self._concurrency = concurrency
@@ -94,15 +129,45 @@ class RpcClient:
         if self._session is not None:
             await self._session.close()
             self._session = None
+        if self._budget is not None:
+            self._budget.close()
+
+    @property
+    def active_endpoint(self) -> int:
+        """Index of the endpoint requests currently go to (0 = the preferred one)."""
+        return self._fo.active
+
+    def _endpoint(self) -> int:
+        fo = self._fo
+        if fo.active != 0 and time.monotonic() - fo.moved_at >= self.failback_after_s:
+            fo.active, fo.fails = 0, 0  # try the preferred endpoint again
+        return fo.active
+
+    def _endpoint_ok(self, idx: int) -> None:
+        if idx == self._fo.active:
+            self._fo.fails = 0
+
+    def _endpoint_failed(self, idx: int) -> bool:
+        """Count a transient failure of endpoint `idx`; True if requests now go to another endpoint."""
+        fo = self._fo
+        if idx == fo.active and len(self._urls) > 1:
+            fo.fails += 1
+            if fo.fails >= self.failover_after:
+                fo.active, fo.fails = (idx + 1) % len(self._urls), 0
+                fo.moved_at = time.monotonic()
+                self.stats.failovers += 1
+        return fo.active != idx
 
     def _next_id(self) -> int:
         self._ids += 1
         return self._ids
 
-    async def _post_once(self, payload: bytes) -> bytes:
+    async def _post_once(self, payload: bytes, idx: int = 0) -> bytes:
         assert self._session is not None, "use RpcClient as an async context manager"
         async with self._limit:
-            async with self._session.post(self._url, data=payload) as resp:
+            if self._budget is not None:
+                self.stats.budget_wait_s += await self._budget.acquire(self._budget_keys[idx])
+            async with self._session.post(self._urls[idx], data=payload) as resp:
                 body = await resp.read()
                 if resp.status != 200:
                     raise RpcError(classify_http(resp.status, resp.headers, body[:2000].decode("utf-8", "replace")))
@@ -111,11 +176,17 @@ class RpcClient:
     async def _with_retries(self, method: str, payload: bytes, check) -> Any:
         """POST `payload` and run `check(body)`; retry what is transient, re-raise the rest."""
         attempt = 0
+        free_moves = len(self._urls) - 1  # a move to another endpoint is not counted as a retry
         while True:
             self.stats.requests[method] += 1
+            idx = self._endpoint()
             try:
-                body = await self._post_once(payload)
-                return check(body)
+                body = await self._post_once(payload, idx)
+                result = check(body)
+                # A check may parse in a worker thread; its failures are retried like the POST's.
+                result = await result if inspect.isawaitable(result) else result
+                self._endpoint_ok(idx)
+                return result
             except RpcError as e:
                 info = e.info
             except Exception as e:  # noqa: BLE001 - classified below, unknown kinds become RpcError
@@ -125,6 +196,12 @@ class RpcClient:
                 # A bare "limit exceeded" that persists after a backoff is the range, not the rate.
                 info = replace(info, kind=RpcErrorKind.RANGE_TOO_LARGE)
             retriable = info.kind in (RpcErrorKind.TRANSIENT, RpcErrorKind.RATE_LIMITED)
+            if not retriable:
+                self._endpoint_ok(idx)  # it answered: the request, not the endpoint, is at fault
+            elif self._endpoint_failed(idx) and free_moves > 0:
+                free_moves -= 1
+                self.stats.retries[method] += 1
+                continue  # at once, on the endpoint requests moved to
             if not retriable or attempt >= self.retry.max_retries:
                 if retriable:
                     info = replace(
@@ -153,17 +230,26 @@ class RpcClient:
         payload = orjson.dumps({"jsonrpc": "2.0", "id": self._next_id(), "method": method, "params": list(params)})
         return await self._with_retries(method, payload, self._result)
 
-    async def call_raw(self, method: str, params: Sequence[Any] = ()) -> bytes:
-        """The raw response body of a successful call, for callers that parse it in bulk (eth_getLogs)."""
+    async def call_raw(self, method: str, params: Sequence[Any] = (), parse: Callable[[bytes], Any] | None = None) -> Any:
+        """The raw response body of a successful call, for callers that parse it in bulk (eth_getLogs);
+        or `parse(body)`, run in a worker thread: a 200 body it cannot parse (cut short, not JSON) is
+        retried like any transient error instead of failing the run."""
         payload = orjson.dumps({"jsonrpc": "2.0", "id": self._next_id(), "method": method, "params": list(params)})
 
-        def check(body: bytes) -> bytes:
+        async def parsed(body: bytes) -> Any:
+            try:
+                return await asyncio.to_thread(parse, body)
+            except Exception as e:  # noqa: BLE001 - the body, not the code: fetch it again
+                raise RpcError(RpcErrorInfo(
+                    RpcErrorKind.TRANSIENT, f"invalid or truncated JSON response ({type(e).__name__})"
+                )) from None
+
+        def check(body: bytes) -> Any:
             # Log bodies hold only hex values, so a "result" key near the start means success;
             # anything else is parsed and classified.
-            if b'"result"' in body[:80]:
-                return body
-            self._result(body)
-            return body
+            if b'"result"' not in body[:80]:
+                self._result(body)
+            return body if parse is None else parsed(body)
 
         return await self._with_retries(method, payload, check)
 
@@ -200,8 +286,21 @@ class RpcClient:
         return await self._with_retries(method, payload, check)
 
 
-def call_sync(url: str, method: str, params: Sequence[Any] = (), timeout_s: float = 10.0) -> Any:
-    """One blocking JSON-RPC call (for the few checks made while holding a lock inside other code)."""
+def call_sync(url: str | Sequence[str], method: str, params: Sequence[Any] = (), timeout_s: float = 10.0) -> Any:
+    """One blocking JSON-RPC call (for the few checks made while holding a lock inside other code).
+
+    Several URLs: tried in order until one answers (an endpoint that is down is not an answer)."""
+    if not isinstance(url, str):
+        last: RpcError | None = None
+        for u in url:
+            try:
+                return call_sync(u, method, params, timeout_s)
+            except RpcError as e:
+                if e.info.kind not in (RpcErrorKind.TRANSIENT, RpcErrorKind.RATE_LIMITED):
+                    raise
+                last = e
+        assert last is not None, "call_sync needs at least one URL"
+        raise last
     import urllib.request
 
     payload = orjson.dumps({"jsonrpc": "2.0", "id": 1, "method": method, "params": list(params)})

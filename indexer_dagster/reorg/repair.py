@@ -34,6 +34,7 @@ from indexer_dagster.persist.heads import record_head
 from indexer_dagster.persist.lake import Lake
 from indexer_dagster.reorg.detect import LocalChain, find_ancestor
 from indexer_dagster.reorg.state import Header, Phase, Reorg, StateStore
+from indexer_dagster.sync.contracts import coverage_metadata, wanted_coverage
 from indexer_dagster.sync.historical import Decoder, new_sizer, rpc_client, sync_range
 from indexer_dagster.sync.realtime import LIVE, CURSOR, Follower, live_datasets
 
@@ -62,7 +63,7 @@ def _files_above(lake: Lake, dataset: str, ancestor: int) -> list[tuple[str, Pat
     out = []
     for prefix in ("", f"{LIVE}/"):
         for p in lake.files(prefix + dataset):
-            last = int(p.stem.split("-")[1])
+            last = int(p.stem.split("+", 1)[0].split("-")[1])  # a supplement file is `<range>+<fingerprint>`
             if last > ancestor:
                 out.append((("live-" if prefix else "") + p.stem, p))
     return out
@@ -191,7 +192,7 @@ def restore(cfg: IndexerConfig, store: StateStore, reorg: Reorg, on_partition: C
     lake = Lake(cfg.data_dir, chain)
 
     def ancestor_hash() -> str | None:
-        block = call_sync(cfg.chain.rpc_url, "eth_getBlockByNumber", [hex(reorg.common_ancestor), False])
+        block = call_sync(cfg.chain.endpoints, "eth_getBlockByNumber", [hex(reorg.common_ancestor), False])
         return block["hash"].lower() if block else None
 
     @contextmanager
@@ -217,7 +218,7 @@ def restore(cfg: IndexerConfig, store: StateStore, reorg: Reorg, on_partition: C
         if blocks is not None:
             key = f"{blocks['number'][0]:012d}-{blocks['number'][-1]:012d}"
             tx.writer(f"{LIVE}/blocks", key, BLOCK_SCHEMA).write(blocks)
-            tx.writer(f"{LIVE}/logs", key, LOG_SCHEMA).write(logs)
+            tx.writer(f"{LIVE}/logs", key, LOG_SCHEMA, coverage_metadata(wanted_coverage(cfg))).write(logs)
             decoder = Decoder(cfg, None)
             decoder.open(tx, key, prefix=f"{LIVE}/")
             decoder.write(logs)
