@@ -10,9 +10,12 @@ from indexer_dagster.assets.dex import build_dex_assets, dex_job_name
 from indexer_dagster.assets.historical import build_historical_assets, raw_keys
 from indexer_dagster.assets.partitions import block_ranges
 from indexer_dagster.config import IndexerConfig, load_config
+from indexer_dagster.health.logs import configure_logging
 from indexer_dagster.jobs.live import build_live_jobs
 from indexer_dagster.resources import default_resources
+from indexer_dagster.sensors.alerts import build_alert_sensors
 from indexer_dagster.sensors.chain_head import build_chain_head_sensor
+from indexer_dagster.sensors.freshness import build_freshness_sensor
 from indexer_dagster.sync.dex import enabled as dex_enabled
 
 
@@ -26,7 +29,7 @@ def build_definitions(cfg: IndexerConfig) -> dg.Definitions:
     return dg.Definitions(
         assets=[a for assets, _, _ in per_chain for a in assets],
         jobs=[j for _, jobs, _ in per_chain for j in jobs],
-        sensors=[s for _, _, sensors in per_chain for s in sensors],
+        sensors=[s for _, _, sensors in per_chain for s in sensors] + build_alert_sensors(cfg),
         resources=default_resources(),
     )
 
@@ -54,9 +57,10 @@ def _chain_definitions(cfg: IndexerConfig) -> tuple[list, list, list]:
         cfg, [historical, *live_jobs], historical_job_name(cfg.chain.name), parts.name,
         dex_job_name(cfg.chain.name) if dex_enabled(cfg) else None,
     )
-    return assets, [historical, *live_jobs], [sensor]
+    return assets, [historical, *live_jobs], [sensor, build_freshness_sensor(cfg)]
 
 
 @dg.definitions
 def defs() -> dg.Definitions:
+    configure_logging()  # the indexer's own log lines to stderr (captured per run), text or JSON
     return build_definitions(load_config())

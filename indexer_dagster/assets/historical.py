@@ -10,12 +10,17 @@ several ranges per run) and records what it did as per-partition metadata.
 import dagster as dg
 
 from indexer_dagster.config import IndexerConfig
+from indexer_dagster.health.logs import bind
 from indexer_dagster.monitor.rpc import RpcStats
-from indexer_dagster.partitions import parse_key
+from indexer_dagster.partitions import parse_key, range_for_block
 from indexer_dagster.persist.catalog import build_catalog
+from indexer_dagster.persist.failed_checks import record_range_checks
+from indexer_dagster.persist.lake import Lake, storage_problem
+from indexer_dagster.persist.verify_range import CHECKS, CheckResult, verify_range
 from indexer_dagster.resources import IndexerConfigResource
 from indexer_dagster.reorg.state import open_state
-from indexer_dagster.sync.historical import decode_range, sync_range
+from indexer_dagster.sync.historical import decode_range
+from indexer_dagster.sync.supplement import fetch_range
 from indexer_dagster.sync.realtime import range_lease
 
 RANGES_PER_RUN = 8
@@ -47,9 +52,16 @@ def build_historical_assets(cfg: IndexerConfig, partitions_def: dg.PartitionsDef
         ],
     ]
 
+    # Checks of every range written (persist.verify_range); a failing range stays unconfirmed and is synced again.
+    check_specs = [
+        dg.AssetCheckSpec(name, asset=blocks_key if dataset == "blocks" else logs_key, description=doc)
+        for name, (dataset, doc) in CHECKS.items()
+    ]
+
     @dg.multi_asset(
         name=f"{chain}_historical",
         specs=specs,
+        check_specs=check_specs,
         partitions_def=partitions_def,
         backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=RANGES_PER_RUN),
         retry_policy=RETRY,
@@ -58,16 +70,48 @@ def build_historical_assets(cfg: IndexerConfig, partitions_def: dg.PartitionsDef
     )
     def historical(context: dg.AssetExecutionContext, indexer: IndexerConfigResource):
         cfg = indexer.for_chain(chain)
+        bind(run_id=context.run_id, chain=chain)  # the indexer's own log lines name the run
         selected = context.selected_asset_keys
         tables = [t for k, t in table_of.items() if k in selected]
         fetch = blocks_key in selected or logs_key in selected
         stats = RpcStats()
-        store = open_state(cfg.state_url)
+        try:
+            store = open_state(cfg.state_url)
+        except Exception as e:
+            _fail_fast_on_storage(cfg, e)
+            raise
+        checks = {k.name for k in context.selected_asset_check_keys}
+        checked: dict[str, list[CheckResult]] = {name: [] for name in checks}
         for key in context.partition_keys:
             r = parse_key(key)
             # One writer per range at a time; the lease also tells the sensor this run is alive.
             with store.writer_lock(range_lease(chain, key), timeout_s=3600):
-                res = sync_range(cfg, r, tables, stats=stats) if fetch else decode_range(cfg, r, tables)
+                if fetch or tables:
+                    # A stored range lacking only added contracts/events gets a supplement / a decode.
+                    try:
+                        res = fetch_range(cfg, r, tables, stats=stats) if fetch else decode_range(cfg, r, tables)
+                    except Exception as e:
+                        _fail_fast_on_storage(cfg, e)
+                        raise
+                if checks:
+                    results = verify_range(cfg, r, to_block=res.to_block if fetch else None)
+                    # Durable verdict: a failed range stays unconfirmed and the sensor syncs it again.
+                    lake = Lake(cfg.data_dir, chain)
+                    record_range_checks(lake, cfg.chain.chain_id, r,
+                                        [(c.name, c.description) for c in results if not c.passed])
+                    link = next(c for c in results if c.name == "parent_hash_chain")
+                    if link.metadata.get("across_ok") is False:
+                        # Either side of a broken link may be the wrong fork: sync the previous range again too.
+                        record_range_checks(lake, cfg.chain.chain_id, range_for_block(r.start - 1, r.end - r.start + 1),
+                                            [(link.name, f"the next range {key} does not chain onto this range's "
+                                                         f"last block: {link.description}")], add=True)
+                    for c in results:
+                        if c.name in checks:
+                            checked[c.name].append(c)
+                        if not c.passed:
+                            context.log.error(f"{chain} {key}: check {c.name} failed: {c.description}")
+            if not (fetch or tables):
+                continue
             common = {"block_range": f"{res.from_block}-{res.to_block}" if res.from_block is not None else "empty",
                       "seconds": round(res.seconds, 3)}
             if fetch:
@@ -77,6 +121,7 @@ def build_historical_assets(cfg: IndexerConfig, partitions_def: dg.PartitionsDef
                     "last_block_hash": res.last_block_hash or "",
                     "rpc_requests": stats.total_requests,
                     "rpc_retries": stats.total_retries,
+                    "sync_mode": res.mode,  # full, or supplement/decode (only added contracts/events)
                 }
                 context.add_asset_metadata({**common, "rows": res.blocks}, asset_key=blocks_key, partition_key=key)
                 context.add_asset_metadata({**common, "rows": res.logs}, asset_key=logs_key, partition_key=key)
@@ -92,9 +137,44 @@ def build_historical_assets(cfg: IndexerConfig, partitions_def: dg.PartitionsDef
             )
         store.close()
         # New tables appear in the catalog; existing views pick up new files by themselves.
-        build_catalog(cfg)
+        try:
+            build_catalog(cfg)
+        except Exception as e:
+            _fail_fast_on_storage(cfg, e)
+            raise
         for spec in specs:  # in spec order, which is topological (raw before decoded)
             if spec.key in selected:
                 yield dg.MaterializeResult(asset_key=spec.key)
+        # One result per check and run (a check may not be yielded twice in a step), over all its ranges.
+        for spec in check_specs:
+            if spec.name in checks:
+                yield check_result(spec, checked[spec.name])
 
     return [historical]
+
+
+def _fail_fast_on_storage(cfg: IndexerConfig, e: Exception) -> None:
+    """A full or read-only data directory does not heal in seconds: fail at once (no retries) with the
+    message that names the directory and the fix."""
+    if (problem := storage_problem(cfg.data_dir, e)) is not None:
+        raise dg.Failure(description=str(problem), allow_retries=False) from None
+
+
+def check_result(spec: dg.AssetCheckSpec, results: list[CheckResult]) -> dg.AssetCheckResult:
+    """The run's verdict of one check over its ranges: failed if any range failed, naming them."""
+    failed = [c for c in results if not c.passed]
+    if len(results) == 1:
+        description = results[0].description
+    elif failed:
+        description = f"{len(failed)} of {len(results)} ranges failed: " + "; ".join(
+            f"{c.metadata['range']}: {c.description}" for c in failed)
+    else:
+        description = f"{len(results)} ranges passed"
+    return dg.AssetCheckResult(
+        asset_key=spec.asset_key, check_name=spec.name, passed=not failed, description=description,
+        metadata={
+            "ranges": [c.metadata["range"] for c in results],
+            "failed_ranges": [c.metadata["range"] for c in failed],
+            "details": {c.metadata["range"]: {k: v for k, v in c.metadata.items() if k != "range"} for c in results},
+        },
+    )

@@ -5,9 +5,11 @@ import time
 import dagster as dg
 
 from indexer_dagster.config import IndexerConfig
+from indexer_dagster.health.alerts import deep_reorg_alert, send_alert
+from indexer_dagster.health.logs import bind
 from indexer_dagster.persist.catalog import build_catalog
 from indexer_dagster.reorg.repair import repair
-from indexer_dagster.reorg.state import open_state
+from indexer_dagster.reorg.state import Phase, open_state
 from indexer_dagster.resources import IndexerConfigResource
 from indexer_dagster.sync.realtime import Follower
 
@@ -44,6 +46,7 @@ def build_live_jobs(cfg: IndexerConfig, historical_keys: list[dg.AssetKey]) -> l
         import asyncio
 
         cfg = indexer.for_chain(chain)
+        bind(run_id=context.run_id, chain=chain)
         store = open_state(cfg.state_url)
         follower = Follower(cfg, store)
         deadline = time.monotonic() + config.minutes * 60
@@ -69,9 +72,15 @@ def build_live_jobs(cfg: IndexerConfig, historical_keys: list[dg.AssetKey]) -> l
            description="Suspend, roll back (archive orphaned rows), restore from the new fork.")
     def repair_reorg(context: dg.OpExecutionContext, config: ReorgConfig, indexer: IndexerConfigResource):
         cfg = indexer.for_chain(chain)
+        bind(run_id=context.run_id, chain=chain)
         store = open_state(cfg.state_url)
         restored: list[str] = []
         try:
+            before = store.get_reorg(config.reorg_id)
+            # Alert once, when the repair starts (a retried run finds the reorg past `detected`).
+            deep = deep_reorg_alert(cfg, before) if before is not None and before.phase is Phase.DETECTED else None
+            if deep is not None:
+                send_alert(cfg.alerts, deep)
             res = repair(cfg, store, config.reorg_id,
                          on_phase=lambda p: context.log.info(f"reorg {config.reorg_id}: {p.value}"),
                          on_partition=restored.append)
@@ -79,6 +88,8 @@ def build_live_jobs(cfg: IndexerConfig, historical_keys: list[dg.AssetKey]) -> l
             store.close()
         build_catalog(cfg)
         r = res.reorg
+        if before is not None and before.depth <= cfg.chain.confirmations and (late := deep_reorg_alert(cfg, r)):
+            send_alert(cfg.alerts, late)  # a deeper reorg merged into this one during the repair
         # The restored ranges were re-materialized from the new fork: record them as such.
         for key in restored:
             for asset_key in historical_keys:

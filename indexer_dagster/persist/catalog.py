@@ -6,6 +6,7 @@ read-only) keep working through a rebuild. Views read Parquet globs, so new rang
 queries without rebuilding; a rebuild is needed only when the set of tables changes.
 """
 
+import errno
 import os
 import uuid
 from pathlib import Path
@@ -16,8 +17,9 @@ from filelock import FileLock
 
 from indexer_dagster.config import IndexerConfig
 from indexer_dagster.monitor.fetch import BLOCK_SCHEMA, LOG_SCHEMA
+from indexer_dagster.persist.failed_checks import KEY as FAILED_KEY, SCHEMA as FAILED_SCHEMA, ensure_ledger
 from indexer_dagster.persist.heads import HEAD_DATASET, HEAD_KEY, HEAD_SCHEMA
-from indexer_dagster.persist.lake import Lake
+from indexer_dagster.persist.lake import Lake, StorageError
 
 _DUCK_TYPES = {
     pl.Int64: "BIGINT",
@@ -77,6 +79,9 @@ def view_statements(cfg: IndexerConfig) -> dict[str, str]:
         return _source(glob, schema, any(d.glob(f"*/{HEAD_DATASET}/{key}.parquet")))
 
     views["chain_heads"] = meta(HEAD_KEY, HEAD_SCHEMA)
+    # Ranges whose last checks failed (persist.verify_range): their rows stay unconfirmed.
+    ensure_ledger(lake)
+    views["failed_checks"] = meta(FAILED_KEY, FAILED_SCHEMA)
     views["_range_blocks"] = src("blocks", BLOCK_SCHEMA)
     views["_live_blocks"] = src(f"{LIVE}/blocks", BLOCK_SCHEMA)
     # Block numbers that range files hold, above the lowest live block (DuckDB prunes by file statistics).
@@ -95,8 +100,9 @@ def view_statements(cfg: IndexerConfig) -> dict[str, str]:
 
     def with_status(sql: str, number_col: str) -> str:
         return (
-            f"SELECT x.*, CASE WHEN x.{number_col} <= h.confirmed_through THEN 'confirmed' "
-            f"ELSE 'unconfirmed' END AS status FROM ({sql}) x "
+            f"SELECT x.*, CASE WHEN x.{number_col} <= h.confirmed_through AND NOT EXISTS (SELECT 1 FROM "
+            f"failed_checks f WHERE f.chain_id = x.chain_id AND x.{number_col} BETWEEN f.first_block AND "
+            f"f.last_block) THEN 'confirmed' ELSE 'unconfirmed' END AS status FROM ({sql}) x "
             f"LEFT JOIN chain_heads h ON h.chain_id = x.chain_id"
         )
 
@@ -105,9 +111,21 @@ def view_statements(cfg: IndexerConfig) -> dict[str, str]:
     # One view per table across all chains of the config (their files sit under data_dir/<chain>/).
     specs = {spec.table: spec for c in cfg.chains for _, spec in c.all_specs()}
     tables += [(f"events/{table}", spec.schema(), "block_number") for table, spec in specs.items()]
+    views["_contract_addresses"] = _contract_addresses(cfg, src, LIVE)
+    contracts_of = {}
+    for c in cfg.chains:
+        for contract, spec in c.all_specs():
+            contracts_of.setdefault(f"events/{spec.table}", set()).add(contract.name)
     for dataset, schema, number_col in tables:
         name = dataset.split("/")[-1]
-        views[name] = with_status(merged(dataset, schema, number_col), number_col)
+        sql = merged(dataset, schema, number_col)
+        if dataset != "blocks":
+            # Only the configured contracts: one removed from the config is hidden, its files kept.
+            only = contracts_of.get(dataset)
+            which = f" AND c.contract IN ({', '.join(repr(n) for n in sorted(only))})" if only else ""
+            sql = (f"SELECT m.* FROM ({sql}) m WHERE EXISTS (SELECT 1 FROM _contract_addresses c "
+                   f"WHERE c.chain_id = m.chain_id AND c.address = m.address{which})")
+        views[name] = with_status(sql, number_col)
         views[f"orphaned_{name}"] = src(f"{ORPHANED}/{dataset}", {**schema, **orphan_extra})
     views["reorgs"] = meta(LEDGER_KEY, LEDGER_SCHEMA)
     # Derived DEX tables (one file per chain and table): a view once the first build wrote them.
@@ -121,6 +139,26 @@ def view_statements(cfg: IndexerConfig) -> dict[str, str]:
         col = status_col.get(table, "block_number")
         views[table] = with_status(sql, col) if col else sql
     return views
+
+
+def _contract_addresses(cfg: IndexerConfig, src, live: str) -> str:
+    """(chain_id, contract, address) of every configured contract: the static addresses, and the
+    factory children in the lake's child registry (range files and live segments)."""
+    from indexer_dagster.sync.contracts import CHILD_SCHEMA, CHILDREN
+
+    static = [f"({c.chain.chain_id}, '{k.name}', '{a}')" for c in cfg.chains for k in c.contracts for a in k.addresses]
+    factory = [f"({c.chain.chain_id}, '{k.name}')" for c in cfg.chains for k in c.contracts if k.factory is not None]
+    parts = ["SELECT CAST(NULL AS BIGINT) AS chain_id, CAST(NULL AS VARCHAR) AS contract, "
+             "CAST(NULL AS VARCHAR) AS address WHERE false"]
+    if static:
+        parts.append(f"SELECT * FROM (VALUES {', '.join(static)}) t(chain_id, contract, address)")
+    if factory:
+        children = (f"SELECT chain_id, contract, address FROM ({src(CHILDREN, CHILD_SCHEMA)}) UNION ALL "
+                    f"SELECT chain_id, contract, address FROM ({src(f'{live}/{CHILDREN}', CHILD_SCHEMA)})")
+        parts.append(f"SELECT DISTINCT ch.chain_id, ch.contract, ch.address FROM ({children}) ch "
+                     f"JOIN (VALUES {', '.join(factory)}) f(chain_id, contract) "
+                     "ON f.chain_id = ch.chain_id AND f.contract = ch.contract")
+    return " UNION ALL ".join(parts)
 
 
 def build_catalog(cfg: IndexerConfig) -> Path:
@@ -138,6 +176,13 @@ def build_catalog(cfg: IndexerConfig) -> Path:
             finally:
                 con.close()
             os.replace(tmp, target)
+        except duckdb.IOException as e:
+            # e.g. a full disk: the old catalog stays in place; say where and why, not a DuckDB traceback.
+            low = str(e).lower()
+            code = errno.ENOSPC if "no space" in low else errno.EACCES if "permission" in low else None
+            if code is None:
+                raise
+            raise StorageError.from_os_error(OSError(code, str(e), str(tmp)), target.parent) from None
         finally:
             tmp.unlink(missing_ok=True)
             Path(str(tmp) + ".wal").unlink(missing_ok=True)

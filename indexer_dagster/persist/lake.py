@@ -7,6 +7,7 @@ old file or the new one, never a partial one; a killed writer leaves only a hidd
 the next write of the same range removes.
 """
 
+import errno
 import os
 import uuid
 from collections.abc import Callable, Iterator
@@ -74,6 +75,11 @@ class Lake:
             tx.finish_writing()
             with guard() if guard else nullcontext():
                 tx.publish()
+        except OSError as e:
+            tx.abort()
+            if isinstance(e, StorageError) or e.errno not in _STORAGE_ERRNOS:
+                raise
+            raise StorageError.from_os_error(e, self.root) from e
         except BaseException:
             tx.abort()
             raise
@@ -88,6 +94,57 @@ class Lake:
 
 
 SCHEMA_FILE = ".schema.parquet"
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+class StorageError(OSError):
+    """The data directory cannot take the write (full, over quota, read-only, not permitted). The
+    message names the directory, the cause and the fix; the files written before are untouched."""
+
+    @classmethod
+    def from_os_error(cls, e: OSError, where: Path) -> "StorageError":
+        cause = {
+            errno.ENOSPC: "the disk is full (no space left on device)",
+            errno.EDQUOT: "the disk quota is exceeded (no space left for this user)",
+            errno.EFBIG: "a file would exceed the size limit of this process or filesystem (no space left under the limit)",
+            errno.EACCES: "permission denied",
+            errno.EPERM: "the operation is not permitted (immutable or protected files?)",
+            errno.EROFS: "the filesystem is read-only",
+        }.get(e.errno, e.strerror or str(e))
+        fix = ("free space there (or point storage.data_dir at a larger disk)"
+               if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+               else "give this process write access to it (or point storage.data_dir elsewhere)")
+        err = cls(e.errno, f"cannot write to the data directory {where}: {cause} ({e.filename or where}); "
+                           f"{fix}, then re-run the same command. Files written before are intact.")
+        return err
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+MIN_FREE_BYTES = 1 << 20
+
+
+def storage_problem(data_dir: Path, e: BaseException) -> StorageError | None:
+    """The StorageError behind `e` (any failed write under `data_dir`: Parquet, SQLite state, DuckDB
+    catalog) when the cause is the disk — full, read-only, not writable — else None."""
+    if isinstance(e, StorageError):
+        return e
+    if isinstance(e, OSError) and e.errno in _STORAGE_ERRNOS:
+        return StorageError.from_os_error(e, Path(data_dir))
+    if not (isinstance(e, OSError) or type(e).__module__.startswith(("sqlite3", "_duckdb", "duckdb"))):
+        return None
+    # SQLite says "disk I/O error", DuckDB "IO Error": look at the directory itself.
+    try:
+        st = os.statvfs(data_dir)
+    except OSError:
+        return None
+    code = None
+    if st.f_bavail * st.f_frsize < MIN_FREE_BYTES:
+        code = errno.ENOSPC
+    elif st.f_flag & os.ST_RDONLY:
+        code = errno.EROFS
+    return StorageError.from_os_error(OSError(code, str(e), str(data_dir)), Path(data_dir)) if code else None
 
 
 def data_files(directory: Path) -> list[Path]:
@@ -104,12 +161,18 @@ class Transaction:
         self._files: list[tuple[StreamWriter, Path]] = []
         self._deletes: list[Path] = []
 
-    def writer(self, dataset: str, key: str, schema: dict[str, pl.DataType]) -> "StreamWriter":
+    def writer(
+        self, dataset: str, key: str, schema: dict[str, pl.DataType], metadata: dict[str, str] | None = None
+    ) -> "StreamWriter":
+        """`metadata`: Parquet key-value metadata stored with the file (e.g. which addresses it covers)."""
         final = self.lake.path(dataset, key)
         final.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_temps(final)
         tmp = final.with_name(f".{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-        w = StreamWriter(tmp, pl.DataFrame(schema=schema).to_arrow(compat_level=_ARROW).schema)
+        arrow_schema = pl.DataFrame(schema=schema).to_arrow(compat_level=_ARROW).schema
+        if metadata:
+            arrow_schema = arrow_schema.with_metadata({**(arrow_schema.metadata or {}), **metadata})
+        w = StreamWriter(tmp, arrow_schema)
         self._files.append((w, final))
         return w
 
@@ -134,7 +197,10 @@ class Transaction:
 
     def abort(self) -> None:
         for w, _ in self._files:
-            w.close(flush=False)
+            try:
+                w.close(flush=False)
+            except OSError:
+                pass  # e.g. the disk is full: the footer cannot be written; the temp file goes anyway
             w.path.unlink(missing_ok=True)
 
 

@@ -9,12 +9,15 @@ from indexer_dagster.jobs.live import (
     CHAIN_TAG, REORG_ID_TAG, ROLE_TAG, LIVE_ROLE, REORG_ROLE, ReorgConfig, live_job_name, reorg_job_name,
 )
 from indexer_dagster.partitions import range_for_block
+from indexer_dagster.persist.failed_checks import failed_ranges
 from indexer_dagster.persist.lake import Lake
 from indexer_dagster.reorg.state import open_state
 from indexer_dagster.resources import IndexerConfigResource
 from indexer_dagster.sync.realtime import ANCHOR, follower_alive, lease_held, live_segments, range_lease
+from indexer_dagster.sync.supplement import ranges_to_supplement
 from indexer_dagster.sync.supervise import Facts, plan, range_coverage
 
+RESYNC_BACKOFF_S = 10.0  # a range whose checks failed is synced again once its failure is this old
 IN_PROGRESS = [
     dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED,
     dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED,
@@ -104,6 +107,8 @@ def build_chain_head_sensor(
             live_run_active=bool(live_runs),
             range_coverage=range_coverage(lake.dir("blocks")), range_keys_running=running, live_segment_ranges=seg_ranges,
             reorg_window=cfg.chain.reorg_window,
+            failed_check_ranges=frozenset(failed_ranges(lake, older_than_s=RESYNC_BACKOFF_S)),
+            supplement_ranges=frozenset(ranges_to_supplement(cfg)),  # contracts/events added to the config
         )
         p = plan(facts)
         known = set(instance.get_dynamic_partitions(partitions_name))

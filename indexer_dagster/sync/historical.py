@@ -15,16 +15,24 @@ from typing import Any
 import polars as pl
 import pyarrow.parquet as pq
 
-from indexer_dagster.config import IndexerConfig
+from indexer_dagster.config import IndexerConfig, redact_url
+from indexer_dagster.health.logs import get_logger, log_context, register_config
+from indexer_dagster.health.rpc_stats import RpcStatsRecorder
 from indexer_dagster.monitor.fetch import BLOCK_SCHEMA, LOG_SCHEMA, Chunk, ForkChanged, RangeFetcher
 from indexer_dagster.monitor.ranges import RangeSizer
 from indexer_dagster.monitor.rpc import RetryPolicy, RpcClient, RpcStats
+from indexer_dagster.monitor.verify import verifier_for
 from indexer_dagster.parse.decode import decode_logs
 from indexer_dagster.partitions import BlockRange
 from indexer_dagster.persist.heads import record_head
 from indexer_dagster.persist.lake import Lake, Transaction
 from indexer_dagster.reorg.state import open_state
+from indexer_dagster.sync.contracts import (
+    CHILD_SCHEMA, CHILDREN, ContractSet, coverage_metadata, discover, empty_children, has_factories, key_files,
+    resolve_range, stored_children, wanted_coverage,
+)
 
+log = get_logger(__name__)
 # (blocks, logs) just written; the CLI turns these into a progress bar.
 ProgressFn = Callable[[int, int], None]
 _FORK_RESTARTS = 3
@@ -57,6 +65,7 @@ class RangeResult:
     head: int = 0
     seconds: float = 0.0
     rpc: dict[str, Any] = field(default_factory=dict)
+    mode: str = "full"  # or "supplement" / "decode" (sync.supplement: only added contracts or events)
 
     @property
     def complete(self) -> bool:
@@ -64,24 +73,30 @@ class RangeResult:
 
 
 def rpc_client(cfg: IndexerConfig, stats: RpcStats | None = None) -> RpcClient:
+    """The chain's endpoints with failover, under the shared per-endpoint budget if one is configured."""
+    from indexer_dagster.monitor.budget import RpcBudget
+
     c = cfg.chain
     return RpcClient(
-        c.rpc_url,
+        c.endpoints,
         timeout_s=c.request_timeout_s,
         concurrency=c.concurrency,
         retry=RetryPolicy(max_retries=c.max_retries),
         stats=stats,
+        budget=RpcBudget(cfg.state_url, c.requests_per_second) if c.requests_per_second else None,
+        failover_after=c.failover_after,
+        failback_after_s=c.failback_after_s,
     )
 
 
-def _fetcher(cfg: IndexerConfig, rpc: RpcClient, sizer: RangeSizer) -> RangeFetcher:
+def _fetcher(cfg: IndexerConfig, rpc: RpcClient, sizer: RangeSizer, contracts: ContractSet, up_to: int) -> RangeFetcher:
+    """Static addresses and the factory children created up to `up_to`, each from its own start block."""
     chain_start = cfg.start_block
-    starts = {
-        a: cfg.contract_start(c) for c in cfg.contracts for a in c.addresses if cfg.contract_start(c) > chain_start
-    }
-    addresses = [a for c in cfg.contracts for a in c.addresses]
+    starts = contracts.starts(up_to)
     return RangeFetcher(
-        rpc, cfg.chain.chain_id, addresses, sizer, headers_batch_size=cfg.chain.headers_batch_size, address_starts=starts
+        rpc, cfg.chain.chain_id, list(starts), sizer, headers_batch_size=cfg.chain.headers_batch_size,
+        address_starts={a: s for a, s in starts.items() if s > chain_start},
+        verifier=verifier_for(cfg, starts), verify_mode=cfg.chain.verify_logs,
     )
 
 
@@ -129,6 +144,12 @@ def commit_guard(cfg: IndexerConfig, covered: BlockRange | None = None):
     return guard
 
 
+def supplement_files(lake: Lake, key: str, tables: Collection[str]) -> list:
+    """The range's supplement files (`<key>+<fingerprint>.parquet`) of its logs, children and `tables`."""
+    datasets = ["logs", CHILDREN, *[f"events/{t}" for t in tables]]
+    return [p for ds in datasets for p in key_files(lake, ds, key) if "+" in p.stem]
+
+
 def _drop_covered_live_segments(cfg: IndexerConfig, covered: BlockRange) -> None:
     from indexer_dagster.sync.realtime import live_datasets, live_segments
 
@@ -142,10 +163,21 @@ def _drop_covered_live_segments(cfg: IndexerConfig, covered: BlockRange) -> None
 class Decoder:
     """Decodes logs into the selected event tables' writers, chunk by chunk, as they are fetched."""
 
-    def __init__(self, cfg: IndexerConfig, tables: Collection[str] | None) -> None:
+    def __init__(
+        self, cfg: IndexerConfig, tables: Collection[str] | None, contracts: ContractSet | None = None,
+        write_children: bool = True,
+    ) -> None:
         pairs = [(c, s) for c, s in cfg.all_specs() if tables is None or s.table in tables]
+        self.cfg = cfg
         self.specs = [s for _, s in pairs]
         self.addresses = {s.table: set(c.addresses) for c, s in pairs}
+        # Factory children: the registry (loaded on first use) plus those created in the logs decoded
+        # here, which are also written to the `children` dataset of the same key.
+        self.factories = has_factories(cfg)
+        self.write_children = write_children
+        self.contracts = contracts
+        self.children = empty_children()
+        self._children_writer = None
         self.rows = {s.table: 0 for s in self.specs}
         self.skipped = {s.table: 0 for s in self.specs}
         self.writers: dict = {}
@@ -154,10 +186,13 @@ class Decoder:
 
     def open(self, tx: Transaction, key: str, prefix: str = "") -> None:
         self.writers = {s.table: tx.writer(f"{prefix}events/{s.table}", key, s.schema()) for s in self.specs}
+        if self.factories and self.write_children:
+            rules = {"addresses": {}, "factories": wanted_coverage(self.cfg)["factories"]}
+            self._children_writer = tx.writer(f"{prefix}{CHILDREN}", key, CHILD_SCHEMA, coverage_metadata(rules))
 
     def write(self, logs: pl.DataFrame) -> None:
         """Queue logs; they are decoded in large batches (decoding has a fixed cost per call)."""
-        if not self.specs or logs.height == 0:
+        if not (self.specs or self.factories) or logs.height == 0:
             return
         self._pending.append(logs)
         self._pending_rows += logs.height
@@ -169,7 +204,19 @@ class Decoder:
             return
         logs = pl.concat(self._pending, how="vertical")
         self._pending, self._pending_rows = [], 0
-        for table, res in decode_logs(logs, self.specs, self.addresses).items():
+        addresses = self.addresses
+        if self.factories:
+            found = discover(self.cfg, logs).join(self.children.select("contract", "address"),
+                                                  on=["contract", "address"], how="anti")
+            if self._children_writer is not None:
+                self._children_writer.write(found)
+            self.children = pl.concat([self.children, found], how="vertical")
+            if self.contracts is None:
+                self.contracts = ContractSet(self.cfg, stored_children(self.cfg))
+            self.contracts.add(found)
+            allowed = self.contracts.table_addresses()
+            addresses = {t: allowed[t] for t in self.addresses}
+        for table, res in decode_logs(logs, self.specs, addresses).items():
             self.writers[table].write(res.frame)
             self.rows[table] += res.frame.height
             self.skipped[table] += res.skipped
@@ -192,12 +239,18 @@ async def _sync(
         for attempt in range(_FORK_RESTARTS + 1):
             guard = guard_factory or commit_guard(cfg, clipped)
             result = RangeResult(range=r, from_block=clipped and clipped.start, to_block=clipped and clipped.end, head=head)
-            decoder = Decoder(cfg, tables)
+            # Factory children created up to the range's end (registry + a scan of uncovered blocks).
+            contracts = await resolve_range(cfg, rpc, clipped.start, clipped.end) if clipped is not None else None
+            scanned = contracts.children.select("contract", "address") if contracts is not None else None
+            decoder = Decoder(cfg, tables, contracts)
             try:
                 with lake.transaction(guard) as tx:
                     wb = tx.writer("blocks", r.key, BLOCK_SCHEMA)
-                    wl = tx.writer("logs", r.key, LOG_SCHEMA)
+                    wl = tx.writer("logs", r.key, LOG_SCHEMA, coverage_metadata(wanted_coverage(cfg)))
                     decoder.open(tx, r.key)
+                    # The range now holds every configured address: its supplement files go.
+                    for p in supplement_files(lake, r.key, [s.table for s in decoder.specs]):
+                        tx.delete(p)
 
                     def write(chunk: Chunk) -> None:
                         wb.write(chunk.blocks)
@@ -205,7 +258,7 @@ async def _sync(
                         decoder.write(chunk.logs)
 
                     if clipped is not None:
-                        fetcher = _fetcher(cfg, rpc, sizer)
+                        fetcher = _fetcher(cfg, rpc, sizer, contracts, clipped.end)
                         async for chunk in fetcher.iter_chunks(clipped.start, clipped.end, cfg.chain.concurrency):
                             # Polars and Arrow release the GIL: decode and write while the next chunks download.
                             await asyncio.to_thread(write, chunk)
@@ -213,6 +266,11 @@ async def _sync(
                                 result.last_block_hash = chunk.blocks["hash"][-1]
                             progress(chunk.blocks.height, chunk.logs.height)
                     await asyncio.to_thread(decoder.flush)
+                    if scanned is not None and decoder.children.join(
+                        scanned, on=["contract", "address"], how="anti"
+                    ).height:
+                        # The range's logs name a child the scan before the fetch did not see: another fork.
+                        raise ForkChanged(f"range {r.key}: factory creations changed while it was fetched")
                     result.blocks, result.logs = wb.rows, wl.rows
                 break
             except ForkChanged:
@@ -237,17 +295,43 @@ def sync_range(
     """Fetch range `r` (clipped to [start_block, head]) into its `blocks` and `logs` files and decode it
     into the event tables named in `tables` (default: all), in one pass. `guard` replaces the default
     commit guard (the reorg job passes its own, as it is the chain's writer while it restores)."""
-    return asyncio.run(_sync(cfg, r, tables, progress or _reporter, stats or RpcStats(), guard))
+    stats = stats or RpcStats()
+    recorder = RpcStatsRecorder(cfg.data_dir, cfg.chain.name, stats)  # durable RPC counters (`indexer status`)
+    register_config(cfg)
+    with log_context(chain=cfg.chain.name, range=r.key):
+        log.info("range %s: syncing via %s", r.key, redact_url(cfg.chain.rpc_url))
+        try:
+            res = asyncio.run(_sync(cfg, r, tables, progress or _reporter, stats, guard))
+        except Exception as e:
+            log.warning("range %s failed: %s: %s", r.key, type(e).__name__, e)
+            raise
+        finally:
+            recorder.flush()
+        log.info("range %s: %d blocks, %d logs, %d events in %.1fs (head %d, %d requests, %d retries)", r.key,
+                 res.blocks, res.logs, sum(res.events.values()), res.seconds, res.head, stats.total_requests,
+                 stats.total_retries)
+    return res
 
 
 def decode_range(cfg: IndexerConfig, r: BlockRange, tables: Collection[str] | None = None) -> RangeResult:
-    """Decode the range's existing `logs` file again (e.g. for an event added to the config): no RPC."""
+    """Decode the range's existing `logs` files again (e.g. for an event added to the config): no RPC.
+    Each logs file (the range's and its supplements) is decoded into event files of the same name."""
     lake = Lake(cfg.data_dir, cfg.chain.name)
     started = time.perf_counter()
-    decoder = Decoder(cfg, tables)
-    with pq.ParquetFile(lake.path("logs", r.key)) as src, lake.transaction(commit_guard(cfg)) as tx:
-        decoder.open(tx, r.key)
-        for batch in src.iter_batches(batch_size=DECODE_BATCH_ROWS):
-            decoder.write(pl.from_arrow(batch))
-        decoder.flush()
-    return RangeResult(range=r, events=decoder.rows, skipped=decoder.skipped, seconds=time.perf_counter() - started)
+    result = RangeResult(range=r)
+    files = key_files(lake, "logs", r.key) or [lake.path("logs", r.key)]  # (a missing file: the usual error)
+    with lake.transaction(commit_guard(cfg)) as tx:
+        for path in files:
+            # A supplement's children file was written from all the range's logs: keep it.
+            decoder = Decoder(cfg, tables, write_children="+" not in path.stem)
+            with pq.ParquetFile(path) as src:
+                decoder.open(tx, path.stem)
+                for batch in src.iter_batches(batch_size=DECODE_BATCH_ROWS):
+                    decoder.write(pl.from_arrow(batch))
+                decoder.flush()
+            for t, n in decoder.rows.items():
+                result.events[t] = result.events.get(t, 0) + n
+            for t, n in decoder.skipped.items():
+                result.skipped[t] = result.skipped.get(t, 0) + n
+    result.seconds = time.perf_counter() - started
+    return result

@@ -21,17 +21,27 @@ from dataclasses import dataclass, field
 
 import polars as pl
 
-from indexer_dagster.config import IndexerConfig
-from indexer_dagster.monitor.fetch import BLOCK_SCHEMA, LOG_SCHEMA, ForkChanged, RangeFetcher, parse_logs_body
+from indexer_dagster.config import IndexerConfig, redact_url
+from indexer_dagster.health.logs import get_logger, log_context, register_config
+from indexer_dagster.health.rpc_stats import RpcStatsRecorder
+from indexer_dagster.monitor.fetch import (
+    BLOCK_SCHEMA, LOG_SCHEMA, MAX_ADDRESSES_PER_REQUEST, ForkChanged, RangeFetcher, parse_logs_body,
+)
 from indexer_dagster.monitor.rpc import RpcClient, RpcStats
+from indexer_dagster.monitor.verify import LogVerifier, verifier_for
 from indexer_dagster.partitions import ranges_between
 from indexer_dagster.persist.heads import record_head
 from indexer_dagster.persist.lake import Lake
 from indexer_dagster.reorg.detect import Extend, LocalChain, Reorg, TooDeep, Wait, next_step
 from indexer_dagster.reorg.state import Header, StateStore
+from indexer_dagster.sync.contracts import (
+    CHILDREN, ContractSet, coverage_metadata, discover, has_factories, stored_children, wanted_coverage,
+)
 from indexer_dagster.sync.historical import Decoder, new_sizer, rpc_client
 
+log = get_logger(__name__)
 LIVE = "live"
+_RAW_LOG_COLUMNS = [c for c in LOG_SCHEMA if c != "block_timestamp"]
 CURSOR = "live"
 ANCHOR = "anchor"  # the block the follower was seeded at: range files hold it and everything below
 BY_HASH_MAX_BLOCKS = 8  # fewer new blocks than this: fetch logs per block hash; more: by range, then verify
@@ -91,7 +101,7 @@ def live_segments(lake: Lake, dataset: str) -> list[tuple[int, int, "Path"]]:  #
 
 def live_datasets(cfg: IndexerConfig) -> list[str]:
     """Datasets in pipeline order: headers, raw logs, decoded events."""
-    return ["blocks", "logs", *[f"events/{s.table}" for _, s in cfg.all_specs()]]
+    return ["blocks", "logs", CHILDREN, *[f"events/{s.table}" for _, s in cfg.all_specs()]]
 
 
 def header_of(block: dict) -> Header:
@@ -127,31 +137,94 @@ class Follower:
         self.stats = stats or RpcStats()
         self.addresses = sorted({a for c in cfg.contracts for a in c.addresses})
         self.window = cfg.chain.reorg_window
+        # Factory children: the registry in the lake, reloaded after a reorg (which may remove some),
+        # plus children found in the blocks this follower fetches.
+        self.factories = has_factories(cfg)
+        self.contracts: ContractSet | None = None
+        self._contracts_epoch: int | None = None
+        # Missing-log detection: the blooms of headers read lately (by hash), and the verifier.
+        self._blooms: dict[str, str | None] = {}
+        self._verifier: tuple[tuple[str, ...], LogVerifier] | None = None
+
+    def contract_set(self) -> ContractSet:
+        epoch = self.store.reorg_epoch(self.chain)
+        if self.contracts is None or epoch != self._contracts_epoch:
+            self.contracts, self._contracts_epoch = ContractSet(self.cfg, stored_children(self.cfg)), epoch
+            self.addresses = self.contracts.addresses()
+        return self.contracts
 
     # -- node access -------------------------------------------------------------------------
     async def _fetch_header(self, rpc: RpcClient, number: int) -> Header | None:
         block = await rpc.call("eth_getBlockByNumber", [hex(number), False])
+        if block:
+            self._blooms[block["hash"].lower()] = block.get("logsBloom")
+            while len(self._blooms) > 4 * self.window + 256:
+                self._blooms.pop(next(iter(self._blooms)))
         return header_of(block) if block else None
 
-    async def _logs_by_hash(self, rpc: RpcClient, h: Header) -> pl.DataFrame:
-        body = await rpc.call_raw("eth_getLogs", [{"blockHash": h.hash, "address": self.addresses}])
-        return parse_logs_body(body, self.cfg.chain.chain_id)
+    def _fetcher(self, rpc: RpcClient) -> RangeFetcher:
+        """A fetcher of the current addresses, with missing-log detection (`chain.verify_logs`)."""
+        key = tuple(self.addresses)
+        if self._verifier is None or self._verifier[0] != key:
+            self._verifier = (key, verifier_for(self.cfg, self.addresses))
+        return RangeFetcher(rpc, self.cfg.chain.chain_id, self.addresses, new_sizer(self.cfg),
+                            headers_batch_size=self.cfg.chain.headers_batch_size,
+                            verifier=self._verifier[1], verify_mode=self.cfg.chain.verify_logs)
+
+    async def _logs_by_hash(self, rpc: RpcClient, h: Header, addresses: list[str] | None = None) -> pl.DataFrame:
+        addresses = addresses or self.addresses
+        groups = [addresses[i : i + MAX_ADDRESSES_PER_REQUEST] for i in range(0, len(addresses), MAX_ADDRESSES_PER_REQUEST)]
+        chain_id = self.cfg.chain.chain_id
+        # Parsed inside the client's retries: a truncated 200 body is fetched again, not a crash.
+        frames = await asyncio.gather(*[
+            rpc.call_raw("eth_getLogs", [{"blockHash": h.hash, "address": g}], parse=lambda b: parse_logs_body(b, chain_id))
+            for g in groups
+        ])
+        return frames[0] if len(frames) == 1 else pl.concat(frames, how="vertical")
+
+    async def _new_children_logs(self, rpc: RpcClient, headers: list[Header], logs: pl.DataFrame) -> pl.DataFrame:
+        """Children created in these blocks (found in their factory logs): register them and fetch
+        their logs of the blocks from their creation on, so a child's first events are not missed."""
+        new = self.contract_set().add(discover(self.cfg, logs))
+        if new.height == 0:
+            return logs
+        self.addresses = self.contracts.addresses()
+        born = dict(zip(new["address"].to_list(), new["block_number"].to_list()))
+        parts = [logs.select(list(_RAW_LOG_COLUMNS))]
+        for h in headers:
+            wanted = sorted(a for a, b in born.items() if b <= h.number)
+            if wanted:
+                extra = await self._logs_by_hash(rpc, h, wanted)
+                if extra.height and not (extra["block_hash"] == h.hash).all():
+                    raise ForkChanged("the node answered logs of another block")
+                parts.append(extra.select(list(_RAW_LOG_COLUMNS)))
+        return pl.concat(parts, how="vertical").unique(["block_number", "log_index"], keep="first")
 
     async def fetch_blocks(self, rpc: RpcClient, headers: list[Header]) -> tuple[pl.DataFrame, pl.DataFrame]:
         """Blocks and logs for `headers` (consecutive), all from the fork those headers belong to."""
         blocks = headers_frame(self.cfg.chain.chain_id, headers)
+        if self.factories:
+            self.contract_set()
         if len(headers) < BY_HASH_MAX_BLOCKS:
-            parts = await asyncio.gather(*[self._logs_by_hash(rpc, h) for h in headers])
-            logs = pl.concat(parts, how="vertical")
-            if logs.height and not logs["block_hash"].is_in([h.hash for h in headers]).all():
-                raise ForkChanged("the node answered logs of another block")
+            async def by_hash() -> pl.DataFrame:
+                parts = await asyncio.gather(*[self._logs_by_hash(rpc, h) for h in headers])
+                out = pl.concat(parts, how="vertical")
+                if out.height and not out["block_hash"].is_in([h.hash for h in headers]).all():
+                    raise ForkChanged("the node answered logs of another block")
+                return out
+
+            blooms = pl.Series("logs_bloom", [self._blooms.get(h.hash) for h in headers], pl.String)
+            logs = await self._fetcher(rpc).verified(blocks.with_columns(blooms), await by_hash(), by_hash)
         else:
-            fetcher = RangeFetcher(rpc, self.cfg.chain.chain_id, self.addresses, new_sizer(self.cfg),
-                                   headers_batch_size=self.cfg.chain.headers_batch_size)
+            fetcher = self._fetcher(rpc)
             chunk = await fetcher.chunk(headers[0].number, headers[-1].number)
             if chunk.blocks["hash"].to_list() != [h.hash for h in headers]:
                 raise ForkChanged("the node changed fork while the new blocks were read")
-            return blocks, chunk.logs
+            if not self.factories:
+                return blocks, chunk.logs
+            logs = chunk.logs.drop("block_timestamp")
+        if self.factories:
+            logs = await self._new_children_logs(rpc, headers, logs)
         stamped = logs.join(
             blocks.select(pl.col("number").alias("block_number"), pl.col("timestamp").alias("block_timestamp")),
             on="block_number", how="left",
@@ -252,7 +325,7 @@ class Follower:
             return TickResult("waiting", tip=local.tip.number, detail=str(e))
         parent = local.tip
         key = f"{headers[0].number:012d}-{headers[-1].number:012d}"
-        decoder = Decoder(self.cfg, None)
+        decoder = Decoder(self.cfg, None, self.contracts)
 
         @contextmanager
         def guard():
@@ -269,7 +342,7 @@ class Follower:
         try:
             with self.lake.transaction(guard) as tx:
                 tx.writer(f"{LIVE}/blocks", key, BLOCK_SCHEMA).write(blocks)
-                tx.writer(f"{LIVE}/logs", key, LOG_SCHEMA).write(logs)
+                tx.writer(f"{LIVE}/logs", key, LOG_SCHEMA, coverage_metadata(wanted_coverage(self.cfg))).write(logs)
                 decoder.open(tx, key, prefix=f"{LIVE}/")
                 decoder.write(logs)
                 decoder.flush()
@@ -303,20 +376,36 @@ class Follower:
             lease.__exit__(None, None, None)
 
     async def _run(self, stats: FollowStats, should_stop, poll_s, on_tick) -> FollowStats:
-        async with rpc_client(self.cfg, self.stats) as rpc:
-            await self.seed(rpc)
-            self.remove_stale_segments()
-            while not should_stop():
-                res = await self.tick(rpc)
-                stats.ticks += 1
-                stats.blocks += res.blocks
-                stats.logs += res.logs
-                if res.reorg_id is not None and res.reorg_id not in stats.reorgs:
-                    stats.reorgs.append(res.reorg_id)
-                if on_tick:
-                    on_tick(res)
-                if res.action != "extended":
-                    await asyncio.sleep(poll_s)
+        register_config(self.cfg)
+        recorder = RpcStatsRecorder(self.cfg.data_dir, self.chain, self.stats)  # durable RPC counters
+        with log_context(chain=self.chain):
+            try:
+                async with rpc_client(self.cfg, self.stats) as rpc:
+                    tip = await self.seed(rpc)
+                    self.remove_stale_segments()
+                    log.info("following the head from block %d via %s", tip.number, redact_url(self.cfg.chain.rpc_url))
+                    while not should_stop():
+                        res = await self.tick(rpc)
+                        stats.ticks += 1
+                        stats.blocks += res.blocks
+                        stats.logs += res.logs
+                        if res.reorg_id is not None and res.reorg_id not in stats.reorgs:
+                            stats.reorgs.append(res.reorg_id)
+                            log.warning("reorg %d detected at tip %s: %s", res.reorg_id, res.tip, res.detail)
+                        else:
+                            log.debug("tick: %s tip=%s blocks=%d logs=%d %s", res.action, res.tip, res.blocks,
+                                      res.logs, res.detail)
+                        if on_tick:
+                            on_tick(res)
+                        recorder.maybe_flush()
+                        if res.action != "extended":
+                            await asyncio.sleep(poll_s)
+            except Exception as e:
+                log.warning("live sync stopped: %s: %s", type(e).__name__, e)
+                raise
+            finally:
+                recorder.flush()
+            log.info("live sync ended: %d ticks, %d blocks, %d logs", stats.ticks, stats.blocks, stats.logs)
         return stats
 
 

@@ -32,6 +32,9 @@ class Facts:
     live_segment_ranges: frozenset[str] = frozenset()  # ranges that still have live segment files
     reorg_window: int = 64
     max_new_range_runs: int = 4
+    failed_check_ranges: frozenset[str] = frozenset()  # ranges whose last checks failed: sync them again
+    # Stored ranges (or ranges with live segments) lacking contracts/events added to the config.
+    supplement_ranges: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -71,6 +74,16 @@ def plan(f: Facts) -> Plan:
             if r.key in f.live_segment_ranges and r.end <= f.live_tip - f.reorg_window
             and r.key not in f.range_keys_running and r not in todo
         ]
+    # A range whose checks failed (persist.failed_checks) is synced again; a passing run clears it.
+    todo += [
+        r for r in all_ranges
+        if r.key in f.failed_check_ranges and r.key not in f.range_keys_running and r not in todo
+    ]
+    # Contracts or events added to the config: a run supplements (or re-decodes) the stored range.
+    todo += [
+        r for r in all_ranges
+        if r.key in f.supplement_ranges and r.key not in f.range_keys_running and r not in todo
+    ]
     p.range_runs = [r.key for r in todo[: max(0, f.max_new_range_runs - len(f.range_keys_running))]]
     return p
 
