@@ -11,10 +11,14 @@ from indexer_dagster.config import CHAIN_ENV_VAR, CONFIG_ENV_VAR, ConfigError, l
 
 
 def _load(config: str | None):
+    from indexer_dagster.health.logs import register_config
+
     try:
-        return load_config(config)
+        cfg = load_config(config)
     except ConfigError as e:
         raise click.ClickException(str(e)) from None
+    register_config(cfg)  # its URLs never appear in a log line
+    return cfg
 
 
 config_option = click.option(
@@ -41,6 +45,9 @@ def main() -> None:
     """EVM event indexer on Dagster: block ranges into Parquet, views in DuckDB."""
     # Dagster's beta/preview notices are for developers of definitions, not for CLI users.
     warnings.filterwarnings("ignore", message=r".*(is currently in beta|is currently in preview).*")
+    from indexer_dagster.health.logs import configure_logging
+
+    configure_logging(default_level="WARNING")  # INDEXER_LOG_LEVEL / INDEXER_LOG_FORMAT=json change it
 
 
 @main.command()
@@ -66,9 +73,17 @@ def check(config_path: str | None, chain: str | None) -> None:
 @click.option("--to", "to_block", type=click.IntRange(min=0), help="Last block (default: the chain head).")
 @click.option("--workers", type=click.IntRange(min=1, max=32), default=1, show_default=True,
               help="Parallel Dagster runs (each batches several ranges).")
+@click.option("--instance", "instance_profile", type=click.Choice(["sqlite", "postgres"]),
+              envvar="INDEXER_DAGSTER_PROFILE",
+              help="Dagster instance profile for a new $DAGSTER_HOME: sqlite (default) or postgres "
+                   "(deploy/dagster-postgres.yaml, credentials from DAGSTER_PG_*).")
 def backfill(config_path: str | None, chain: str | None, from_block: int | None, to_block: int | None,
-             workers: int) -> None:
+             workers: int, instance_profile: str | None) -> None:
     """Index a block range through Dagster (the same assets the UI runs), with a progress bar."""
+    import os
+
+    if instance_profile:
+        os.environ["INDEXER_DAGSTER_PROFILE"] = instance_profile  # read by ensure_dagster_home (and workers)
     cfg = _load(config_path)
     for one in _selected_chains(cfg, chain):
         if len(cfg.chains) > 1:
@@ -92,13 +107,29 @@ def _backfill_chain(cfg, config_path: str | None, from_block: int | None, to_blo
     last = head if to_block is None else to_block
     if last > head:
         raise click.ClickException(f"--to {last} is beyond the chain head {head}; lower it or omit --to")
+    if first > head:
+        raise click.ClickException(f"--from {first} is beyond the chain head {head}; lower it")
     if first > last:
-        raise click.ClickException(f"--from {first} is above --to {last}; swap them")
+        what = f"--from {first}" if from_block is not None else f"the config's start block {first}"
+        raise click.ClickException(f"{what} is above --to {last}; swap them (or raise --to)")
+    # Refuse before anything is written (decided: nothing written rather than data behind a catalog that
+    # another program holds open read-write, which keeps, and may later write, its old copy).
+    from indexer_dagster.persist.duck_lock import catalog_lock_error
+
+    if locked := catalog_lock_error(cfg.duckdb_path):
+        raise click.ClickException(f"{locked}; nothing was written")
     ranges = ranges_between(first, last, cfg.chain.blocks_per_partition)
     import dagster as dg
 
-    home = ensure_dagster_home(cfg.data_dir.parent / ".dagster_home")
-    instance = dg.DagsterInstance.get()
+    from indexer_dagster.launch import ProfileError
+
+    try:
+        home = ensure_dagster_home(cfg.data_dir.parent / ".dagster_home")
+    except ProfileError as e:
+        raise click.ClickException(str(e)) from None
+    from indexer_dagster.launch import open_instance
+
+    instance = open_instance()
     register_ranges(instance, cfg, last)
     total_blocks = sum(len(c) for r in ranges if (c := r.clip(cfg.start_block, head)))
     click.echo(f"backfilling {len(ranges)} ranges ({ranges[0].key} .. {ranges[-1].key}), "
@@ -126,7 +157,12 @@ def _backfill_chain(cfg, config_path: str | None, from_block: int | None, to_blo
 
         run_backfill(instance, cfg, Path(config_path), ranges, workers, on_progress, on_batch)
     instance.dispose()
-    build_catalog(cfg)
+    from indexer_dagster.persist.lake import StorageError
+
+    try:
+        build_catalog(cfg)
+    except StorageError as e:
+        raise click.ClickException(str(e)) from None
     if not failures:
         from indexer_dagster.sync import dex
 
@@ -138,7 +174,19 @@ def _backfill_chain(cfg, config_path: str | None, from_block: int | None, to_blo
     click.echo(f"done: {logs_seen[0]:,} logs in {elapsed:.1f}s ({logs_seen[0] / max(elapsed, 1e-6):,.0f} logs/s); "
                f"catalog: {cfg.duckdb_path}")
     if failures:
-        raise click.ClickException(f"{len(failures)} run(s) failed; fix the cause and re-run the same command")
+        raise click.ClickException(f"{len(failures)} run(s) failed (first: {failures[0].error}); "
+                                   f"fix the cause and re-run the same command")
+    import polars as pl
+
+    from indexer_dagster.persist.failed_checks import read_failed
+    from indexer_dagster.persist.lake import Lake
+
+    bad = read_failed(Lake(cfg.data_dir, cfg.chain.name)).filter(
+        pl.col("range_key").is_in([r.key for r in ranges]))
+    if bad.height:
+        lines = [f"  {k} {n}: {d}" for k, n, d in bad.select("range_key", "check_name", "description").iter_rows()]
+        raise click.ClickException("range checks failed (their rows stay unconfirmed):\n" + "\n".join(lines)
+                                   + "\nre-run the same command to sync these ranges again")
 
 
 @main.command()
@@ -146,8 +194,11 @@ def _backfill_chain(cfg, config_path: str | None, from_block: int | None, to_blo
 def catalog(config_path: str | None) -> None:
     """Rebuild the DuckDB catalog of views over the Parquet lake."""
     from indexer_dagster.persist.catalog import build_catalog
+    from indexer_dagster.persist.duck_lock import catalog_lock_error
 
     cfg = _load(config_path)
+    if locked := catalog_lock_error(cfg.duckdb_path):
+        raise click.ClickException(locked)
     click.echo(f"catalog written: {build_catalog(cfg)}")
 
 
@@ -165,14 +216,20 @@ def query(config_path: str | None, sql: str, fmt: str, output: str | None) -> No
     from indexer_dagster.query import query as run_query
 
     cfg = _load(config_path)
+    if fmt == "parquet" and not output:
+        raise click.ClickException("--format parquet needs --output FILE")
+    if output and not Path(output).absolute().parent.is_dir():
+        raise click.ClickException(f"--output {output}: the folder {Path(output).absolute().parent} does not exist; "
+                                   "create it or write elsewhere")
     try:
         df = run_query(cfg.duckdb_path, sql)
     except QueryError as e:
         raise click.ClickException(str(e)) from None
     if fmt == "parquet":
-        if not output:
-            raise click.ClickException("--format parquet needs --output FILE")
-        df.write_parquet(output)
+        try:
+            df.write_parquet(output)
+        except OSError as e:
+            raise click.ClickException(f"--output {output}: cannot write it ({e.strerror or e}); check permissions") from None
         return
     if fmt == "csv":
         text = df.write_csv()
@@ -182,7 +239,10 @@ def query(config_path: str | None, sql: str, fmt: str, output: str | None) -> No
         with pl.Config(tbl_rows=100, tbl_cols=30, fmt_str_lengths=70, tbl_width_chars=200):
             text = str(df)
     if output:
-        Path(output).write_text(text)
+        try:
+            Path(output).write_text(text)
+        except OSError as e:
+            raise click.ClickException(f"--output {output}: cannot write it ({e.strerror or e}); check permissions") from None
     else:
         click.echo(text)
 
@@ -218,6 +278,78 @@ def devnet(out_dir, port, chain_id, blocks, txs_per_block, seed, block_time, sta
         pass
     finally:
         anvil.stop()
+
+
+def _failed_partitions_fn(cfg):
+    """Failed ranges from the Dagster instance ($DAGSTER_HOME, else `.dagster_home` beside the data), if any."""
+    import os
+
+    home = Path(os.environ.get("DAGSTER_HOME") or cfg.data_dir.parent / ".dagster_home")
+    if not (home / "dagster.yaml").is_file():
+        return None
+    import dagster as dg
+
+    from indexer_dagster.sensors.freshness import failed_partitions
+
+    try:
+        instance = dg.DagsterInstance.from_config(str(home))
+    except Exception as e:  # noqa: BLE001 - the rest of the status is still worth printing
+        click.echo(f"warning: the Dagster instance in {home} is unavailable ({type(e).__name__}); "
+                   "failed ranges are not shown", err=True)
+        return None
+    return lambda c: failed_partitions(instance, c)
+
+
+@main.command()
+@config_option
+@chain_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per chain, in a list.")
+def status(config_path: str | None, chain: str | None, as_json: bool) -> None:
+    """Health per chain: node and indexed heads, lag, partitions, last reorg, RPC errors."""
+    import json
+
+    from indexer_dagster.health.status import gather_status
+
+    cfg = _load(config_path)
+    failed = _failed_partitions_fn(cfg)
+    statuses = [gather_status(c, failed(c) if failed else ()) for c in _selected_chains(cfg, chain)]
+    if as_json:
+        click.echo(json.dumps([s.to_dict() for s in statuses], indent=2, default=str))
+    else:
+        from indexer_dagster.health.report import print_status
+
+        print_status(statuses)
+
+
+@main.command()
+@config_option
+@click.option("--textfile", type=click.Path(dir_okay=False),
+              help="Write the metrics to this file (for node_exporter's textfile collector) and exit.")
+@click.option("--port", type=click.IntRange(1, 65535), help="Serve /metrics on this port until interrupted.")
+@click.option("--host", default="0.0.0.0", show_default=True, help="Address to serve on (with --port).")
+def metrics(config_path: str | None, textfile: str | None, port: int | None, host: str) -> None:
+    """Prometheus metrics of every chain: to stdout, a textfile, or an HTTP /metrics endpoint."""
+    from indexer_dagster.health import metrics as m
+
+    if textfile and port:
+        raise click.ClickException("use either --textfile or --port, not both")
+    cfg = _load(config_path)
+    failed = _failed_partitions_fn(cfg)
+    if textfile:
+        m.write_textfile(cfg, textfile, failed)
+        click.echo(f"metrics written: {textfile}")
+    elif port:
+        server, _thread = m.serve(cfg, port, host, failed)
+        click.echo(f"serving metrics on http://{host}:{port}/metrics (Ctrl-C stops)", err=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            server.shutdown()
+    else:
+        click.echo(m.render(cfg, failed), nl=False)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,28 @@ from indexer_dagster.config import CHAIN_ENV_VAR, CONFIG_ENV_VAR, IndexerConfig,
 from indexer_dagster.partitions import BlockRange, ranges_between
 
 
-DEFAULT_INSTANCE_YAML = Path(__file__).resolve().parents[1] / "deploy" / "dagster.yaml"
+DEPLOY_DIR = Path(__file__).resolve().parents[1] / "deploy"
+DEFAULT_INSTANCE_YAML = DEPLOY_DIR / "dagster.yaml"
+# Instance profiles: `sqlite` (a laptop, the default) and `postgres` (production; credentials from
+# DAGSTER_PG_* variables). Chosen by `--instance` or $INDEXER_DAGSTER_PROFILE.
+PROFILE_ENV_VAR = "INDEXER_DAGSTER_PROFILE"
+PROFILES = {"sqlite": DEFAULT_INSTANCE_YAML, "postgres": DEPLOY_DIR / "dagster-postgres.yaml"}
+POSTGRES_ENV_VARS = ("DAGSTER_PG_HOST", "DAGSTER_PG_PORT", "DAGSTER_PG_DB", "DAGSTER_PG_USER", "DAGSTER_PG_PASSWORD")
+
+
+class ProfileError(ValueError):
+    """The requested instance profile cannot be used; the message says how to fix it."""
+
+
+def profile_of(settings_text: str) -> str:
+    """`postgres` if a dagster.yaml keeps its storage in PostgreSQL, else `sqlite`."""
+    import yaml
+
+    doc = yaml.safe_load(settings_text) or {}
+    storage = doc.get("storage") or {}
+    pg = "postgres" in storage or any("postgres" in str((doc.get(k) or {}).get("module", ""))
+                                      for k in ("run_storage", "event_log_storage", "schedule_storage"))
+    return "postgres" if pg else "sqlite"
 
 
 @dataclass
@@ -35,28 +56,97 @@ class BatchOutcome:
     error: str = ""
 
 
-def ensure_dagster_home(default: Path) -> Path:
-    """Use $DAGSTER_HOME, else a persistent folder beside the data (never Dagster's temporary instance)."""
+def ensure_dagster_home(default: Path, profile: str | None = None) -> Path:
+    """Use $DAGSTER_HOME, else a persistent folder beside the data (never Dagster's temporary instance).
+
+    A home without dagster.yaml gets the profile's settings (`profile`, else $INDEXER_DAGSTER_PROFILE,
+    else sqlite). An explicitly chosen profile that contradicts an existing dagster.yaml is an error
+    rather than a silent switch of the instance runs are recorded in.
+    """
+    explicit = profile or os.environ.get(PROFILE_ENV_VAR) or None
+    name = explicit or "sqlite"
+    if name not in PROFILES:
+        raise ProfileError(f"unknown Dagster instance profile {name!r}; use one of {', '.join(PROFILES)}")
     home = os.environ.get("DAGSTER_HOME")
     path = Path(home) if home else default
     path.mkdir(parents=True, exist_ok=True)
     settings = path / "dagster.yaml"
     if not settings.exists():
-        # SQLite storage in this folder, singleton live/reorg runs (see deploy/ for Postgres).
-        settings.write_text(DEFAULT_INSTANCE_YAML.read_text())
+        # sqlite: storage in this folder; postgres: storage in the DAGSTER_PG_* database. Both keep the
+        # singleton live/reorg runs, run retries and monitoring.
+        settings.write_text(PROFILES[name].read_text())
+    elif explicit and profile_of(settings.read_text()) != name:
+        raise ProfileError(
+            f"{settings} is a {profile_of(settings.read_text())} instance but the {name} profile was asked for; "
+            f"point DAGSTER_HOME at another folder, or remove that dagster.yaml to recreate it"
+        )
+    if profile_of(settings.read_text()) == "postgres":
+        missing = [v for v in POSTGRES_ENV_VARS if v not in os.environ]
+        if missing:
+            raise ProfileError(
+                f"the Postgres Dagster instance in {settings} reads its credentials from the environment; "
+                f"set {', '.join(missing)} (DAGSTER_PG_PASSWORD may be empty with trust auth)"
+            )
     os.environ["DAGSTER_HOME"] = str(path.resolve())
     return path
+
+
+def open_instance() -> dg.DagsterInstance:
+    """The $DAGSTER_HOME instance, its storages created under a lock in that folder: two processes
+    creating a fresh instance at once (two backfills started together) would both stamp its schema
+    versions ("alembic_version has more than one head") and then fail on every later open."""
+    from filelock import FileLock
+
+    with FileLock(str(Path(os.environ["DAGSTER_HOME"]) / ".indexer-instance.lock")):
+        instance = dg.DagsterInstance.get()
+        instance.get_runs(limit=1)  # run storage (and dynamic partitions)
+        instance.event_log_storage.get_event_records(
+            dg.EventRecordsFilter(event_type=dg.DagsterEventType.ASSET_MATERIALIZATION), limit=1)
+        instance.all_instigator_state()  # schedule storage
+    return instance
 
 
 def register_ranges(instance: dg.DagsterInstance, cfg: IndexerConfig, last_block: int) -> list[str]:
     """Add every range key from the config's start block up to `last_block`, in ascending order."""
     parts = block_ranges(cfg.chain.name)
     keys = [r.key for r in ranges_between(cfg.start_block, last_block, cfg.chain.blocks_per_partition)]
-    known = set(instance.get_dynamic_partitions(parts.name))
-    missing = [k for k in keys if k not in known]
-    if missing:
-        instance.add_dynamic_partitions(parts.name, missing)
+    from sqlalchemy.exc import IntegrityError
+
+    for attempt in range(5):
+        known = set(instance.get_dynamic_partitions(parts.name))
+        missing = [k for k in keys if k not in known]
+        if not missing:
+            break
+        try:
+            instance.add_dynamic_partitions(parts.name, missing)
+            break
+        except IntegrityError:
+            # Another backfill (or the sensor) added some of these keys meanwhile: read them again.
+            if attempt == 4:
+                raise
     return keys
+
+
+def rpc_pool(chain: str) -> str:
+    """The concurrency pool of the chain's historical asset (`pool=` in assets/historical.py)."""
+    return f"rpc_{chain}"
+
+
+def ensure_rpc_pool(instance: dg.DagsterInstance, chain: str) -> None:
+    """Create the chain's RPC pool at the instance's default limit before parallel runs claim it.
+
+    Dagster creates a pool on its first claim; on PostgreSQL two runs doing that at once collide (the
+    loser's transaction is aborted by the unique-key error and the run fails). The daemon creates pools
+    before it dequeues runs; `indexer backfill` does it here, once, before its workers start. A limit
+    set by hand (`dagster instance concurrency set`) is left alone.
+    """
+    storage = instance.event_log_storage
+    default = instance.global_op_concurrency_default_limit
+    if default is None or not storage.supports_global_concurrency_limits:
+        return
+    info = {p.name: p for p in storage.get_pool_limits()}.get(rpc_pool(chain))
+    if info is None or (info.from_default and info.limit != default):
+        storage.initialize_concurrency_limit_to_default(rpc_pool(chain))
 
 
 def plan_batches(ranges: list[BlockRange], per_run: int = RANGES_PER_RUN) -> list[list[BlockRange]]:
@@ -114,6 +204,7 @@ def run_backfill(
     on_batch: Callable[[BatchOutcome], None],
 ) -> list[BatchOutcome]:
     """Execute all `ranges` as Dagster runs with `workers` processes; returns one outcome per run."""
+    ensure_rpc_pool(instance, cfg.chain.name)
     batches = plan_batches(ranges)
     if workers <= 1:
         # One worker: run in this process (no process start, no second import of Dagster).
