@@ -1,6 +1,7 @@
 """Shared fixtures: a real anvil chain with real Uniswap V2 traffic, and configs pointing at it."""
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -36,13 +37,41 @@ def make_config(devnet, tmp_path):
     return make
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def instance_profile(request):
+    """The Dagster instance profile a test runs on: deploy/dagster.yaml or deploy/dagster-postgres.yaml."""
+    return request.param
+
+
 @pytest.fixture
-def dagster_home(tmp_path, monkeypatch):
+def dagster_home(instance_profile, tmp_path, monkeypatch):
+    """A fresh $DAGSTER_HOME with the profile's dagster.yaml. `postgres`: a database of its own on the
+    server of $INDEXER_TEST_POSTGRES_URL (skipped when unset, failed when set but unreachable)."""
+    from tests.pg_instance import PG_URL_ENV, dagster_pg_env, fresh_database, server_url
+
     home = tmp_path / "dagster_home"
     home.mkdir()
-    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     monkeypatch.setenv("DAGSTER_HOME", str(home))
-    return home
+    monkeypatch.delenv("INDEXER_DAGSTER_PROFILE", raising=False)
+    if instance_profile == "sqlite":
+        shutil.copy(REPO / "deploy" / "dagster.yaml", home / "dagster.yaml")
+        yield home
+        return
+    url = server_url()
+    if url is None:
+        pytest.skip(f"Postgres instance profile: set {PG_URL_ENV}=postgresql://user@host:5432/db to run it")
+    try:
+        db_cm = fresh_database(url)
+        db = db_cm.__enter__()
+    except RuntimeError as e:
+        pytest.fail(str(e))
+    try:
+        shutil.copy(REPO / "deploy" / "dagster-postgres.yaml", home / "dagster.yaml")
+        for k, v in dagster_pg_env(db).items():
+            monkeypatch.setenv(k, v)
+        yield home
+    finally:
+        db_cm.__exit__(None, None, None)
 
 
 def cfg_of(path: Path):

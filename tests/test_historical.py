@@ -100,6 +100,9 @@ def _independent_decode(abi_path, event_name, logs: pl.DataFrame) -> list[dict]:
     return out
 
 
+# Decoding, range arguments and config checks do not depend on where Dagster keeps its runs: these run on
+# the SQLite instance only (the others run on both profiles, see conftest.dagster_home).
+@pytest.mark.parametrize("instance_profile", ["sqlite"])
 def test_decoded_views_match_an_independent_decode(devnet, make_config, dagster_home):
     node, dep = devnet
     path = make_config()
@@ -193,6 +196,7 @@ def test_killed_backfill_leaves_no_partial_file_and_rerun_is_exact(devnet, make_
     assert not [p for p in logs_dir.iterdir() if p.name.endswith(".tmp")]
 
 
+@pytest.mark.parametrize("instance_profile", ["sqlite"])
 def test_from_to_and_bad_ranges(devnet, make_config, dagster_home):
     node, _ = devnet
     path = make_config()
@@ -209,6 +213,7 @@ def test_from_to_and_bad_ranges(devnet, make_config, dagster_home):
     assert bad.returncode != 0 and "-3" in bad.stderr
 
 
+@pytest.mark.parametrize("instance_profile", ["sqlite"])
 def test_wrong_chain_id_and_unreachable_rpc_write_nothing(devnet, make_config, dagster_home):
     path = make_config()
     path.write_text(path.read_text().replace("chain_id: 31337", "chain_id: 1"))

@@ -3,7 +3,6 @@ survives being killed, and ends with views equal to the node."""
 
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -68,7 +67,8 @@ def dex_matches_chain(cfg, node) -> bool:
     return state.height == 6
 
 
-def test_daemon_follows_live_chain_with_random_reorgs(tmp_path):
+def test_daemon_follows_live_chain_with_random_reorgs(tmp_path, dagster_home):
+    """On both instance profiles (sqlite and postgres: queue, tag limits, pools under a real daemon)."""
     node = Anvil(chain_id=31337).start()
     daemon = None
     log = open(tmp_path / "daemon.log", "w")
@@ -77,10 +77,7 @@ def test_daemon_follows_live_chain_with_random_reorgs(tmp_path):
         path = write_config(tmp_path / "indexer.yaml", node.url, 31337, dep, "data",
                             blocks_per_partition=50, confirmations=3)
         cfg = load_config(path)
-        home = tmp_path / "dagster_home"
-        home.mkdir()
-        shutil.copy(REPO / "deploy" / "dagster.yaml", home / "dagster.yaml")
-        env = {**os.environ, "DAGSTER_HOME": str(home), "INDEXER_CONFIG": str(path)}
+        env = {**os.environ, "DAGSTER_HOME": str(dagster_home), "INDEXER_CONFIG": str(path)}
         daemon = start_daemon(env, log)
         rng = random.Random(1)
         deadline = time.monotonic() + 60
