@@ -11,6 +11,11 @@ It prints the medians, the ratio b/a, and the peak memory of (b) for half and fo
 (bounded memory means the two stay close).
 
     .venv/bin/python bench/backfill.py [--blocks 2000 --txs-per-block 50 --reps 3]
+    .venv/bin/python bench/backfill.py --workers 1,2,4 --instance postgres   # parallel runs, Postgres instance
+
+`--workers 1,2,4` measures each worker count (interleaved within each repetition) and prints logs/s
+per count. `--instance postgres` runs every backfill on a fresh Dagster instance in PostgreSQL
+(deploy/dagster-postgres.yaml; a throw-away database on the server of --pg-url, dropped afterwards).
 """
 
 import argparse
@@ -35,6 +40,8 @@ sys.path.insert(0, str(REPO))
 from indexer_dagster.config import load_config  # noqa: E402
 from indexer_dagster.devnet import run_devnet  # noqa: E402
 
+DEFAULT_PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
+
 
 async def raw_client(url: str, addresses: list[str], first: int, last: int, span: int, in_flight: int) -> int:
     ranges = [(s, min(s + span - 1, last)) for s in range(first, last + 1, span)]
@@ -56,21 +63,50 @@ async def raw_client(url: str, addresses: list[str], first: int, last: int, span
     return total
 
 
-def run_indexer(config: Path, work: Path, to_block: int | None, workers: int) -> tuple[float, int, float]:
-    """Run `indexer backfill` in a fresh data dir; returns (seconds, logs, peak RSS MiB of the process tree)."""
+def _pg_database(pg_url: str):
+    """A fresh database on the server for one Dagster instance; returns (DAGSTER_PG_* env, drop function)."""
+    import psycopg2
+    from urllib.parse import urlsplit
+
+    name = f"indexer_bench_{os.getpid()}_{time.monotonic_ns()}"
+    conn = psycopg2.connect(pg_url)
+    conn.autocommit = True
+    conn.cursor().execute(f'CREATE DATABASE "{name}"')
+    u = urlsplit(pg_url)
+    env = {"DAGSTER_PG_HOST": u.hostname or "127.0.0.1", "DAGSTER_PG_PORT": str(u.port or 5432),
+           "DAGSTER_PG_DB": name, "DAGSTER_PG_USER": u.username or "postgres", "DAGSTER_PG_PASSWORD": u.password or ""}
+
+    def drop() -> None:
+        conn.cursor().execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.close()
+
+    return env, drop
+
+
+def run_indexer(config: Path, work: Path, to_block: int | None, workers: int, instance: str = "sqlite",
+                pg_url: str | None = None) -> tuple[float, int, float]:
+    """Run `indexer backfill` in a fresh data dir and Dagster instance; returns (seconds, logs, peak RSS MiB)."""
     cfg_dir = work / "cfg"
     shutil.rmtree(cfg_dir, ignore_errors=True)
     shutil.copytree(config.parent, cfg_dir, ignore=shutil.ignore_patterns("data", ".dagster_home"))
     home = cfg_dir / ".dagster_home"
     env = {**os.environ, "DAGSTER_HOME": str(home)}
+    drop = None
+    if instance == "postgres":
+        pg_env, drop = _pg_database(pg_url or DEFAULT_PG_URL)
+        env.update(pg_env)
     args = [sys.executable, "-m", "indexer_dagster.cli", "backfill", "--config", str(cfg_dir / "indexer.yaml"),
-            "--workers", str(workers)]
+            "--workers", str(workers), "--instance", instance]
     if to_block is not None:
         args += ["--to", str(to_block)]
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     t0 = time.perf_counter()
-    proc = subprocess.run(args, env=env, capture_output=True, text=True)
-    seconds = time.perf_counter() - t0
+    try:
+        proc = subprocess.run(args, env=env, capture_output=True, text=True)
+    finally:
+        seconds = time.perf_counter() - t0
+        if drop is not None:
+            drop()
     if proc.returncode != 0:
         raise SystemExit(f"indexer backfill failed:\n{proc.stdout}\n{proc.stderr}")
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
@@ -89,11 +125,16 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=2200)
     ap.add_argument("--txs-per-block", type=int, default=50)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--workers", default="1", help="worker counts to measure, e.g. 1,2,4")
+    ap.add_argument("--instance", choices=["sqlite", "postgres"], default="sqlite", help="Dagster instance profile")
+    ap.add_argument("--pg-url", default=os.environ.get("INDEXER_TEST_POSTGRES_URL", DEFAULT_PG_URL),
+                    help="PostgreSQL server for --instance postgres (a database is created per run)")
     ap.add_argument("--blocks-per-partition", type=int, default=10_000, help="the config default")
     ap.add_argument("--span", type=int, default=50, help="raw client: blocks per eth_getLogs")
     ap.add_argument("--in-flight", type=int, default=4, help="raw client: concurrent requests")
+    ap.add_argument("--skip-memory", action="store_true", help="skip the two peak-memory runs")
     args = ap.parse_args()
+    worker_counts = [int(w) for w in str(args.workers).split(",") if w.strip()]
 
     work = Path(tempfile.mkdtemp(prefix="bench-backfill-"))
     node, _dep, config = run_devnet(
@@ -104,39 +145,48 @@ def main() -> None:
         cfg = load_config(config)
         head = node.block_number()
         addresses = [a for c in cfg.contracts for a in c.addresses]
-        raw_rates, idx_rates = [], []
+        raw_rates: list[float] = []
+        idx_rates: dict[int, list[float]] = {w: [] for w in worker_counts}
         for rep in range(args.reps):
             t0 = time.perf_counter()
             n_raw = asyncio.run(raw_client(node.url, addresses, 0, head, args.span, args.in_flight))
             raw_rates.append(n_raw / (time.perf_counter() - t0))
-            seconds, n_idx, peak = run_indexer(config, work, None, args.workers)
-            if n_idx != n_raw:
-                raise SystemExit(f"log counts differ: raw {n_raw}, indexer {n_idx}")
-            idx_rates.append(n_idx / seconds)
-            print(f"rep {rep + 1}: raw {raw_rates[-1]:,.0f} logs/s, indexer {idx_rates[-1]:,.0f} logs/s "
-                  f"({n_idx:,} logs, {seconds:.1f}s)", flush=True)
-        # Peak RSS is a high-water mark over all children, so each range is measured in a fresh process.
-        peak_half, half_logs = _peak_in_fresh_process(config, work, head // 2, args.workers)
-        peak_full, _ = _peak_in_fresh_process(config, work, None, args.workers)
-        raw_med, idx_med = statistics.median(raw_rates), statistics.median(idx_rates)
+            line = [f"rep {rep + 1}: raw {raw_rates[-1]:,.0f} logs/s"]
+            for w in worker_counts:
+                seconds, n_idx, _peak = run_indexer(config, work, None, w, args.instance, args.pg_url)
+                if n_idx != n_raw:
+                    raise SystemExit(f"log counts differ: raw {n_raw}, indexer {n_idx} ({w} workers)")
+                idx_rates[w].append(n_idx / seconds)
+                line.append(f"{w} worker(s) {idx_rates[w][-1]:,.0f} logs/s ({seconds:.1f}s)")
+            print(", ".join(line), flush=True)
+        raw_med = statistics.median(raw_rates)
         print()
-        print(f"logs: {n_raw:,} in {head + 1:,} blocks ({len(addresses)} contracts)")
+        print(f"logs: {n_raw:,} in {head + 1:,} blocks ({len(addresses)} contracts); "
+              f"{args.blocks_per_partition}-block partitions; Dagster instance: {args.instance}")
         print(f"raw eth_getLogs client : {raw_med:>10,.0f} logs/s (median of {args.reps})")
-        print(f"indexer backfill       : {idx_med:>10,.0f} logs/s (median of {args.reps})")
-        print(f"ratio indexer/raw      : {idx_med / raw_med:>10.2f}")
-        print(f"peak RSS, half range   : {peak_half:>10.0f} MiB ({half_logs:,} logs)")
-        print(f"peak RSS, full range   : {peak_full:>10.0f} MiB ({n_raw:,} logs)")
+        for w in worker_counts:
+            med = statistics.median(idx_rates[w])
+            print(f"indexer, {w:>2} worker(s)   : {med:>10,.0f} logs/s (median of {args.reps}), "
+                  f"ratio to raw {med / raw_med:.2f}")
+        if not args.skip_memory:
+            # Peak RSS is a high-water mark over all children, so each range is measured in a fresh process.
+            w = worker_counts[0]
+            peak_half, half_logs = _peak_in_fresh_process(config, work, head // 2, w, args.instance, args.pg_url)
+            peak_full, _ = _peak_in_fresh_process(config, work, None, w, args.instance, args.pg_url)
+            print(f"peak RSS, half range   : {peak_half:>10.0f} MiB ({half_logs:,} logs, {w} worker(s))")
+            print(f"peak RSS, full range   : {peak_full:>10.0f} MiB ({n_raw:,} logs)")
     finally:
         node.stop()
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _peak_in_fresh_process(config: Path, work: Path, to_block: int | None, workers: int) -> tuple[float, int]:
+def _peak_in_fresh_process(config: Path, work: Path, to_block: int | None, workers: int, instance: str = "sqlite",
+                           pg_url: str | None = None) -> tuple[float, int]:
     code = (
         "import sys, resource; sys.path.insert(0, %r); from bench.backfill import run_indexer; from pathlib import Path;"
-        "s, n, _ = run_indexer(Path(%r), Path(%r), %r, %d);"
+        "s, n, _ = run_indexer(Path(%r), Path(%r), %r, %d, %r, %r);"
         "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, n)"
-    ) % (str(REPO), str(config), str(work), to_block, workers)
+    ) % (str(REPO), str(config), str(work), to_block, workers, instance, pg_url)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     peak, logs = out.stdout.strip().splitlines()[-1].split()
     return float(peak), int(logs)
