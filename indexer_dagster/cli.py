@@ -85,19 +85,18 @@ def backfill(config_path: str | None, chain: str | None, from_block: int | None,
     if instance_profile:
         os.environ["INDEXER_DAGSTER_PROFILE"] = instance_profile  # read by ensure_dagster_home (and workers)
     cfg = _load(config_path)
-    for one in _selected_chains(cfg, chain):
+    chains = _selected_chains(cfg, chain)
+    # Every chain's checks pass before any chain is written.
+    plans = [_plan_chain(one, from_block, to_block) for one in chains]
+    for one, (head, first, last) in zip(chains, plans, strict=True):
         if len(cfg.chains) > 1:
             click.echo(f"chain {one.chain.name} (id {one.chain.chain_id}):")
-        _backfill_chain(one, config_path, from_block, to_block, workers)
+        _backfill_chain(one, config_path, head, first, last, workers)
 
 
-def _backfill_chain(cfg, config_path: str | None, from_block: int | None, to_block: int | None, workers: int) -> None:
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    from indexer_dagster.launch import ensure_dagster_home, register_ranges, run_backfill
+def _plan_chain(cfg, from_block: int | None, to_block: int | None) -> tuple[int, int, int]:
+    """(head, first, last) of a chain's backfill, after every check that needs no write."""
     from indexer_dagster.monitor.node import check_against_node
-    from indexer_dagster.partitions import ranges_between
-    from indexer_dagster.persist.catalog import build_catalog
 
     try:
         head = check_against_node(cfg)
@@ -118,6 +117,16 @@ def _backfill_chain(cfg, config_path: str | None, from_block: int | None, to_blo
 
     if locked := catalog_lock_error(cfg.duckdb_path):
         raise click.ClickException(f"{locked}; nothing was written")
+    return head, first, last
+
+
+def _backfill_chain(cfg, config_path: str | None, head: int, first: int, last: int, workers: int) -> None:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from indexer_dagster.launch import ensure_dagster_home, register_ranges, run_backfill
+    from indexer_dagster.partitions import ranges_between
+    from indexer_dagster.persist.catalog import build_catalog
+
     ranges = ranges_between(first, last, cfg.chain.blocks_per_partition)
     import dagster as dg
 

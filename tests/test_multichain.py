@@ -104,3 +104,16 @@ def test_chain_selection_and_multi_chain_config_errors(devnet, second_chain, tmp
     doc["chains"][1]["rpc_url"] = "ws://example"
     with pytest.raises(ConfigError, match=r"chains\[1\] \(beta\): .*chain.rpc_url"):
         parse_configs(yaml.safe_dump(doc), tmp_path)
+
+
+def test_a_bad_chain_stops_the_backfill_before_any_chain_is_written(devnet, second_chain, tmp_path, dagster_home):
+    path = two_chain_config(tmp_path, devnet, second_chain)
+    cfg = load_config(path)
+    beta_head = second_chain[0].block_number()
+    alpha_head = devnet[0].block_number()
+    assert alpha_head > beta_head
+    # --to fits alpha (checked first) but is beyond beta's head.
+    result = CliRunner().invoke(main, ["backfill", "--config", str(path), "--to", str(alpha_head)])
+    assert result.exit_code != 0
+    assert f"beyond the chain head {beta_head}" in result.output
+    assert not list(cfg.data_dir.glob("*/logs/*.parquet")), "alpha was written before beta's check failed"
