@@ -70,7 +70,7 @@ def build_historical_assets(cfg: IndexerConfig, partitions_def: dg.PartitionsDef
     )
     def historical(context: dg.AssetExecutionContext, indexer: IndexerConfigResource):
         cfg = indexer.for_chain(chain)
-        bind(run_id=context.run_id, chain=chain)  # the indexer's own log lines name the run
+        bind(run_id=context.run.run_id, chain=chain)  # the indexer's own log lines name the run
         selected = context.selected_asset_keys
         tables = [t for k, t in table_of.items() if k in selected]
         fetch = blocks_key in selected or logs_key in selected
