@@ -185,3 +185,30 @@ def test_verify_logs_config_key():
     assert ChainConfig.model_validate({**base, "verify_logs": False}).verify_logs == "off"  # YAML's bare `off`
     with pytest.raises(ValueError, match="'bloom', 'double' or 'off'"):
         ChainConfig.model_validate({**base, "verify_logs": "twice"})
+
+
+def test_many_suspects_cost_one_chunk_refetch_and_only_differing_blocks_are_refetched_by_hash():
+    # A busy chain: another contract's event sets SYNC's bits in every block where A swaps, so every
+    # block is suspect. The chunk is fetched once more; identical blocks are accepted without a
+    # per-block refetch, and the one block whose second answer is complete is taken from it.
+    v = LogVerifier({A: [SWAP, SYNC]})
+    foreign = bloom_mask(bytes.fromhex(SYNC[2:]))
+    swaps = [log(n, 0, A, SWAP) for n in range(10, 20)]
+    dropped = log(15, 1, A, SWAP, T1)
+    blooms = {r["block_number"]: bloom_for(r) | foreign for r in swaps}
+    blooms[15] |= bloom_for(dropped)
+    first = frame(*swaps)  # block 15's second swap is missing from the first answer
+    complete = frame(*swaps, dropped).sort("block_number", "log_index")
+    chunk_calls = []
+
+    async def refetch_all():
+        chunk_calls.append(1)
+        return complete
+
+    # Block 15 still shows SYNC's foreign bits: it alone is refetched by hash, from the complete answer.
+    refetch, calls = _refetcher({15: [complete.filter(pl.col("block_number") == 15)] * 3})
+    stats = Counter()
+    out = asyncio.run(reconcile(v, blooms, first, refetch, stats, refetch_all=refetch_all))
+    assert out.equals(complete)
+    assert len(chunk_calls) == 1 and dict(calls) == {15: 3}  # not one refetch by hash for the other nine
+    assert stats["verify:logs_recovered"] == 1 and stats["verify:bloom_unsettled"] == 9

@@ -185,7 +185,8 @@ class RangeFetcher:
             logs = await agree(again, logs, stats, f"logs of blocks {first}-{last}")
         hashes = dict(zip(blocks["number"].to_list(), blocks["hash"].to_list(), strict=True))
         blooms = {n: parse_bloom(b) for n, b in zip(blocks["number"].to_list(), blocks["logs_bloom"].to_list(), strict=True)}
-        return await reconcile(self.verifier, blooms, logs, lambda n: self.logs_by_hash(hashes[n]), stats)
+        return await reconcile(self.verifier, blooms, logs, lambda n: self.logs_by_hash(hashes[n]), stats,
+                               refetch_all=again)
 
     async def logs(self, from_block: int, to_block: int) -> pl.DataFrame:
         """Logs of all addresses in [from_block, to_block], splitting the range when the node says it is too big."""
