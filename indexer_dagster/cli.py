@@ -40,6 +40,17 @@ def _selected_chains(cfg, chain: str | None) -> list:
         raise click.ClickException(str(e)) from None
 
 
+def _serve_until_interrupted(stop) -> None:
+    """Block until Ctrl-C (or SIGTERM's KeyboardInterrupt), then call `stop`."""
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop()
+
+
 @click.group()
 def main() -> None:
     """EVM event indexer on Dagster: block ranges into Parquet, views in DuckDB."""
@@ -280,13 +291,7 @@ def devnet(out_dir, port, chain_id, blocks, txs_per_block, seed, block_time, sta
         block_time=block_time, state_cache=state_cache,
     )
     click.echo(f"devnet ready at {anvil.url}; config: {config_path}. Ctrl-C stops it.")
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        anvil.stop()
+    _serve_until_interrupted(anvil.stop)
 
 
 def _failed_partitions_fn(cfg):
@@ -350,13 +355,7 @@ def metrics(config_path: str | None, textfile: str | None, port: int | None, hos
     elif port:
         server, _thread = m.serve(cfg, port, host, failed)
         click.echo(f"serving metrics on http://{host}:{port}/metrics (Ctrl-C stops)", err=True)
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            pass
-        finally:
-            server.shutdown()
+        _serve_until_interrupted(server.shutdown)
     else:
         click.echo(m.render(cfg, failed), nl=False)
 

@@ -12,6 +12,8 @@ import re
 from contextlib import contextmanager
 from urllib.parse import urlsplit, urlunsplit
 
+from indexer_dagster.persist.lake import _alive  # is that process still running
+
 PG_URL_ENV = "INDEXER_TEST_POSTGRES_URL"
 _counter = itertools.count()
 _swept = False
@@ -48,14 +50,6 @@ def _sweep(conn) -> None:
                 cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @contextmanager
