@@ -3,6 +3,7 @@
 with different transactions, and show it detected and repaired in the views. Runs until killed."""
 
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -43,6 +44,9 @@ def main() -> None:
             show(cfg, "select reorg_id, common_ancestor, depth, phase, rows_archived, touched_confirmed from reorgs")
             show(cfg, "select reorg_id, count(*) as orphaned_logs from orphaned_logs group by reorg_id")
             show(cfg, "select status, count(*) as blocks, max(number) as last from blocks group by status")
+            print("\n$ indexer status   (health: heads, lag, partitions, last reorg, RPC errors)", flush=True)
+            subprocess.run([sys.executable, "-m", "indexer_dagster.cli", "status",
+                            "--config", str(devnet_dir / "indexer.yaml")], check=False)
             shown = True
         time.sleep(2)
 
