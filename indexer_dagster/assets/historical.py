@@ -12,11 +12,10 @@ import dagster as dg
 from indexer_dagster.config import IndexerConfig
 from indexer_dagster.health.logs import bind
 from indexer_dagster.monitor.rpc import RpcStats
-from indexer_dagster.partitions import parse_key, range_for_block
+from indexer_dagster.partitions import parse_key
 from indexer_dagster.persist.catalog import build_catalog
-from indexer_dagster.persist.failed_checks import record_range_checks
-from indexer_dagster.persist.lake import Lake, storage_problem
-from indexer_dagster.persist.verify_range import CHECKS, CheckResult, verify_range
+from indexer_dagster.persist.lake import storage_problem
+from indexer_dagster.persist.verify_range import CHECKS, CheckResult, verify_and_record
 from indexer_dagster.resources import IndexerConfigResource
 from indexer_dagster.reorg.state import open_state
 from indexer_dagster.sync.historical import decode_range
@@ -94,17 +93,8 @@ def build_historical_assets(cfg: IndexerConfig, partitions_def: dg.PartitionsDef
                         _fail_fast_on_storage(cfg, e)
                         raise
                 if checks:
-                    results = verify_range(cfg, r, to_block=res.to_block if fetch else None)
-                    # Durable verdict: a failed range stays unconfirmed and the sensor syncs it again.
-                    lake = Lake(cfg.data_dir, chain)
-                    record_range_checks(lake, cfg.chain.chain_id, r,
-                                        [(c.name, c.description) for c in results if not c.passed])
-                    link = next(c for c in results if c.name == "parent_hash_chain")
-                    if link.metadata.get("across_ok") is False:
-                        # Either side of a broken link may be the wrong fork: sync the previous range again too.
-                        record_range_checks(lake, cfg.chain.chain_id, range_for_block(r.start - 1, r.end - r.start + 1),
-                                            [(link.name, f"the next range {key} does not chain onto this range's "
-                                                         f"last block: {link.description}")], add=True)
+                    # A failed range stays unconfirmed and the sensor syncs it again (recorded durably).
+                    results = verify_and_record(cfg, r, to_block=res.to_block if fetch else None)
                     for c in results:
                         if c.name in checks:
                             checked[c.name].append(c)

@@ -277,5 +277,22 @@ def verify_range(
     return [CheckResult(c.name, c.asset, c.passed, c.description, {"range": r.key, **c.metadata}) for c in results]
 
 
+def verify_and_record(cfg: IndexerConfig, r: BlockRange, *, to_block: int | None = None) -> list[CheckResult]:
+    """`verify_range`, then the durable verdict: a failed range stays unconfirmed and is synced again.
+
+    A broken link to the previous range marks that range too: either side may be on the wrong fork."""
+    from indexer_dagster.persist.failed_checks import record_range_checks
+
+    results = verify_range(cfg, r, to_block=to_block)
+    lake = Lake(cfg.data_dir, cfg.chain.name)
+    record_range_checks(lake, cfg.chain.chain_id, r, [(c.name, c.description) for c in results if not c.passed])
+    link = next(c for c in results if c.name == "parent_hash_chain")
+    if link.metadata.get("across_ok") is False:
+        record_range_checks(lake, cfg.chain.chain_id, range_for_block(r.start - 1, r.end - r.start + 1),
+                            [(link.name, f"the next range {r.key} does not chain onto this range's "
+                                         f"last block: {link.description}")], add=True)
+    return results
+
+
 def failures(results: Sequence[CheckResult]) -> list[CheckResult]:
     return [c for c in results if not c.passed]
