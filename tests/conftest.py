@@ -47,7 +47,7 @@ def instance_profile(request):
 def dagster_home(instance_profile, tmp_path, monkeypatch):
     """A fresh $DAGSTER_HOME with the profile's dagster.yaml. `postgres`: a database of its own on the
     server of $INDEXER_TEST_POSTGRES_URL (skipped when unset, failed when set but unreachable)."""
-    from tests.pg_instance import PG_URL_ENV, dagster_pg_env, fresh_database, server_url
+    from tests.pg_instance import dagster_pg_env, database_for_test
 
     home = tmp_path / "dagster_home"
     home.mkdir()
@@ -57,21 +57,11 @@ def dagster_home(instance_profile, tmp_path, monkeypatch):
         shutil.copy(REPO / "deploy" / "dagster.yaml", home / "dagster.yaml")
         yield home
         return
-    url = server_url()
-    if url is None:
-        pytest.skip(f"Postgres instance profile: set {PG_URL_ENV}=postgresql://user@host:5432/db to run it")
-    try:
-        db_cm = fresh_database(url)
-        db = db_cm.__enter__()
-    except RuntimeError as e:
-        pytest.fail(str(e))
-    try:
+    for db in database_for_test("run the Postgres instance profile (postgresql://user@host:5432/db)"):
         shutil.copy(REPO / "deploy" / "dagster-postgres.yaml", home / "dagster.yaml")
         for k, v in dagster_pg_env(db).items():
             monkeypatch.setenv(k, v)
         yield home
-    finally:
-        db_cm.__exit__(None, None, None)
 
 
 def cfg_of(path: Path):

@@ -90,3 +90,23 @@ def dagster_pg_env(db: dict) -> dict[str, str]:
         "DAGSTER_PG_USER": db["user"],
         "DAGSTER_PG_PASSWORD": db["password"],
     }
+
+
+def database_for_test(what: str):
+    """Generator body for a fixture: a throw-away database (its connection parts), dropped after the test.
+    Skipped when $INDEXER_TEST_POSTGRES_URL is unset (saying it is needed to `what`); failed when it is set
+    and the server does not answer."""
+    import pytest
+
+    url = server_url()
+    if url is None:
+        pytest.skip(f"set {PG_URL_ENV} to {what}")
+    try:
+        cm = fresh_database(url)
+        db = cm.__enter__()
+    except RuntimeError as e:
+        pytest.fail(str(e))
+    try:
+        yield db
+    finally:
+        cm.__exit__(None, None, None)

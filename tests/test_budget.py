@@ -15,7 +15,7 @@ import yaml
 from aiohttp import web
 
 from indexer_dagster.monitor.budget import RpcBudget, default_block, endpoint_key
-from tests.pg_instance import PG_URL_ENV, fresh_database, server_url
+from tests.pg_instance import database_for_test
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -135,18 +135,8 @@ def state_url(request, tmp_path):
     if request.param == "sqlite":
         yield str(tmp_path / "state.sqlite")
         return
-    url = server_url()
-    if url is None:
-        pytest.skip(f"set {PG_URL_ENV} to test the budget on PostgreSQL")
-    try:
-        cm = fresh_database(url)
-        db = cm.__enter__()
-    except RuntimeError as e:
-        pytest.fail(str(e))
-    try:
+    for db in database_for_test("test the budget on PostgreSQL"):
         yield db["url"]
-    finally:
-        cm.__exit__(None, None, None)
 
 
 @pytest.mark.slow

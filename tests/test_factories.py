@@ -5,7 +5,6 @@ all indexed from their creation block; the views equal the node's eth_getLogs fo
 reorg that removes a PairCreated removes the pair and its events from the views (archived).
 """
 
-import asyncio
 from pathlib import Path
 
 import polars as pl
@@ -26,10 +25,9 @@ from indexer_dagster.query import query
 from indexer_dagster.reorg.repair import repair
 from indexer_dagster.reorg.state import Phase, open_state
 from indexer_dagster.sync.contracts import ContractSet, discover, gaps, stored_children
-from indexer_dagster.sync.historical import rpc_client, sync_range
-from indexer_dagster.sync.realtime import Follower
+from indexer_dagster.sync.historical import sync_range
 from tests.test_historical import node_logs
-from tests.test_reorg import fill_history
+from tests.test_reorg import follow_until_synced as follow
 
 FACTORY = {"contract": "UniswapV2Factory", "event": "PairCreated", "parameter": "pair"}
 
@@ -167,25 +165,6 @@ def test_pairs_before_during_backfill_and_live_are_indexed_then_a_reorg_removes_
         store.close()
     finally:
         node.stop()
-
-
-def follow(cfg, store, max_ticks=50):
-    """Seed the follower (history below its anchor by range runs), then tick to the node's head."""
-    async def go():
-        f = Follower(cfg, store)
-        results = []
-        async with rpc_client(cfg) as rpc:
-            await f.seed(rpc)
-            await asyncio.to_thread(fill_history, cfg, store)
-            for _ in range(max_ticks):
-                res = await f.tick(rpc)
-                results.append(res)
-                if res.action in ("reorg", "suspended"):
-                    break
-                if res.action == "idle" and res.tip == int(await rpc.call("eth_blockNumber"), 16):
-                    break
-        return results
-    return asyncio.run(go())
 
 
 # -- config and pure parts (no chain) ----------------------------------------------------------------

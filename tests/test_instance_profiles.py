@@ -13,7 +13,7 @@ import yaml
 
 from indexer_dagster.launch import PROFILES, ProfileError, ensure_dagster_home, profile_of
 from tests.conftest import cli_env
-from tests.pg_instance import PG_URL_ENV, dagster_pg_env, fresh_database, server_url
+from tests.pg_instance import dagster_pg_env, database_for_test, fresh_database
 
 REPO = Path(__file__).resolve().parents[1]
 INDEXER = [sys.executable, "-m", "indexer_dagster.cli"]
@@ -23,18 +23,7 @@ HELM_VALUES = REPO / "deploy" / "helm" / "values.yaml"
 
 @pytest.fixture
 def pg_db():
-    url = server_url()
-    if url is None:
-        pytest.skip(f"set {PG_URL_ENV} to test the Postgres instance profile")
-    try:
-        cm = fresh_database(url)
-        db = cm.__enter__()
-    except RuntimeError as e:
-        pytest.fail(str(e))
-    try:
-        yield db
-    finally:
-        cm.__exit__(None, None, None)
+    yield from database_for_test("test the Postgres instance profile")
 
 
 def test_profile_files_and_detection():
