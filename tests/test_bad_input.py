@@ -32,6 +32,7 @@ from indexer_dagster.parse.abi import event_specs, load_abi
 from indexer_dagster.parse.decode import decode_logs
 from indexer_dagster.query import QueryError
 from indexer_dagster.query import query as run_query
+from tests.test_decode import _json_value
 
 REPO = Path(__file__).resolve().parents[1]
 BUILD = REPO / "node_modules/@uniswap/v2-core/build"
@@ -407,31 +408,13 @@ def _value_strategy(t):
 
 
 def _expected(t, v):
-    """The decoder's promised output for value `v` of type `t` (README: value mapping)."""
+    """The decoder's promised output for value `v` of parsed type `t` (README: value mapping): the JSON
+    form of `test_decode._json_value`, except that top-level integers of at most 64 bits stay integers."""
     from eth_abi.grammar import TupleType
 
-    def js(tt, x):
-        if tt.arrlist:
-            return [js(tt.item_type, y) for y in x]
-        if isinstance(tt, TupleType):
-            return [js(c, y) for c, y in zip(tt.components, x)]
-        if tt.base == "address":
-            return x.lower()
-        if tt.base in ("uint", "int"):
-            return str(x)
-        if tt.base == "bytes":
-            return "0x" + x.hex()
-        return x  # bool, string
-
-    if t.arrlist or isinstance(t, TupleType):
-        return js(t, v)
-    if t.base == "address":
-        return v.lower()
-    if t.base in ("uint", "int"):
-        return v if t.sub <= 64 else str(v)
-    if t.base == "bytes":
-        return "0x" + v.hex()
-    return v
+    if not (t.arrlist or isinstance(t, TupleType)) and t.base in ("uint", "int") and t.sub <= 64:
+        return v
+    return _json_value(t.to_type_str(), v)
 
 
 @st.composite

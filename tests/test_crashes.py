@@ -234,7 +234,7 @@ def test_webserver_and_run_worker_killed_during_live_sync_with_reorgs(tmp_path):
     from indexer_dagster.devnet.anvil import free_port
     from indexer_dagster.devnet.uniswap import generate_traffic, reorg as anvil_reorg
     from indexer_dagster.reorg.state import open_state
-    from tests.test_live_daemon import kill_tree, start_daemon, views_equal_node
+    from tests.test_live_daemon import kill_tree, start_daemon, wait_until_consistent
 
     node = Anvil(chain_id=31337).start()
     procs: dict[str, subprocess.Popen] = {}
@@ -295,15 +295,7 @@ def test_webserver_and_run_worker_killed_during_live_sync_with_reorgs(tmp_path):
                     kill_worker_at += 1  # no run alive this second: try the next one
             time.sleep(1)
         assert reorgs >= 2 and web_killed and worker_kills >= 1, (reorgs, web_killed, worker_kills, [_cmdline(p)[:150] for p in _descendants(procs["daemon"].pid)])
-        ok, why = False, ""
-        for _ in range(90):
-            ok, why = views_equal_node(cfg, node)
-            store = open_state(cfg.state_url)
-            active = store.active_reorg(cfg.chain.name)
-            store.close()
-            if ok and active is None:
-                break
-            time.sleep(1)
+        ok, active, why = wait_until_consistent(cfg, node)
         assert ok and active is None, why + "\n" + (tmp_path / "dagster.log").read_text()[-3000:]
         ledger = query(cfg.duckdb_path, "select phase from reorgs")
         assert ledger.height >= 1 and set(ledger["phase"]) == {"done"}

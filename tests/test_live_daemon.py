@@ -55,6 +55,20 @@ def views_equal_node(cfg, node) -> tuple[bool, str]:
     return True, ""
 
 
+def wait_until_consistent(cfg, node, seconds: int = 90):
+    """Poll until the views equal the node and no reorg is unfinished: (views ok, active reorg, why not)."""
+    ok, why, active = False, "", None
+    for _ in range(seconds):
+        ok, why = views_equal_node(cfg, node)
+        store = open_state(cfg.state_url)
+        active = store.active_reorg(cfg.chain.name)
+        store.close()
+        if ok and active is None:
+            break
+        time.sleep(1)
+    return ok, active, why
+
+
 def dex_matches_chain(cfg, node) -> bool:
     try:
         state = query(cfg.duckdb_path, "select pool, reserve0, reserve1 from pool_state")
@@ -95,15 +109,7 @@ def test_daemon_follows_live_chain_with_random_reorgs(tmp_path, dagster_home):
                 killed = True
             time.sleep(1)
         assert reorgs >= 2
-        ok, why = False, ""
-        for _ in range(90):
-            ok, why = views_equal_node(cfg, node)
-            store = open_state(cfg.state_url)
-            active = store.active_reorg(cfg.chain.name)
-            store.close()
-            if ok and active is None:
-                break
-            time.sleep(1)
+        ok, active, why = wait_until_consistent(cfg, node)
         assert ok, why + "\n" + (tmp_path / "daemon.log").read_text()[-3000:]
         ledger = query(cfg.duckdb_path, "select * from reorgs")
         assert ledger.height >= 1 and set(ledger["phase"]) == {"done"}
