@@ -8,6 +8,7 @@ import time
 
 import duckdb
 import polars as pl
+import pytest
 
 from indexer_dagster.persist.lake import Lake
 
@@ -61,3 +62,30 @@ def test_empty_range_still_writes_a_typed_file(tmp_path):
         pass
     df = lake.read("events/t", "000000000000-000000000099")
     assert df.height == 0 and df.schema == pl.Schema({"a": pl.String, "b": pl.UInt64})
+
+
+def test_catalog_build_retries_when_a_matched_file_vanishes(tmp_path, monkeypatch):
+    """Binding a view reads the files its glob matched; one compacted away meanwhile means build again."""
+    from types import SimpleNamespace
+
+    import duckdb
+
+    from indexer_dagster.persist import catalog
+
+    good = tmp_path / "x.parquet"
+    pl.DataFrame({"a": [1, 2]}).write_parquet(good)
+    answers = [{"v": f"SELECT * FROM read_parquet('{tmp_path / 'gone.parquet'}')"},
+               {"v": f"SELECT * FROM read_parquet('{good}')"}]
+    monkeypatch.setattr(catalog, "view_statements", lambda cfg: answers.pop(0))
+    target = catalog.build_catalog(SimpleNamespace(duckdb_path=tmp_path / "c.duckdb"))
+    assert answers == []
+    con = duckdb.connect(str(target), read_only=True)
+    assert con.execute("select sum(a) from v").fetchone()[0] == 3
+    con.close()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp file left
+
+    # A file that stays missing is still an error after the bounded attempts.
+    monkeypatch.setattr(catalog, "view_statements",
+                        lambda cfg: {"v": f"SELECT * FROM read_parquet('{tmp_path / 'gone.parquet'}')"})
+    with pytest.raises(duckdb.IOException, match="No files found"):
+        catalog.build_catalog(SimpleNamespace(duckdb_path=tmp_path / "d.duckdb"))

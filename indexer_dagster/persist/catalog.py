@@ -8,6 +8,7 @@ queries without rebuilding; a rebuild is needed only when the set of tables chan
 
 import errno
 import os
+import time
 import uuid
 from pathlib import Path
 
@@ -161,6 +162,9 @@ def _contract_addresses(cfg: IndexerConfig, src, live: str) -> str:
     return " UNION ALL ".join(parts)
 
 
+_FILE_SET_ATTEMPTS = 5  # rebuilds when files vanish under the glob while views bind
+
+
 def build_catalog(cfg: IndexerConfig) -> Path:
     """(Re)build the DuckDB file of views and swap it in atomically."""
     target = cfg.duckdb_path
@@ -168,13 +172,24 @@ def build_catalog(cfg: IndexerConfig) -> Path:
     with FileLock(str(target) + ".lock"):
         tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
         try:
-            con = duckdb.connect(str(tmp))
-            try:
-                for name, sql in view_statements(cfg).items():
-                    con.execute(f"CREATE OR REPLACE VIEW {_quote(name)} AS {sql}")
-                con.execute("CHECKPOINT")
-            finally:
-                con.close()
+            for attempt in range(_FILE_SET_ATTEMPTS):
+                con = duckdb.connect(str(tmp))
+                try:
+                    for name, sql in view_statements(cfg).items():
+                        con.execute(f"CREATE OR REPLACE VIEW {_quote(name)} AS {sql}")
+                    con.execute("CHECKPOINT")
+                    break
+                except duckdb.IOException as e:
+                    # Binding a view reads the files its glob matched; a live segment compacted or a range
+                    # republished meanwhile is gone by then. The file set changed, not the lake: build again.
+                    vanished = any(m in str(e).lower() for m in ("no such file", "no files found"))
+                    if not vanished or attempt == _FILE_SET_ATTEMPTS - 1:
+                        raise
+                finally:
+                    con.close()
+                tmp.unlink(missing_ok=True)
+                Path(str(tmp) + ".wal").unlink(missing_ok=True)
+                time.sleep(0.05 * (attempt + 1))
             os.replace(tmp, target)
         except duckdb.IOException as e:
             # e.g. a full disk: the old catalog stays in place; say where and why, not a DuckDB traceback.
