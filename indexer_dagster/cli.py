@@ -199,9 +199,9 @@ def _backfill_chain(cfg, config_path: str | None, head: int, first: int, last: i
     import polars as pl
 
     from indexer_dagster.persist.failed_checks import read_failed
-    from indexer_dagster.persist.lake import Lake
+    from indexer_dagster.persist.lake import open_lake
 
-    bad = read_failed(Lake(cfg.data_dir, cfg.chain.name)).filter(
+    bad = read_failed(open_lake(cfg)).filter(
         pl.col("range_key").is_in([r.key for r in ranges]))
     if bad.height:
         lines = [f"  {k} {n}: {d}" for k, n, d in bad.select("range_key", "check_name", "description").iter_rows()]

@@ -9,7 +9,7 @@ backfill writes anything.
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
 from eth_utils import is_checksum_address, is_hex_address, to_checksum_address
@@ -24,6 +24,9 @@ from pydantic import (
 )
 
 from indexer_dagster.parse.abi import AbiError, EventSpec, event_specs, load_abi
+
+if TYPE_CHECKING:
+    from upath import UPath
 
 CONFIG_ENV_VAR = "INDEXER_CONFIG"
 CHAIN_ENV_VAR = "INDEXER_CHAIN"  # picks one chain of a multi-chain config
@@ -189,6 +192,29 @@ class StorageConfig(_Strict):
         description="Durable indexer state (local chain, reorg ledger, locks): a postgresql:// URL, "
         "or a SQLite file path; default <data_dir>/state.sqlite",
     )
+    lake_url: str | None = Field(
+        default=None,
+        description="Where the Parquet lake lives: a local directory (default: data_dir) or an fsspec URL "
+        "of object storage, e.g. s3://bucket/prefix. data_dir keeps the local files (locks, staging, "
+        "SQLite state, the DuckDB catalog).",
+    )
+    lake_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="fsspec storage options of lake_url (e.g. endpoint_url, region_name). Credentials come "
+        "from the provider's environment variables (AWS_ACCESS_KEY_ID, ...), never from this file.",
+    )
+
+    @field_validator("lake_options")
+    @classmethod
+    def _no_credentials(cls, v: dict[str, Any]) -> dict[str, Any]:
+        secret = sorted(k for k in v if re.search(r"key|secret|token|password|credential", k, re.I))
+        if secret:
+            raise ValueError(
+                f"{', '.join(secret)}: credentials do not belong in lake_options (they would be stored in the "
+                "catalog); set them in the environment the storage library reads (for S3: AWS_ACCESS_KEY_ID, "
+                "AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN) and remove them here"
+            )
+        return v
 
 
 class AlertsConfig(_Strict):
@@ -254,6 +280,32 @@ class IndexerConfig(_Strict):
     @property
     def data_dir(self) -> Path:
         return self.resolve(self.storage.data_dir)
+
+    @property
+    def lake_root(self) -> "Path | UPath":
+        """The lake's root: data_dir, a local lake_url, or a UPath on the object store of lake_url."""
+        url = self.storage.lake_url
+        if not url:
+            return self.data_dir
+        scheme = re.match(r"^([a-zA-Z][\w+.-]*)://", url)
+        if scheme is None or scheme.group(1).lower() == "file":
+            return self.resolve(url[len("file://"):] if scheme else url)
+        import fsspec
+        from upath import UPath
+
+        protocol = scheme.group(1).lower()
+        try:
+            fsspec.get_filesystem_class(protocol)
+        except ImportError as e:
+            raise ConfigError(f"{url}: the {protocol}:// filesystem needs a package that is not installed "
+                              f"({e}); install it (for s3://: pip install s3fs)") from None
+        except ValueError:
+            raise ConfigError(f"{url}: unknown storage protocol {protocol!r}; use a local directory or an "
+                              "fsspec URL such as s3://bucket/prefix") from None
+        if not url[len(protocol) + 3:].strip("/"):
+            raise ConfigError(f"{url}: name a bucket (and optionally a prefix), e.g. {protocol}://my-bucket/lake")
+        # Listings are never cached: other processes add and remove files all the time.
+        return UPath(url.rstrip("/"), **{"use_listings_cache": False, **self.storage.lake_options})
 
     @property
     def duckdb_path(self) -> Path:
@@ -408,9 +460,9 @@ def _validate(raw: dict, base_dir: Path, source: str, where: str) -> IndexerConf
     cfg._base_dir = base_dir
     try:
         cfg._load_abis()
-        for key in ("data_dir", "duckdb_path", "state_url"):  # paths resolve now, not mid-run
-            try:
-                getattr(cfg, key)
+        for key, attr in (("data_dir",) * 2, ("duckdb_path",) * 2, ("state_url",) * 2, ("lake_url", "lake_root")):
+            try:  # paths resolve now, not mid-run
+                getattr(cfg, attr)
             except ConfigError as e:
                 raise ConfigError(f"storage.{key}: {e}") from None
     except ConfigError as e:

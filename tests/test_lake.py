@@ -77,7 +77,7 @@ def test_catalog_build_retries_when_a_matched_file_vanishes(tmp_path, monkeypatc
     answers = [{"v": f"SELECT * FROM read_parquet('{tmp_path / 'gone.parquet'}')"},
                {"v": f"SELECT * FROM read_parquet('{good}')"}]
     monkeypatch.setattr(catalog, "view_statements", lambda cfg: answers.pop(0))
-    target = catalog.build_catalog(SimpleNamespace(duckdb_path=tmp_path / "c.duckdb"))
+    target = catalog.build_catalog(SimpleNamespace(duckdb_path=tmp_path / "c.duckdb", lake_root=tmp_path))
     assert answers == []
     con = duckdb.connect(str(target), read_only=True)
     assert con.execute("select sum(a) from v").fetchone()[0] == 3
@@ -88,4 +88,4 @@ def test_catalog_build_retries_when_a_matched_file_vanishes(tmp_path, monkeypatc
     monkeypatch.setattr(catalog, "view_statements",
                         lambda cfg: {"v": f"SELECT * FROM read_parquet('{tmp_path / 'gone.parquet'}')"})
     with pytest.raises(duckdb.IOException, match="No files found"):
-        catalog.build_catalog(SimpleNamespace(duckdb_path=tmp_path / "d.duckdb"))
+        catalog.build_catalog(SimpleNamespace(duckdb_path=tmp_path / "d.duckdb", lake_root=tmp_path))

@@ -19,6 +19,7 @@ from indexer_dagster.devnet import Anvil, build_devnet, write_config
 from indexer_dagster.devnet.uniswap import generate_traffic, reorg as anvil_reorg
 from indexer_dagster.partitions import ranges_between
 from indexer_dagster.persist.catalog import build_catalog
+from indexer_dagster.persist.lake import open_lake
 from indexer_dagster.query import query
 from indexer_dagster.reorg.repair import repair
 from indexer_dagster.reorg.state import Phase, open_state
@@ -58,7 +59,7 @@ def _rpc(cfg, method, params=()):
 def fill_history(cfg, store):
     """What the chain-head sensor does below the follower's anchor: range runs until the files reach it."""
     anchor = store.get_cursor(cfg.chain.name, ANCHOR)
-    lake_blocks = cfg.data_dir / cfg.chain.name / "blocks"
+    lake_blocks = open_lake(cfg).dir("blocks")
     for r in history_due(lake_blocks, cfg.start_block, cfg.chain.blocks_per_partition, anchor[0]):
         sync_range(cfg, r)
 

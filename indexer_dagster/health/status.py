@@ -12,10 +12,8 @@ import time
 from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from pathlib import Path
 
 import polars as pl
-import pyarrow.parquet as pq
 
 from indexer_dagster.config import IndexerConfig
 from indexer_dagster.health.logs import get_logger, register_config, scrub
@@ -24,7 +22,7 @@ from indexer_dagster.monitor.errors import RpcError, classify_exception
 from indexer_dagster.monitor.rpc import RetryPolicy, RpcClient
 from indexer_dagster.partitions import ranges_between
 from indexer_dagster.persist.heads import read_head
-from indexer_dagster.persist.lake import Lake, data_files
+from indexer_dagster.persist.lake import Lake, LakePath, data_files, file_state, open_lake, parquet_metadata, scan_parquet
 
 log = get_logger(__name__)
 LIVE = "live"  # sync.realtime.LIVE (not imported: status must not pull in the sync pipeline)
@@ -82,17 +80,17 @@ class ChainStatus:
 
 # --- Parquet footers (cached by path, size and mtime: a scrape re-reads only files that changed) ---------
 
-_footers: dict[str, tuple[int, int, int, int | None, int | None]] = {}
+_footers: dict[str, tuple[tuple, int, int | None, int | None]] = {}
 
 
-def _footer(path: Path, column: str) -> tuple[int, int | None, int | None]:
+def _footer(path: LakePath, column: str) -> tuple[int, int | None, int | None]:
     """(rows, min, max of `column`) of a Parquet file, from its footer."""
-    st = path.stat()
+    state = file_state(path)
     key = f"{path}\0{column}"
     hit = _footers.get(key)
-    if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
-        return hit[2], hit[3], hit[4]
-    meta = pq.ParquetFile(path).metadata
+    if hit and hit[0] == state:
+        return hit[1], hit[2], hit[3]
+    meta = parquet_metadata(path)
     idx = meta.schema.to_arrow_schema().get_field_index(column)
     lows, highs = [], []
     if idx >= 0:
@@ -102,11 +100,11 @@ def _footer(path: Path, column: str) -> tuple[int, int | None, int | None]:
                 lows.append(s.min)
                 highs.append(s.max)
     out = (meta.num_rows, min(lows, default=None), max(highs, default=None))
-    _footers[key] = (st.st_size, st.st_mtime_ns, *out)
+    _footers[key] = (state, *out)
     return out
 
 
-def _spans(directory: Path, column: str = "number") -> dict[Path, tuple[int, int, int]]:
+def _spans(directory: LakePath, column: str = "number") -> dict[LakePath, tuple[int, int, int]]:
     """file -> (rows, lowest, highest block) for the non-empty data files of a dataset."""
     out = {}
     for p in data_files(directory):
@@ -119,8 +117,8 @@ def _spans(directory: Path, column: str = "number") -> dict[Path, tuple[int, int
     return out
 
 
-def _block_time(path: Path, number: int) -> int | None:
-    df = pl.scan_parquet(path).filter(pl.col("number") == number).select(
+def _block_time(path: LakePath, number: int) -> int | None:
+    df = scan_parquet(path).filter(pl.col("number") == number).select(
         pl.col("timestamp").dt.epoch("s")).collect()
     return int(df.item(0, 0)) if df.height else None
 
@@ -219,7 +217,7 @@ def gather_status(
     if probe:
         st.node_head, st.node_head_time, st.node_error = probe_node(cfg, timeout_s)
         st.node_reachable = st.node_error is None
-    lake = Lake(cfg.data_dir, c.name)
+    lake = open_lake(cfg, c.name)
 
     ranges = _spans(lake.dir("blocks"))
     live = _spans(lake.dir(f"{LIVE}/blocks"))

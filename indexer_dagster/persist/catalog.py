@@ -4,9 +4,15 @@ The database holds only views (no data), so it is built in a temporary file and 
 old one: there is never a second writer to fight over DuckDB's lock, and readers (which open it
 read-only) keep working through a rebuild. Views read Parquet globs, so new range files show up in
 queries without rebuilding; a rebuild is needed only when the set of tables changes.
+
+A lake on object storage is read through its fsspec filesystem, registered on each connection
+(DuckDB's own httpfs extension would be downloaded at run time). The catalog names that lake in a
+`_lake` view, so a reader needs nothing but the catalog's path (and the storage credentials in its
+environment) — see `attach_lake`.
 """
 
 import errno
+import json
 import os
 import time
 import uuid
@@ -20,7 +26,7 @@ from indexer_dagster.config import IndexerConfig
 from indexer_dagster.monitor.fetch import BLOCK_SCHEMA, LOG_SCHEMA
 from indexer_dagster.persist.failed_checks import KEY as FAILED_KEY, SCHEMA as FAILED_SCHEMA, ensure_ledger
 from indexer_dagster.persist.heads import HEAD_DATASET, HEAD_KEY, HEAD_SCHEMA
-from indexer_dagster.persist.lake import Lake, StorageError
+from indexer_dagster.persist.lake import StorageError, is_remote, open_lake
 
 _DUCK_TYPES = {
     pl.Int64: "BIGINT",
@@ -65,9 +71,12 @@ def view_statements(cfg: IndexerConfig) -> dict[str, str]:
     from indexer_dagster.sync.dex import DEX, DEX_TABLES
     from indexer_dagster.sync.realtime import LIVE
 
-    d = cfg.data_dir
-    lake = Lake(d, cfg.chain.name)
+    d = cfg.lake_root
+    lake = open_lake(cfg)
     views: dict[str, str] = {}
+    if is_remote(d):
+        options = json.dumps(cfg.storage.lake_options, sort_keys=True)
+        views[LAKE_VIEW] = f"SELECT {_literal(str(d))} AS url, {_literal(options)} AS options"
 
     def src(dataset: str, schema: dict) -> str:
         # Every dataset directory holds an empty typed schema file, so its glob never matches nothing.
@@ -165,6 +174,35 @@ def _contract_addresses(cfg: IndexerConfig, src, live: str) -> str:
 _FILE_SET_ATTEMPTS = 5  # rebuilds when files vanish under the glob while views bind
 
 
+LAKE_VIEW = "_lake"
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def attach_lake(con: duckdb.DuckDBPyConnection) -> None:
+    """Register the filesystem of a remote lake (named in the catalog's `_lake` view) on `con`, so its
+    views can read their files; nothing to do for a lake on the local disk."""
+    try:
+        row = con.execute(f"SELECT url, options FROM {LAKE_VIEW}").fetchone()
+    except duckdb.CatalogException:
+        return  # a local lake
+    register_lake_filesystem(con, row[0], json.loads(row[1]))
+
+
+def register_lake_filesystem(con: duckdb.DuckDBPyConnection, url: str, options: dict) -> None:
+    import fsspec
+
+    protocol = url.split("://", 1)[0]
+    fs = fsspec.filesystem(protocol, **{"use_listings_cache": False, **options})
+    names = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+    if not names & set(con.list_filesystems()):
+        con.register_filesystem(fs)
+    # Objects are replaced under the same name: never serve a cached copy of an older one.
+    con.execute("SET enable_external_file_cache = false")
+
+
 def build_catalog(cfg: IndexerConfig) -> Path:
     """(Re)build the DuckDB file of views and swap it in atomically."""
     target = cfg.duckdb_path
@@ -175,6 +213,8 @@ def build_catalog(cfg: IndexerConfig) -> Path:
             for attempt in range(_FILE_SET_ATTEMPTS):
                 con = duckdb.connect(str(tmp))
                 try:
+                    if is_remote(cfg.lake_root):
+                        register_lake_filesystem(con, str(cfg.lake_root), cfg.storage.lake_options)
                     for name, sql in view_statements(cfg).items():
                         con.execute(f"CREATE OR REPLACE VIEW {_quote(name)} AS {sql}")
                     con.execute("CHECKPOINT")
@@ -203,6 +243,3 @@ def build_catalog(cfg: IndexerConfig) -> Path:
             Path(str(tmp) + ".wal").unlink(missing_ok=True)
     return target
 
-
-def connect_read_only(path: Path) -> duckdb.DuckDBPyConnection:
-    return duckdb.connect(str(path), read_only=True)

@@ -11,10 +11,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import polars as pl
-from filelock import FileLock
 
 from indexer_dagster.partitions import BlockRange
-from indexer_dagster.persist.lake import Lake
+from indexer_dagster.persist.lake import Lake, read_parquet
 
 DATASET = "_meta"
 KEY = "failed_checks"
@@ -36,15 +35,14 @@ def ledger_path(lake: Lake) -> Path:
 
 def read_failed(lake: Lake) -> pl.DataFrame:
     p = ledger_path(lake)
-    return pl.read_parquet(p) if p.is_file() else pl.DataFrame(schema=SCHEMA)
+    return read_parquet(p) if p.is_file() else pl.DataFrame(schema=SCHEMA)
 
 
 def ensure_ledger(lake: Lake) -> Path:
     """An empty ledger if there is none, so the views always have a file to read."""
     p = ledger_path(lake)
     if not p.is_file():
-        p.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(p) + ".lock"):
+        with lake.lock(p):
             if not p.is_file():
                 lake.write(DATASET, KEY, pl.DataFrame(schema=SCHEMA))
     return p
@@ -69,8 +67,7 @@ def record_range_checks(
     """Replace range `r`'s entries with its latest failed checks ((name, description) pairs; none clears
     it), or with `add`, add these to its entries (a neighbour's check blamed it too)."""
     p = ledger_path(lake)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(p) + ".lock"):
+    with lake.lock(p):
         current = read_failed(lake)
         names = {n for n, _ in failed}
         kept = current.filter((pl.col("range_key") != r.key) | (pl.lit(add) & ~pl.col("check_name").is_in(sorted(names))))

@@ -9,9 +9,8 @@ import time
 from pathlib import Path
 
 import polars as pl
-from filelock import FileLock
 
-from indexer_dagster.persist.lake import Lake
+from indexer_dagster.persist.lake import Lake, read_parquet
 
 HEAD_DATASET = "_meta"
 HEAD_KEY = "head"
@@ -34,7 +33,7 @@ def read_head(lake: Lake) -> dict | None:
     p = head_path(lake)
     if not p.is_file():
         return None
-    rows = pl.read_parquet(p).to_dicts()
+    rows = read_parquet(p).to_dicts()
     return rows[0] if rows else None
 
 
@@ -44,8 +43,7 @@ def record_head(
     """Store the head unless a newer one is already stored (concurrent runs may race; `force` after a
     reorg to a shorter fork); returns the stored head."""
     p = head_path(lake)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(p) + ".lock"):
+    with lake.lock(p):
         current = read_head(lake)
         if not force and current is not None and current["head_number"] > head_number:
             return current

@@ -1,22 +1,35 @@
 """The Parquet lake: one file per (chain, dataset, block range), each written atomically.
 
-Layout: `<data_dir>/<chain>/<dataset>/<range_key>.parquet`, where a dataset is `blocks`, `logs`
-or `events/<table>`. A file is written to a hidden temporary name in the same directory, fsynced,
-then renamed over the final name, so readers (and DuckDB globs, which skip hidden names) see the
-old file or the new one, never a partial one; a killed writer leaves only a hidden temp file that
-the next write of the same range removes.
+Layout: `<lake root>/<chain>/<dataset>/<range_key>.parquet`, where a dataset is `blocks`, `logs`
+or `events/<table>`, and the root is `storage.data_dir` or, with `storage.lake_url`, a directory
+on object storage (any fsspec URL, e.g. `s3://bucket/prefix`).
+
+On a local disk a file is written to a hidden temporary name in the same directory, fsynced, then
+renamed over the final name, so readers see the old file or the new one, never a partial one; a
+killed writer leaves only a hidden temp file (`*.tmp`, which no glob of the views matches) that the
+next write of the same range removes. Object stores have no rename, but a single PUT is atomic: the
+file is written completely to a local staging directory and uploaded in one request, so the object
+appears whole or not at all, and a killed writer leaves nothing in the bucket.
 """
 
 import errno
+import io
 import os
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
+from typing import Any, Union
 
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
+from filelock import FileLock
+from upath import UPath
+
+# A lake file or directory: a local Path, or a UPath on an fsspec filesystem (object storage).
+LakePath = Union[Path, UPath]
 
 COMPRESSION = "zstd"
 COMPRESSION_LEVEL = 1  # nearly the size of the default level, written faster
@@ -25,10 +38,74 @@ ROW_GROUP_SIZE = 64 * 1024
 _ARROW = pl.CompatLevel.newest()
 
 
+def is_remote(path: LakePath) -> bool:
+    return not isinstance(path, Path)
+
+
+def read_parquet(path: LakePath, columns: list[str] | None = None) -> pl.DataFrame:
+    """Read one lake file, local or remote. A remote object is fetched in one GET: reading it in
+    ranges would fail when a writer replaces it meanwhile (the next range is of another version)."""
+    if not is_remote(path):
+        return pl.read_parquet(path, columns=columns)
+    return pl.read_parquet(io.BytesIO(_fetch(path)), columns=columns)
+
+
+def scan_parquet(path: LakePath) -> pl.LazyFrame:
+    """A lazy frame over one lake file (a remote file is read whole: lake files are one range each)."""
+    return pl.scan_parquet(path) if not is_remote(path) else read_parquet(path).lazy()
+
+
+def _fetch(path: UPath) -> bytes:
+    """A whole remote object in a single GET: one version, whatever a writer does meanwhile."""
+    return path.fs.cat_file(path.path)
+
+
+def parquet_metadata(path: LakePath, attempts: int = 3) -> pq.FileMetaData:
+    """A lake file's Parquet footer (row groups, statistics, key-value metadata)."""
+    if not is_remote(path):
+        return pq.read_metadata(path)
+    for attempt in range(attempts):
+        try:  # the footer is read in ranges: again if the object was replaced in between
+            with path.open("rb") as f:
+                return pq.read_metadata(f)
+        except OSError as e:
+            if "no longer exists" not in str(e) or attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+@contextmanager
+def open_parquet(path: LakePath) -> Iterator[pq.ParquetFile]:
+    """A lake file opened for reading in batches (a remote object: fetched in one GET)."""
+    source = path if not is_remote(path) else pa.BufferReader(_fetch(path))
+    with pq.ParquetFile(source) as pf:
+        yield pf
+
+
+def file_state(path: LakePath) -> tuple:
+    """What changes when a lake file is replaced (a cache key): inode or ETag, mtime, size."""
+    if not is_remote(path):
+        st = os.stat(path)
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+    info = path.fs.info(path.path)
+    return (info.get("ETag") or info.get("etag") or info.get("md5Hash"), str(info.get("LastModified")), info["size"])
+
+
+def open_lake(cfg: Any, chain: str | None = None) -> "Lake":
+    """The lake of one chain of a config (`cfg.chain` by default); locks and staging stay local."""
+    name = chain or cfg.chain.name
+    return Lake(cfg.lake_root, name, local_dir=cfg.data_dir / name)
+
+
 class Lake:
-    def __init__(self, data_dir: Path, chain: str) -> None:
-        self.root = Path(data_dir) / chain
+    def __init__(self, root: LakePath | str, chain: str, local_dir: Path | None = None) -> None:
+        root = root if isinstance(root, (Path, UPath)) else Path(root)
+        self.root = root / chain
         self.chain = chain
+        self.remote = is_remote(root)
+        # Lock files and (for a remote lake) the staging directory of files being written.
+        self.local_dir = Path(local_dir) if local_dir is not None else (
+            Path(tempfile.gettempdir()) / "indexer_dagster" / chain if self.remote else self.root)
 
     def dir(self, dataset: str) -> Path:
         return self.root / dataset
@@ -48,10 +125,34 @@ class Lake:
         keeps working (with zero rows) when every data file has been compacted or rolled away."""
         path = self.dir(dataset) / SCHEMA_FILE
         if not path.is_file():
+            if self.remote:
+                self.staging.mkdir(parents=True, exist_ok=True)
+                tmp = self.staging / f".schema.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+                try:
+                    pl.DataFrame(schema=schema).write_parquet(tmp)
+                    path.fs.put_file(str(tmp), path.path)
+                finally:
+                    tmp.unlink(missing_ok=True)
+                return
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".schema.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
             pl.DataFrame(schema=schema).write_parquet(tmp)
             os.replace(tmp, path)
+
+    @property
+    def staging(self) -> Path:
+        """Where a remote lake's files are written before their upload (on the local disk)."""
+        return self.local_dir / ".staging"
+
+    def lock(self, path: LakePath) -> FileLock:
+        """A process lock for read-modify-write of one small lake file (heads, ledgers). For a remote
+        lake the lock file is local: it serializes the writers of this machine."""
+        if not self.remote:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return FileLock(str(path) + ".lock")
+        rel = str(path)[len(str(self.root)):].strip("/").replace("/", "~")
+        (self.local_dir / "locks").mkdir(parents=True, exist_ok=True)
+        return FileLock(str(self.local_dir / "locks" / f"{rel}.lock"))
 
     def exists(self, dataset: str, range_key: str) -> bool:
         return self.path(dataset, range_key).is_file()
@@ -90,7 +191,7 @@ class Lake:
         return self.path(dataset, range_key)
 
     def read(self, dataset: str, range_key: str) -> pl.DataFrame:
-        return pl.read_parquet(self.path(dataset, range_key))
+        return read_parquet(self.path(dataset, range_key))
 
 
 SCHEMA_FILE = ".schema.parquet"
@@ -147,10 +248,10 @@ def storage_problem(data_dir: Path, e: BaseException) -> StorageError | None:
     return StorageError.from_os_error(OSError(code, str(e), str(data_dir)), Path(data_dir)) if code else None
 
 
-def data_files(directory: Path) -> list[Path]:
+def data_files(directory: LakePath) -> list[LakePath]:
     if not directory.is_dir():
         return []
-    return sorted(p for p in directory.glob("*.parquet") if not p.name.startswith("."))
+    return sorted((p for p in directory.glob("*.parquet") if not p.name.startswith(".")), key=str)
 
 
 class Transaction:
@@ -166,9 +267,15 @@ class Transaction:
     ) -> "StreamWriter":
         """`metadata`: Parquet key-value metadata stored with the file (e.g. which addresses it covers)."""
         final = self.lake.path(dataset, key)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_temps(final)
-        tmp = final.with_name(f".{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+        if self.lake.remote:  # staged on the local disk, uploaded whole at publish
+            where = self.lake.staging
+            where.mkdir(parents=True, exist_ok=True)
+            name = f"{dataset.replace('/', '~')}~{final.name}"
+        else:
+            where, name = final.parent, final.name
+            where.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temps(where, name)
+        tmp = where / f".{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
         arrow_schema = pl.DataFrame(schema=schema).to_arrow(compat_level=_ARROW).schema
         if metadata:
             arrow_schema = arrow_schema.with_metadata({**(arrow_schema.metadata or {}), **metadata})
@@ -176,15 +283,24 @@ class Transaction:
         self._files.append((w, final))
         return w
 
-    def delete(self, path: Path) -> None:
+    def delete(self, path: LakePath) -> None:
         self._deletes.append(path)
 
     def finish_writing(self) -> None:
         for w, _ in self._files:
             w.close()
-            _fsync(w.path)
+            if not self.lake.remote:
+                _fsync(w.path)
 
     def publish(self) -> None:
+        if self.lake.remote:
+            # One PUT per file: the object store makes each appear whole, replacing the old one.
+            for w, final in self._files:
+                final.fs.put_file(str(w.path), final.path)
+                w.path.unlink(missing_ok=True)
+            for p in self._deletes:
+                p.unlink(missing_ok=True)
+            return
         dirs = set()
         for w, final in self._files:
             os.replace(w.path, final)
@@ -244,8 +360,9 @@ class StreamWriter:
                 self._writer.close()
 
 
-def _remove_stale_temps(final: Path) -> None:
-    for p in final.parent.glob(f".{final.name}.*.tmp"):
+def _remove_stale_temps(directory: Path, name: str) -> None:
+    """Temp files of `name` left by writers that died (their pid is gone)."""
+    for p in directory.glob(f".{name}.*.tmp"):
         pid = p.name.split(".")[-3]
         if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
             p.unlink(missing_ok=True)

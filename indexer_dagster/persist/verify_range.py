@@ -28,7 +28,7 @@ import polars as pl
 
 from indexer_dagster.config import IndexerConfig
 from indexer_dagster.partitions import BlockRange, range_for_block
-from indexer_dagster.persist.lake import Lake
+from indexer_dagster.persist.lake import Lake, open_lake, read_parquet
 
 BLOCKS_ASSET = "blocks"
 LOGS_ASSET = "logs"
@@ -211,7 +211,7 @@ def sample_blocks(blocks: pl.DataFrame, logs: pl.DataFrame, k: int, rng: random.
 
 
 def _read(path: Path, schema_cols: Sequence[str]) -> pl.DataFrame | None:
-    return pl.read_parquet(path, columns=list(schema_cols)) if path.is_file() else None
+    return read_parquet(path, columns=list(schema_cols)) if path.is_file() else None
 
 
 def previous_block(lake: Lake, first: int, width: int) -> dict | None:
@@ -241,7 +241,7 @@ def verify_range(
     head ends early); without it, the range's end, or the highest stored block if the file says the
     range stopped short of it. `sample` fixes the blocks compared with the node (else `samples` random ones).
     """
-    lake = Lake(cfg.data_dir, cfg.chain.name)
+    lake = open_lake(cfg)
     blocks_path, logs_path = lake.path("blocks", r.key), lake.path("logs", r.key)
     blocks = _read(blocks_path, ["number", "hash", "parent_hash"])
     from indexer_dagster.sync.contracts import key_files
@@ -284,7 +284,7 @@ def verify_and_record(cfg: IndexerConfig, r: BlockRange, *, to_block: int | None
     from indexer_dagster.persist.failed_checks import record_range_checks
 
     results = verify_range(cfg, r, to_block=to_block)
-    lake = Lake(cfg.data_dir, cfg.chain.name)
+    lake = open_lake(cfg)
     record_range_checks(lake, cfg.chain.chain_id, r, [(c.name, c.description) for c in results if not c.passed])
     link = next(c for c in results if c.name == "parent_hash_chain")
     if link.metadata.get("across_ok") is False:

@@ -20,9 +20,13 @@ def connect(duckdb_path: str | Path) -> duckdb.DuckDBPyConnection:
         raise QueryError(f"{path} does not exist yet; run `indexer backfill` (or `indexer catalog`) first")
     from indexer_dagster.persist.duck_lock import is_lock_error, lock_message
 
+    from indexer_dagster.persist.catalog import attach_lake
+
     for attempt in range(_LOCK_RETRIES):
         try:
-            return duckdb.connect(str(path), read_only=True)
+            con = duckdb.connect(str(path), read_only=True)
+            attach_lake(con)  # a lake on object storage: its filesystem
+            return con
         except duckdb.Error as e:
             if not is_lock_error(e):
                 first = str(e).splitlines()[0] if str(e) else type(e).__name__

@@ -58,6 +58,7 @@ from typing import Any
 import duckdb
 import polars as pl
 
+from indexer_dagster.persist.catalog import attach_lake
 from indexer_dagster.query import QueryError
 
 __all__ = [
@@ -429,6 +430,7 @@ def _attach(path: Path) -> duckdb.DuckDBPyConnection:
             con.execute("SET TimeZone = 'UTC'")
             con.execute("SET cache_local_files = false")
             con.execute("SET parquet_metadata_cache = false")
+            attach_lake(con)  # a lake on object storage: its filesystem
             return con
         except duckdb.Error as e:
             con.close()

@@ -31,7 +31,7 @@ from indexer_dagster.monitor.fetch import BLOCK_SCHEMA, LOG_SCHEMA, ForkChanged
 from indexer_dagster.monitor.rpc import call_sync
 from indexer_dagster.partitions import BlockRange, parse_key
 from indexer_dagster.persist.heads import record_head
-from indexer_dagster.persist.lake import Lake
+from indexer_dagster.persist.lake import Lake, open_lake, read_parquet, scan_parquet
 from indexer_dagster.reorg.detect import LocalChain, find_ancestor
 from indexer_dagster.reorg.state import Header, Phase, Reorg, StateStore
 from indexer_dagster.sync.contracts import coverage_metadata, wanted_coverage
@@ -81,7 +81,7 @@ def _source_name(archive: Path) -> str:
 
 def roll_back(cfg: IndexerConfig, store: StateStore, reorg: Reorg) -> dict[str, int]:
     """Move every row above the common ancestor to the archive; returns rows archived per dataset."""
-    lake = Lake(cfg.data_dir, cfg.chain.name)
+    lake = open_lake(cfg)
     ancestor = reorg.common_ancestor
     orphaned_at = datetime.now(timezone.utc)
     archived: dict[str, int] = {}
@@ -94,9 +94,9 @@ def roll_back(cfg: IndexerConfig, store: StateStore, reorg: Reorg) -> dict[str, 
         if archive_dir.is_dir():
             for p in archive_dir.glob(f"r{reorg.id:06d}-*.parquet"):
                 if not _source_name(p).startswith("live-"):
-                    in_range_files.update(pl.read_parquet(p, columns=[col])[col].to_list())
+                    in_range_files.update(read_parquet(p, columns=[col])[col].to_list())
         for name, path in _files_above(lake, dataset, ancestor):  # range files first, then live segments
-            df = pl.read_parquet(path)
+            df = read_parquet(path)
             orphans = df.filter(pl.col(col) > ancestor)
             if name.startswith("live-"):
                 orphans = orphans.filter(~pl.col(col).is_in(list(in_range_files)))
@@ -129,12 +129,12 @@ def _archived_rows(lake: Lake, dataset: str, reorg_id: int) -> int:
     d = lake.dir(f"{ORPHANED}/{dataset}")
     if not d.is_dir():
         return 0
-    return sum(pl.scan_parquet(p).select(pl.len()).collect().item() for p in d.glob(f"r{reorg_id:06d}-*.parquet"))
+    return sum(scan_parquet(p).select(pl.len()).collect().item() for p in d.glob(f"r{reorg_id:06d}-*.parquet"))
 
 
 def touched_ranges(cfg: IndexerConfig, reorg: Reorg) -> list[BlockRange]:
     """Range partitions whose files lost rows in this reorg (they are fetched again)."""
-    lake = Lake(cfg.data_dir, cfg.chain.name)
+    lake = open_lake(cfg)
     d = lake.dir(f"{ORPHANED}/blocks")
     keys = set()
     if d.is_dir():
@@ -189,7 +189,7 @@ async def _rewalk(cfg: IndexerConfig, store: StateStore, reorg: Reorg) -> Reorg:
 def restore(cfg: IndexerConfig, store: StateStore, reorg: Reorg, on_partition: Callable[[str], None]) -> list[str]:
     """Re-fetch the new fork: touched range partitions, then a live segment up to the head."""
     chain = cfg.chain.name
-    lake = Lake(cfg.data_dir, chain)
+    lake = open_lake(cfg, chain)
 
     def ancestor_hash() -> str | None:
         block = call_sync(cfg.chain.endpoints, "eth_getBlockByNumber", [hex(reorg.common_ancestor), False])
@@ -239,20 +239,20 @@ def _check_ranges_match(lake: Lake, keys: list[str], headers: list[Header]) -> N
     """The re-fetched range files must hold the same fork as the headers the local chain restarts from."""
     by_number = {h.number: h.hash for h in headers}
     for key in keys:
-        blocks = pl.read_parquet(lake.path("blocks", key), columns=["number", "hash"])
+        blocks = read_parquet(lake.path("blocks", key), columns=["number", "hash"])
         for number, block_hash in blocks.iter_rows():
             if number in by_number and by_number[number] != block_hash:
                 raise ForkChanged(f"range {key} was re-fetched from another fork than block {number}'s header")
 
 
 def _highest_range_block(lake: Lake) -> int:
-    ends = [pl.scan_parquet(p).select(pl.col("number").max()).collect().item() for p in lake.files("blocks")]
+    ends = [scan_parquet(p).select(pl.col("number").max()).collect().item() for p in lake.files("blocks")]
     return max([e for e in ends if e is not None], default=-1)
 
 
 def export_ledger(cfg: IndexerConfig, store: StateStore) -> None:
     """Write the ledger to `<chain>/_meta/reorgs.parquet`, which the `reorgs` view reads."""
-    lake = Lake(cfg.data_dir, cfg.chain.name)
+    lake = open_lake(cfg)
     lake.write("_meta", LEDGER_KEY, ledger_frame(store.list_reorgs(cfg.chain.name)))
 
 

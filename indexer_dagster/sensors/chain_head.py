@@ -10,7 +10,7 @@ from indexer_dagster.jobs.live import (
 )
 from indexer_dagster.partitions import range_for_block
 from indexer_dagster.persist.failed_checks import failed_ranges
-from indexer_dagster.persist.lake import Lake
+from indexer_dagster.persist.lake import open_lake
 from indexer_dagster.reorg.state import open_state
 from indexer_dagster.resources import IndexerConfigResource
 from indexer_dagster.sync.realtime import ANCHOR, follower_alive, lease_held, live_segments, range_lease
@@ -89,7 +89,7 @@ def build_chain_head_sensor(
         finally:
             store.close()
         reorg_runs = _runs(instance, chain, REORG_ROLE, extra={REORG_ID_TAG: str(active.id)}) if active else []
-        lake = Lake(cfg.data_dir, chain)
+        lake = open_lake(cfg, chain)
         seg_ranges = frozenset(
             range_for_block(first, cfg.chain.blocks_per_partition).key for first, _l, _p in live_segments(lake, "blocks")
         )

@@ -18,20 +18,20 @@ of those blocks at once (`Follower.fetch_blocks`).
 
 import hashlib
 import json
-import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 
 import polars as pl
-import pyarrow.parquet as pq
 
 from indexer_dagster.config import IndexerConfig
 from indexer_dagster.monitor.errors import RpcError, RpcErrorKind
 from indexer_dagster.monitor.fetch import parse_logs_body
 from indexer_dagster.monitor.rpc import RpcClient
 from indexer_dagster.parse.decode import decode_logs
-from indexer_dagster.persist.lake import Lake, data_files
+from indexer_dagster.persist.lake import (
+    Lake, data_files, file_state, open_lake, parquet_metadata, read_parquet, scan_parquet,
+)
 
 CHILDREN = "children"
 CHILD_SCHEMA = {
@@ -94,7 +94,7 @@ def stored_children(cfg: IndexerConfig) -> pl.DataFrame:
     """The registry: every child in the lake's `children` range files and live segments."""
     from indexer_dagster.sync.realtime import LIVE
 
-    lake = Lake(cfg.data_dir, cfg.chain.name)
+    lake = open_lake(cfg)
     files = lake.files(CHILDREN) + lake.files(f"{LIVE}/{CHILDREN}")
     if not files:
         return empty_children()
@@ -102,14 +102,13 @@ def stored_children(cfg: IndexerConfig) -> pl.DataFrame:
 
 
 def _children_file(path) -> pl.DataFrame:
-    st = os.stat(path)
-    return _read_children(str(path), st.st_ino, st.st_mtime_ns, st.st_size)
+    return _read_children(path, file_state(path))
 
 
 # A range resolves its children over every stored file: read each file state once per process.
 @lru_cache(maxsize=16384)
-def _read_children(path: str, _inode: int, _mtime_ns: int, _size: int) -> pl.DataFrame:
-    return pl.read_parquet(path)
+def _read_children(path, _state: tuple) -> pl.DataFrame:
+    return read_parquet(path)
 
 
 def covered_intervals(cfg: IndexerConfig) -> list[tuple[int, int]]:
@@ -118,7 +117,7 @@ def covered_intervals(cfg: IndexerConfig) -> list[tuple[int, int]]:
     `blocks` file)."""
     from indexer_dagster.sync.realtime import LIVE
 
-    lake = Lake(cfg.data_dir, cfg.chain.name)
+    lake = open_lake(cfg)
     rules = set(wanted_coverage(cfg)["factories"])
 
     def holds_rules(paths) -> bool:
@@ -300,26 +299,24 @@ def coverage_metadata(coverage: dict) -> dict[str, str]:
 
 def file_coverage(path) -> dict | None:
     """The coverage recorded in a file's Parquet metadata (None: written before coverage was recorded)."""
-    st = os.stat(path)
-    raw = _coverage_of(str(path), st.st_ino, st.st_mtime_ns, st.st_size)
+    raw = _coverage_of(path, file_state(path))
     return json.loads(raw) if raw else None
 
 
 # Footers are read once per file state and process: a range resolves its children over all stored files.
 @lru_cache(maxsize=65536)
-def _coverage_of(path: str, _inode: int, _mtime_ns: int, _size: int) -> bytes | None:
-    return (pq.read_schema(path).metadata or {}).get(COVERAGE_KEY.encode())
+def _coverage_of(path, _state: tuple) -> bytes | None:
+    return (parquet_metadata(path).schema.to_arrow_schema().metadata or {}).get(COVERAGE_KEY.encode())
 
 
 def block_span(path) -> tuple[int | None, int | None]:
     """(lowest, highest) block number of a `blocks` file, from its footer statistics."""
-    st = os.stat(path)
-    return _span_of(str(path), st.st_ino, st.st_mtime_ns, st.st_size)
+    return _span_of(path, file_state(path))
 
 
 @lru_cache(maxsize=65536)
-def _span_of(path: str, _inode: int, _mtime_ns: int, _size: int) -> tuple[int | None, int | None]:
-    span = pl.scan_parquet(path).select(pl.col("number").min().alias("lo"), pl.col("number").max().alias("hi"))
+def _span_of(path, _state: tuple) -> tuple[int | None, int | None]:
+    span = scan_parquet(path).select(pl.col("number").min().alias("lo"), pl.col("number").max().alias("hi"))
     lo, hi = span.collect().row(0)
     return (None, None) if lo is None else (int(lo), int(hi))
 
@@ -347,7 +344,7 @@ def base_key(stem: str) -> str:
 def stored_coverage(cfg: IndexerConfig, key: str, dataset: str = "logs", files: list | None = None) -> dict | None:
     """What the range's stored files hold (`files`: its files of `dataset`, main one first, if known);
     None when it has no file or one predates coverage records (taken to hold what the config asks for)."""
-    files = key_files(Lake(cfg.data_dir, cfg.chain.name), dataset, key) if files is None else files
+    files = key_files(open_lake(cfg), dataset, key) if files is None else files
     if not files:
         return None
     covs = [file_coverage(p) for p in files]

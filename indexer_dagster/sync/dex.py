@@ -17,7 +17,7 @@ from indexer_dagster.config import IndexerConfig
 from indexer_dagster.monitor.fetch import ForkChanged
 from indexer_dagster.monitor.tokens import TOKEN_SCHEMA, pair_tokens, token_metadata
 from indexer_dagster.persist.catalog import build_catalog
-from indexer_dagster.persist.lake import Lake
+from indexer_dagster.persist.lake import Lake, open_lake, read_parquet
 from indexer_dagster.process import dex
 from indexer_dagster.query import query
 from indexer_dagster.reorg.state import open_state
@@ -80,7 +80,7 @@ def _with_interval(frames: dict[str, pl.DataFrame]) -> pl.DataFrame:
 
 
 async def _tokens(cfg: IndexerConfig, lake: Lake, wanted: set[str]) -> pl.DataFrame:
-    cached = pl.read_parquet(lake.path(DEX, "tokens")) if lake.exists(DEX, "tokens") else pl.DataFrame(
+    cached = read_parquet(lake.path(DEX, "tokens")) if lake.exists(DEX, "tokens") else pl.DataFrame(
         schema=TOKEN_SCHEMA)
     missing = sorted(wanted - set(cached["address"]))
     if missing:
@@ -107,7 +107,7 @@ async def _extra_pools(cfg: IndexerConfig, pools: pl.DataFrame, pair_addresses: 
 def compute(cfg: IndexerConfig) -> dict[str, pl.DataFrame]:
     """All DEX tables from the catalog's canonical event views."""
     src = source_tables(cfg)
-    lake = Lake(cfg.data_dir, cfg.chain.name)
+    lake = open_lake(cfg)
     swap, sync = _read(cfg, src["swap"]), _read(cfg, src["sync"])
     mint, burn = _read(cfg, src["mint"]), _read(cfg, src["burn"])
     created = _read(cfg, src["pair_created"])
@@ -140,7 +140,7 @@ def build_dex(cfg: IndexerConfig) -> DexResult:
     store.close()
     build_catalog(cfg)
     tables = compute(cfg)
-    lake = Lake(cfg.data_dir, chain)
+    lake = open_lake(cfg, chain)
 
     @contextmanager
     def guard():

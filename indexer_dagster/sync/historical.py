@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import polars as pl
-import pyarrow.parquet as pq
 
 from indexer_dagster.config import IndexerConfig, redact_url
 from indexer_dagster.health.logs import get_logger, log_context, register_config
@@ -25,7 +24,7 @@ from indexer_dagster.monitor.verify import verifier_for
 from indexer_dagster.parse.decode import decode_logs
 from indexer_dagster.partitions import BlockRange
 from indexer_dagster.persist.heads import record_head
-from indexer_dagster.persist.lake import Lake, Transaction
+from indexer_dagster.persist.lake import Lake, Transaction, open_lake, open_parquet
 from indexer_dagster.reorg.state import open_state
 from indexer_dagster.sync.contracts import (
     CHILD_SCHEMA, CHILDREN, ContractSet, coverage_metadata, discover, empty_children, has_factories, key_files,
@@ -153,7 +152,7 @@ def supplement_files(lake: Lake, key: str, tables: Collection[str]) -> list:
 def _drop_covered_live_segments(cfg: IndexerConfig, covered: BlockRange) -> None:
     from indexer_dagster.sync.realtime import live_datasets, live_segments
 
-    lake = Lake(cfg.data_dir, cfg.chain.name)
+    lake = open_lake(cfg)
     for ds in live_datasets(cfg):
         for first, last, path in live_segments(lake, ds):
             if covered.start <= first and last <= covered.end:
@@ -226,7 +225,7 @@ async def _sync(
     cfg: IndexerConfig, r: BlockRange, tables: Collection[str] | None, progress: ProgressFn, stats: RpcStats,
     guard_factory: Callable | None,
 ) -> RangeResult:
-    lake = Lake(cfg.data_dir, cfg.chain.name)
+    lake = open_lake(cfg)
     started = time.perf_counter()
     async with rpc_client(cfg, stats) as rpc:
         head, head_hash = await _head(rpc)
@@ -316,7 +315,7 @@ def sync_range(
 def decode_range(cfg: IndexerConfig, r: BlockRange, tables: Collection[str] | None = None) -> RangeResult:
     """Decode the range's existing `logs` files again (e.g. for an event added to the config): no RPC.
     Each logs file (the range's and its supplements) is decoded into event files of the same name."""
-    lake = Lake(cfg.data_dir, cfg.chain.name)
+    lake = open_lake(cfg)
     started = time.perf_counter()
     result = RangeResult(range=r)
     files = key_files(lake, "logs", r.key) or [lake.path("logs", r.key)]  # (a missing file: the usual error)
@@ -324,7 +323,7 @@ def decode_range(cfg: IndexerConfig, r: BlockRange, tables: Collection[str] | No
         for path in files:
             # A supplement's children file was written from all the range's logs: keep it.
             decoder = Decoder(cfg, tables, write_children="+" not in path.stem)
-            with pq.ParquetFile(path) as src:
+            with open_parquet(path) as src:
                 decoder.open(tx, path.stem)
                 for batch in src.iter_batches(batch_size=DECODE_BATCH_ROWS):
                     decoder.write(pl.from_arrow(batch))

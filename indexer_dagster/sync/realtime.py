@@ -31,7 +31,7 @@ from indexer_dagster.monitor.rpc import RpcClient, RpcStats
 from indexer_dagster.monitor.verify import LogVerifier, verifier_for
 from indexer_dagster.partitions import ranges_between
 from indexer_dagster.persist.heads import record_head
-from indexer_dagster.persist.lake import Lake
+from indexer_dagster.persist.lake import Lake, open_lake, read_parquet
 from indexer_dagster.reorg.detect import Extend, LocalChain, Reorg, TooDeep, Wait, next_step
 from indexer_dagster.reorg.state import Header, StateStore
 from indexer_dagster.sync.contracts import (
@@ -133,7 +133,7 @@ class Follower:
         self.cfg = cfg
         self.chain = cfg.chain.name
         self.store = store
-        self.lake = Lake(cfg.data_dir, self.chain)
+        self.lake = open_lake(cfg, self.chain)
         self.stats = stats or RpcStats()
         self.addresses = sorted({a for c in cfg.contracts for a in c.addresses})
         self.window = cfg.chain.reorg_window
@@ -305,7 +305,7 @@ class Follower:
         head_file = self.lake.path("_meta", "head")
         confirmed_through = None
         if head_file.is_file():
-            confirmed_through = pl.read_parquet(head_file)["confirmed_through"][0]
+            confirmed_through = read_parquet(head_file)["confirmed_through"][0]
         touched_confirmed = confirmed_through is not None and ancestor.number + 1 <= confirmed_through
         new_tip = step.new_chain[-1] if step.new_chain else ancestor
         return self.store.open_reorg(

@@ -10,10 +10,9 @@ from dataclasses import dataclass, field
 
 from pathlib import Path
 
-import pyarrow.parquet as pq
 
 from indexer_dagster.partitions import BlockRange, ranges_between
-from indexer_dagster.persist.lake import data_files
+from indexer_dagster.persist.lake import LakePath, data_files, parquet_metadata
 
 
 @dataclass(frozen=True)
@@ -88,11 +87,11 @@ def plan(f: Facts) -> Plan:
     return p
 
 
-def range_coverage(blocks_dir: Path) -> dict[str, int]:
+def range_coverage(blocks_dir: LakePath) -> dict[str, int]:
     """Range key -> the highest block number in its `blocks` file (from the Parquet footer statistics)."""
     out: dict[str, int] = {}
     for p in data_files(blocks_dir):
-        meta = pq.ParquetFile(p).metadata
+        meta = parquet_metadata(p)
         col = meta.schema.to_arrow_schema().get_field_index("number")
         highs = [meta.row_group(i).column(col).statistics.max for i in range(meta.num_row_groups)
                  if meta.row_group(i).column(col).statistics is not None]

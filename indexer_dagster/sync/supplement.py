@@ -26,7 +26,7 @@ from indexer_dagster.config import IndexerConfig
 from indexer_dagster.monitor.fetch import LOG_SCHEMA, ForkChanged, RangeFetcher
 from indexer_dagster.monitor.rpc import RpcStats
 from indexer_dagster.partitions import BlockRange
-from indexer_dagster.persist.lake import Lake
+from indexer_dagster.persist.lake import Lake, file_state, open_lake, read_parquet
 from indexer_dagster.sync.contracts import (
     CHILD_SCHEMA, CHILDREN, block_span, coverage_metadata, discover, file_coverage, fingerprint, has_factories, key_files,
     missing_coverage, resolve_range, stored_coverage, wanted_coverage,
@@ -49,7 +49,7 @@ def _span(lake: Lake, key: str) -> tuple[int, int] | None:
 
 def missing_tables(cfg: IndexerConfig, r: BlockRange, files: list | None = None) -> list[str]:
     """Configured event tables lacking a file for one of the range's logs files (`files`, if known)."""
-    lake = Lake(cfg.data_dir, cfg.chain.name)
+    lake = open_lake(cfg)
     names = [p.stem for p in (key_files(lake, "logs", r.key) if files is None else files)]
     return [s.table for _, s in cfg.all_specs()
             if any(not lake.exists(f"events/{s.table}", n) for n in names)]
@@ -68,7 +68,7 @@ def plan_range(cfg: IndexerConfig, r: BlockRange, head: int | None = None, files
     """`full`, `supplement` or `decode` for range `r` (see the module docstring). A range is stored
     completely when its `blocks` file reaches the range's end (or `head`, for the top range).
     `files`: the range's logs files (main one first), when the caller has listed them."""
-    lake = Lake(cfg.data_dir, cfg.chain.name)
+    lake = open_lake(cfg)
     span = _span(lake, r.key)
     clipped = r.clip(cfg.start_block, head if head is not None else r.end)
     if (span is None or clipped is None or span[0] > clipped.start or span[1] < clipped.end
@@ -92,7 +92,7 @@ def ranges_to_supplement(cfg: IndexerConfig) -> list[str]:
     from indexer_dagster.partitions import parse_key, range_for_block
     from indexer_dagster.sync.realtime import LIVE, live_segments
 
-    lake = Lake(cfg.data_dir, cfg.chain.name)
+    lake = open_lake(cfg)
     wanted = wanted_coverage(cfg)
     config_fp = (fingerprint(wanted), tuple(sorted(s.table for _, s in cfg.all_specs())))
     out: set[str] = set()
@@ -101,7 +101,7 @@ def ranges_to_supplement(cfg: IndexerConfig) -> list[str]:
         by_key.setdefault(p.stem.split("+", 1)[0], []).append(p)
     table_files = {s.table: {p.stem for p in lake.files(f"events/{s.table}")} for _, s in cfg.all_specs()}
     for key, files in sorted(by_key.items()):
-        sig = (config_fp, key, tuple((p.name, p.stat().st_mtime_ns) for p in files))
+        sig = (config_fp, key, tuple((p.name, file_state(p)) for p in files))
         if sig not in _memo:  # reading coverage means a Parquet footer per file: once per file state
             main = [p for p in files if "+" not in p.stem]
             ordered = main + [p for p in files if "+" in p.stem] if main else []
@@ -138,7 +138,7 @@ def supplement_range(cfg: IndexerConfig, r: BlockRange, stats: RpcStats | None =
     if plan_range(cfg, r) == FULL:
         return sync_range(cfg, r, stats=stats)
     started = time.perf_counter()
-    span = _span(Lake(cfg.data_dir, cfg.chain.name), r.key)
+    span = _span(open_lake(cfg), r.key)
     if _any(range_missing(cfg, r)):
         result = asyncio.run(_supplement(cfg, r, stats or RpcStats()))
         result.mode = SUPPLEMENT
@@ -159,12 +159,12 @@ def supplement_range(cfg: IndexerConfig, r: BlockRange, stats: RpcStats | None =
 
 
 async def _supplement(cfg: IndexerConfig, r: BlockRange, stats: RpcStats) -> RangeResult:
-    lake = Lake(cfg.data_dir, cfg.chain.name)
+    lake = open_lake(cfg)
     lo, hi = _span(lake, r.key)
     stored = stored_coverage(cfg, r.key)
     missing = range_missing(cfg, r)
     name = f"{r.key}+{fingerprint(missing)}"
-    stored_blocks = pl.read_parquet(lake.path("blocks", r.key), columns=["number", "hash"])
+    stored_blocks = read_parquet(lake.path("blocks", r.key), columns=["number", "hash"])
     result = RangeResult(range=r, from_block=lo, to_block=hi)
     async with rpc_client(cfg, stats) as rpc:
         contracts = await resolve_range(cfg, rpc, lo, hi)
@@ -191,7 +191,7 @@ async def _supplement(cfg: IndexerConfig, r: BlockRange, stats: RpcStats) -> Ran
     # Children of the range (its stored logs and these), for the registry of new factory rules.
     children = pl.DataFrame(schema=CHILD_SCHEMA)
     if has_factories(cfg):
-        stored_logs = [pl.read_parquet(p) for p in key_files(lake, "logs", r.key)]
+        stored_logs = [read_parquet(p) for p in key_files(lake, "logs", r.key)]
         children = discover(cfg, pl.concat([*stored_logs, logs], how="vertical_relaxed"))
     decoder = Decoder(cfg, None, contracts, write_children=False)
     with lake.transaction(commit_guard(cfg)) as tx:
