@@ -51,11 +51,12 @@ def _quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def _source(glob: str, schema: dict[str, pl.DataType], has_files: bool) -> str:
-    """A SELECT of the Parquet files under `glob`, or an empty typed SELECT while there are none."""
-    if has_files:
+def _source(globs: list[str], schema: dict[str, pl.DataType]) -> str:
+    """A SELECT of the Parquet files matching `globs` (each must match a file), or an empty typed SELECT
+    when there are none."""
+    if globs:
         cols = ", ".join(_quote(c) for c in schema)
-        return f"SELECT {cols} FROM read_parquet('{glob}', union_by_name = true)"
+        return f"SELECT {cols} FROM {_read(globs)}"
     cols = ", ".join(f"CAST(NULL AS {duck_type(t)}) AS {_quote(c)}" for c, t in schema.items())
     return f"SELECT {cols} WHERE false"
 
@@ -72,25 +73,29 @@ def view_statements(cfg: IndexerConfig) -> dict[str, str]:
     from indexer_dagster.sync.realtime import LIVE
 
     d = cfg.lake_root
-    lake = open_lake(cfg)
+    chains = [c.chain.name for c in cfg.chains]
+    lakes = [open_lake(cfg, chain) for chain in chains]
     views: dict[str, str] = {}
     if is_remote(d):
         options = json.dumps(cfg.storage.lake_options, sort_keys=True)
         views[LAKE_VIEW] = f"SELECT {_literal(str(d))} AS url, {_literal(options)} AS options"
 
+    # One glob per chain, not one `*` over the chains: on object storage a wildcard directory means
+    # listing every directory of the lake on each query.
     def src(dataset: str, schema: dict) -> str:
         # Every dataset directory holds an empty typed schema file, so its glob never matches nothing.
-        lake.ensure_schema_file(dataset, schema)
-        parts = dataset.split("/")
-        return _source(str(d.joinpath("*", *parts, "*.parquet")), schema, True)
+        for lake in lakes:
+            lake.ensure_schema_file(dataset, schema)
+        return _source([lake.glob(dataset) for lake in lakes], schema)
 
     def meta(key: str, schema: dict) -> str:
-        glob = str(d / "*" / HEAD_DATASET / f"{key}.parquet")
-        return _source(glob, schema, any(d.glob(f"*/{HEAD_DATASET}/{key}.parquet")))
+        # The chains that have the file (a chain's first range run writes its head, then this catalog).
+        return _source([str(p) for lake in lakes if (p := lake.path(HEAD_DATASET, key)).is_file()], schema)
 
-    views["chain_heads"] = meta(HEAD_KEY, HEAD_SCHEMA)
     # Ranges whose last checks failed (persist.verify_range): their rows stay unconfirmed.
-    ensure_ledger(lake)
+    for lake in lakes:
+        ensure_ledger(lake)
+    views["chain_heads"] = meta(HEAD_KEY, HEAD_SCHEMA)
     views["failed_checks"] = meta(FAILED_KEY, FAILED_SCHEMA)
     views["_range_blocks"] = src("blocks", BLOCK_SCHEMA)
     views["_live_blocks"] = src(f"{LIVE}/blocks", BLOCK_SCHEMA)
@@ -142,10 +147,10 @@ def view_statements(cfg: IndexerConfig) -> dict[str, str]:
     status_col = {"tokens": None, "pool_state": "last_block", "pool_volume": "last_block",
                   "pool_candles": "last_block"}
     for table in DEX_TABLES:
-        files = sorted(d.glob(f"*/{DEX}/{table}.parquet"))
+        files = [str(p) for lake in lakes if (p := lake.path(DEX, table)).is_file()]
         if not files:
             continue
-        sql = f"SELECT * FROM read_parquet('{d}/*/{DEX}/{table}.parquet', union_by_name = true)"
+        sql = f"SELECT * FROM {_read(files)}"
         col = status_col.get(table, "block_number")
         views[table] = with_status(sql, col) if col else sql
     return views
@@ -175,10 +180,15 @@ _FILE_SET_ATTEMPTS = 5  # rebuilds when files vanish under the glob while views 
 
 
 LAKE_VIEW = "_lake"
+LISTING_TTL_S = 2.0
 
 
 def _literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
+
+
+def _read(paths: list[str]) -> str:
+    return f"read_parquet([{', '.join(_literal(p) for p in paths)}], union_by_name = true)"
 
 
 def attach_lake(con: duckdb.DuckDBPyConnection) -> None:
@@ -195,7 +205,10 @@ def register_lake_filesystem(con: duckdb.DuckDBPyConnection, url: str, options: 
     import fsspec
 
     protocol = url.split("://", 1)[0]
-    fs = fsspec.filesystem(protocol, **{"use_listings_cache": False, **options})
+    # DuckDB asks for a file's size and date many times per query: answered from the glob's listing
+    # for a few seconds. A file replaced within them fails the read (its ETag changed); it never mixes.
+    fs = fsspec.filesystem(protocol, **{"use_listings_cache": True, "listings_expiry_time": LISTING_TTL_S,
+                                        "skip_instance_cache": True, **options})
     names = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
     if not names & set(con.list_filesystems()):
         con.register_filesystem(fs)
