@@ -68,9 +68,12 @@ def check(config_path: str | None, chain: str | None) -> None:
     """Validate the config, then check it against the node (reachable, chain id, start block)."""
     from indexer_dagster.monitor.node import check_against_node
 
+    from indexer_dagster.persist.lake import check_lake
+
     for cfg in _selected_chains(_load(config_path), chain):
         try:
             head = check_against_node(cfg)
+            check_lake(cfg)
         except ConfigError as e:
             raise click.ClickException(str(e)) from None
         click.echo(f"config ok: chain {cfg.chain.name} (id {cfg.chain.chain_id}), head {head}, "
@@ -109,8 +112,11 @@ def _plan_chain(cfg, from_block: int | None, to_block: int | None) -> tuple[int,
     """(head, first, last) of a chain's backfill, after every check that needs no write."""
     from indexer_dagster.monitor.node import check_against_node
 
+    from indexer_dagster.persist.lake import check_lake
+
     try:
         head = check_against_node(cfg)
+        check_lake(cfg)
     except ConfigError as e:
         raise click.ClickException(str(e)) from None
     first = cfg.start_block if from_block is None else from_block

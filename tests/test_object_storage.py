@@ -181,6 +181,21 @@ def test_lake_url_errors_name_the_fix(make_config):
     assert cfg.lake_root == path.parent / "elsewhere"
 
 
+def test_a_missing_bucket_is_refused_before_anything_is_written(s3, make_config, tmp_path):
+    from tests.conftest import cli_env
+
+    path = with_lake_url(make_config(), "s3://no-such-bucket/lake")
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    for command in (["check"], ["backfill"]):
+        proc = subprocess.run([sys.executable, "-m", "indexer_dagster.cli", *command], env=cli_env(path, home),
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 1
+        assert "the bucket 'no-such-bucket' does not exist; create it or fix lake_url" in proc.stderr
+        assert "Traceback" not in proc.stderr
+    assert not (path.parent / "data").exists() or not list((path.parent / "data").rglob("*.parquet"))
+
+
 @pytest.mark.slow
 def test_backfill_live_sync_and_reorg_on_object_storage(s3, tmp_path, monkeypatch):
     """`indexer backfill` (Dagster, multiprocess run workers) writes the lake to the bucket; the live

@@ -91,6 +91,31 @@ def file_state(path: LakePath) -> tuple:
     return (info.get("ETag") or info.get("etag") or info.get("md5Hash"), str(info.get("LastModified")), info["size"])
 
 
+def check_lake(cfg: Any) -> None:
+    """Fail early, with the fix, when a remote lake cannot be listed (missing bucket, no access, no
+    endpoint); nothing to check for a local lake (its directory is created on the first write)."""
+    from indexer_dagster.config import ConfigError
+
+    root = cfg.lake_root
+    if not is_remote(root):
+        return
+    bucket = root.path.split("/", 1)[0]
+    try:
+        root.fs.ls(bucket, detail=False)
+    except FileNotFoundError:
+        raise ConfigError(f"storage.lake_url {root}: the bucket {bucket!r} does not exist; create it or fix "
+                          "lake_url; nothing was written") from None
+    except PermissionError:
+        raise ConfigError(f"storage.lake_url {root}: access denied; check the storage credentials in the "
+                          "environment (for S3: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_PROFILE) and the "
+                          "bucket's policy; nothing was written") from None
+    except Exception as e:  # no credentials, endpoint unreachable, ...
+        first = (str(e).splitlines() or [""])[0]
+        raise ConfigError(f"storage.lake_url {root}: cannot list the bucket ({type(e).__name__}: {first}); check "
+                          "the endpoint (lake_options.endpoint_url or AWS_ENDPOINT_URL) and the credentials in "
+                          "the environment; nothing was written") from None
+
+
 def open_lake(cfg: Any, chain: str | None = None) -> "Lake":
     """The lake of one chain of a config (`cfg.chain` by default); locks and staging stay local."""
     name = chain or cfg.chain.name
