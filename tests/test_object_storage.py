@@ -206,6 +206,8 @@ def test_backfill_live_sync_and_reorg_on_object_storage(s3, tmp_path, monkeypatc
     from indexer_dagster.devnet.uniswap import generate_traffic, reorg as anvil_reorg
     from indexer_dagster.reorg.repair import repair
     from indexer_dagster.reorg.state import Phase, open_state
+    from indexer_dagster.sync.dex import build_dex
+    from tests.test_dex_pipeline import check_against_chain
 
     node = Anvil(chain_id=31337).start()
     try:
@@ -244,6 +246,10 @@ def test_backfill_live_sync_and_reorg_on_object_storage(s3, tmp_path, monkeypatc
         assert orphaned.height == before.height > 0
         assert any(k.startswith("lake/devnet/orphaned/logs/") for k in objects(s3, "lake/devnet"))
         assert not [k for k in objects(s3) if k.endswith(".tmp")]
+        # The DEX tables, rebuilt on the new fork in the bucket, equal the pools' getReserves().
+        build_dex(cfg)
+        check_against_chain(cfg, node)
+        assert any(k.startswith("lake/devnet/dex/") for k in objects(s3, "lake/devnet"))
 
         # The query API and `indexer status` read the bucket through the catalog alone.
         import indexer_dagster
