@@ -16,6 +16,7 @@ import errno
 import io
 import os
 import tempfile
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -83,12 +84,24 @@ def open_parquet(path: LakePath) -> Iterator[pq.ParquetFile]:
 
 
 def file_state(path: LakePath) -> tuple:
-    """What changes when a lake file is replaced (a cache key): inode or ETag, mtime, size."""
+    """What changes when a lake file is replaced (a cache key): inode or ETag, mtime, size. For a remote
+    file listed by `data_files` within the last second, from that listing (not one request per file)."""
     if not is_remote(path):
         st = os.stat(path)
         return (st.st_ino, st.st_mtime_ns, st.st_size)
-    info = path.fs.info(path.path)
+    hit = _listed.get(str(path))
+    if hit is not None and time.monotonic() - hit[1] < LISTED_TTL_S:
+        return hit[0]
+    return _state_of(path.fs.info(path.path))
+
+
+def _state_of(info: dict) -> tuple:
     return (info.get("ETag") or info.get("etag") or info.get("md5Hash"), str(info.get("LastModified")), info["size"])
+
+
+# Remote file states from the latest listings: callers list a directory, then look at each file.
+LISTED_TTL_S = 1.0
+_listed: dict[str, tuple[tuple, float]] = {}
 
 
 def check_lake(cfg: Any) -> None:
@@ -274,9 +287,31 @@ def storage_problem(data_dir: Path, e: BaseException) -> StorageError | None:
 
 
 def data_files(directory: LakePath) -> list[LakePath]:
+    """A dataset's data files, sorted (hidden names — temp files, the schema file — excluded)."""
+    if is_remote(directory):
+        return _remote_data_files(directory)
     if not directory.is_dir():
         return []
     return sorted((p for p in directory.glob("*.parquet") if not p.name.startswith(".")), key=str)
+
+
+def _remote_data_files(directory: UPath) -> list[UPath]:
+    """One listing request; the files' states are kept briefly for `file_state`."""
+    try:
+        entries = directory.fs.ls(directory.path, detail=True)
+    except FileNotFoundError:
+        return []
+    now, out = time.monotonic(), []
+    if len(_listed) > 200_000:
+        for k in [k for k, (_, t) in _listed.items() if now - t >= LISTED_TTL_S]:
+            del _listed[k]
+    for e in entries:
+        name = e["name"].rstrip("/").rsplit("/", 1)[-1]
+        if e.get("type") == "file" and name.endswith(".parquet") and not name.startswith("."):
+            p = directory / name
+            _listed[str(p)] = (_state_of(e), now)
+            out.append(p)
+    return sorted(out, key=str)
 
 
 class Transaction:

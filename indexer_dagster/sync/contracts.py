@@ -131,9 +131,10 @@ def covered_intervals(cfg: IndexerConfig) -> list[tuple[int, int]]:
     by_key: dict[str, list] = {}
     for p in lake.files(CHILDREN):  # one directory listing, grouped by range (file + supplements)
         by_key.setdefault(base_key(p.stem), []).append(p)
+    blocks_files = {p.stem: p for p in lake.files("blocks")}  # one listing, not a request per range
     for key, paths in sorted(by_key.items()):
-        blocks = lake.path("blocks", key)
-        if blocks.is_file() and holds_rules(paths):
+        blocks = blocks_files.get(key)
+        if blocks is not None and holds_rules(paths):
             lo, hi = block_span(blocks)
             if lo is not None:
                 out.append((int(lo), int(hi)))
