@@ -131,6 +131,34 @@ def test_readers_never_see_a_partial_object_while_it_is_replaced(s3, tmp_path):
     assert lake.read("logs", KEY).equals(versions[-1])
 
 
+def test_a_query_right_after_a_file_is_replaced_or_removed_reads_the_new_files(s3, tmp_path):
+    """Readers answer file sizes from a briefly cached listing; a query that meets a file changed since
+    (a republished range, a compacted live segment) is run again on a fresh listing, not failed."""
+    import duckdb
+
+    import indexer_dagster
+    from indexer_dagster.persist.catalog import LAKE_VIEW, register_lake_filesystem
+
+    lake = s3_lake(tmp_path)
+    lake.write("logs", "a", pl.DataFrame({"x": list(range(10))}))
+    lake.write("logs", "b", pl.DataFrame({"x": list(range(10))}))
+    catalog = tmp_path / "catalog.duckdb"
+    con = duckdb.connect(str(catalog))
+    url = f"s3://{BUCKET}/lake"
+    register_lake_filesystem(con, url, {})
+    con.execute(f"CREATE VIEW {LAKE_VIEW} AS SELECT '{url}' AS url, '{{}}' AS options")
+    con.execute(f"CREATE VIEW logs AS SELECT * FROM read_parquet(['{lake.glob('logs')}'])")
+    con.close()
+    count = "select count(*) n from logs"
+    with indexer_dagster.connect(catalog) as ix:
+        assert ix.sql(count)["n"][0] == query(catalog, count)["n"][0] == 20
+        lake.write("logs", "a", pl.DataFrame({"x": list(range(1000))}))  # replaced: another size and ETag
+        assert ix.sql(count)["n"][0] == query(catalog, count)["n"][0] == 1010
+        with lake.transaction() as tx:
+            tx.delete(lake.path("logs", "b"))
+        assert ix.sql(count)["n"][0] == query(catalog, count)["n"][0] == 1000
+
+
 WRITER = """
 import sys, time, polars as pl
 from pathlib import Path

@@ -195,20 +195,67 @@ def attach_lake(con: duckdb.DuckDBPyConnection) -> None:
     """Register the filesystem of a remote lake (named in the catalog's `_lake` view) on `con`, so its
     views can read their files; nothing to do for a lake on the local disk."""
     try:
-        row = con.execute(f"SELECT url, options FROM {LAKE_VIEW}").fetchone()
+        url, options = _lake_of(con)
     except duckdb.CatalogException:
         return  # a local lake
-    register_lake_filesystem(con, row[0], json.loads(row[1]))
+    register_lake_filesystem(con, url, options)
 
 
-def register_lake_filesystem(con: duckdb.DuckDBPyConnection, url: str, options: dict) -> None:
+def _reader_filesystem(url: str, options: dict):
+    """The fsspec filesystem DuckDB reads a remote lake with (one instance per lake and process).
+
+    DuckDB asks for a file's size and date many times per query: they come from the glob's listing,
+    cached for a few seconds. A file replaced or removed since then fails the read (its ETag changed)
+    rather than mixing versions; `retry_on_changed_files` drops the listing and runs the query again."""
     import fsspec
 
     protocol = url.split("://", 1)[0]
-    # DuckDB asks for a file's size and date many times per query: answered from the glob's listing
-    # for a few seconds. A file replaced within them fails the read (its ETag changed); it never mixes.
-    fs = fsspec.filesystem(protocol, **{"use_listings_cache": True, "listings_expiry_time": LISTING_TTL_S,
-                                        "skip_instance_cache": True, **options})
+    return fsspec.filesystem(protocol, **{"use_listings_cache": True, "listings_expiry_time": LISTING_TTL_S,
+                                          **options})
+
+
+def files_changed(e: BaseException) -> bool:
+    """`e` says a file the query's globs matched was replaced or removed before it was read."""
+    low = str(e).lower()
+    # Local: "No such file"; a glob that lost its last match; object stores: a changed ETag, a removed key.
+    return any(m in low for m in ("no such file", "no files found", "no longer exists", "filenotfounderror"))
+
+
+def retry_on_changed_files(con: duckdb.DuckDBPyConnection, run, attempts: int = 4):
+    """`run()`, again (after dropping a remote lake's cached listing) while the files it read changed
+    under it: a live segment compacted, a range republished."""
+    for attempt in range(attempts):
+        try:
+            return run()
+        except duckdb.Error as e:
+            _abort(con)  # a query that failed while fetching leaves its result open on the connection
+            if not files_changed(e) or attempt == attempts - 1:
+                raise
+            try:
+                _reader_filesystem(*_lake_of(con)).invalidate_cache()
+            except duckdb.CatalogException:
+                pass  # a local lake: the glob is read afresh anyway
+            time.sleep(0.05 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+def _lake_of(con: duckdb.DuckDBPyConnection) -> tuple[str, dict]:
+    """(url, fsspec options) of the remote lake the catalog names; CatalogException for a local lake."""
+    [(url, options)] = con.execute(f"SELECT url, options FROM {LAKE_VIEW}").fetchall()  # all: no open result
+    return url, json.loads(options)
+
+
+def _abort(con: duckdb.DuckDBPyConnection) -> None:
+    abort = getattr(con, "abort", None)  # DuckDB 2: the rest of a failed execute() must be cancelled
+    if abort is not None:
+        try:
+            abort()
+        except duckdb.Error:
+            pass
+
+
+def register_lake_filesystem(con: duckdb.DuckDBPyConnection, url: str, options: dict) -> None:
+    fs = _reader_filesystem(url, options)
     names = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
     if not names & set(con.list_filesystems()):
         con.register_filesystem(fs)
@@ -232,12 +279,13 @@ def build_catalog(cfg: IndexerConfig) -> Path:
                         con.execute(f"CREATE OR REPLACE VIEW {_quote(name)} AS {sql}")
                     con.execute("CHECKPOINT")
                     break
-                except duckdb.IOException as e:
+                except duckdb.Error as e:
                     # Binding a view reads the files its glob matched; a live segment compacted or a range
                     # republished meanwhile is gone by then. The file set changed, not the lake: build again.
-                    vanished = any(m in str(e).lower() for m in ("no such file", "no files found"))
-                    if not vanished or attempt == _FILE_SET_ATTEMPTS - 1:
+                    if not files_changed(e) or attempt == _FILE_SET_ATTEMPTS - 1:
                         raise
+                    if is_remote(cfg.lake_root):
+                        _reader_filesystem(str(cfg.lake_root), cfg.storage.lake_options).invalidate_cache()
                 finally:
                     con.close()
                 tmp.unlink(missing_ok=True)

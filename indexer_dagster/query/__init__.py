@@ -46,9 +46,14 @@ def query(duckdb_path: str | Path, sql: str) -> pl.DataFrame:
         # Refuse by statement type before running: a read-only catalog still lets COPY TO, EXPORT,
         # INSTALL, ATTACH, SET or PRAGMA write files or change the session.
         _check_read_only(con, sql, who="`indexer query`")
-        try:
+        from indexer_dagster.persist.catalog import retry_on_changed_files
+
+        def run() -> pl.DataFrame:
             rel = con.sql(sql)
             return rel.pl() if rel is not None else pl.DataFrame()
+
+        try:
+            return retry_on_changed_files(con, run)
         except (duckdb.InvalidInputException, duckdb.PermissionException) as e:
             if "read-only" in str(e).lower() or "read only" in str(e).lower():
                 raise QueryError("the catalog is read-only: `indexer query` runs SELECT queries only") from None

@@ -58,7 +58,7 @@ from typing import Any
 import duckdb
 import polars as pl
 
-from indexer_dagster.persist.catalog import attach_lake
+from indexer_dagster.persist.catalog import attach_lake, retry_on_changed_files
 from indexer_dagster.query import QueryError
 
 __all__ = [
@@ -356,9 +356,12 @@ class Indexer:
         return self._run(con, sql, w.params)
 
     def _run(self, con: duckdb.DuckDBPyConnection, sql: str, params: Any) -> pl.DataFrame:
-        try:
+        def run() -> pl.DataFrame:
             rel = con.sql(sql, params=params) if params else con.sql(sql)
             return rel.pl() if rel is not None else pl.DataFrame()
+
+        try:
+            return retry_on_changed_files(con, run)
         except duckdb.Error as e:
             raise QueryError(str(e).strip()) from None
 
