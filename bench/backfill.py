@@ -16,6 +16,8 @@ It prints the medians, the ratio b/a, and the peak memory of (b) for half and fo
 `--workers 1,2,4` measures each worker count (interleaved within each repetition) and prints logs/s
 per count. `--instance postgres` runs every backfill on a fresh Dagster instance in PostgreSQL
 (deploy/dagster-postgres.yaml; a throw-away database on the server of --pg-url, dropped afterwards).
+`--lake s3` writes the lake to object storage: a fresh bucket per run on a local S3 server (moto's,
+in this process), through the same s3fs/botocore client a real bucket would get.
 """
 
 import argparse
@@ -84,11 +86,13 @@ def _pg_database(pg_url: str):
 
 
 def run_indexer(config: Path, work: Path, to_block: int | None, workers: int, instance: str = "sqlite",
-                pg_url: str | None = None) -> tuple[float, int, float]:
+                pg_url: str | None = None, lake: str = "local") -> tuple[float, int, float]:
     """Run `indexer backfill` in a fresh data dir and Dagster instance; returns (seconds, logs, peak RSS MiB)."""
     cfg_dir = work / "cfg"
     shutil.rmtree(cfg_dir, ignore_errors=True)
     shutil.copytree(config.parent, cfg_dir, ignore=shutil.ignore_patterns("data", ".dagster_home"))
+    if lake == "s3":
+        _fresh_bucket_lake(cfg_dir / "indexer.yaml")
     home = cfg_dir / ".dagster_home"
     env = {**os.environ, "DAGSTER_HOME": str(home)}
     drop = None
@@ -111,13 +115,37 @@ def run_indexer(config: Path, work: Path, to_block: int | None, workers: int, in
         raise SystemExit(f"indexer backfill failed:\n{proc.stdout}\n{proc.stderr}")
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     cfg = load_config(cfg_dir / "indexer.yaml")
-    import duckdb
+    from indexer_dagster.query import query
 
-    con = duckdb.connect(str(cfg.duckdb_path), read_only=True)
-    logs = con.execute("select count(*) from logs").fetchone()[0]
-    con.close()
+    logs = query(cfg.duckdb_path, "select count(*) n from logs")["n"][0]
     # ru_maxrss of children is the largest single descendant so far (KiB on Linux).
     return seconds, logs, max(peak, before) / 1024
+
+
+def start_s3_server() -> None:
+    """A local S3 server for `--lake s3`; its endpoint and test credentials go to the environment, which
+    the backfill processes inherit."""
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False).start()
+    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
+                      AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}")
+
+
+def _fresh_bucket_lake(config: Path) -> None:
+    import s3fs
+    import yaml
+
+    bucket = f"bench-{time.time_ns()}"
+    s3fs.S3FileSystem(skip_instance_cache=True).mkdir(bucket)
+    raw = yaml.safe_load(config.read_text())
+    raw["storage"]["lake_url"] = f"s3://{bucket}/lake"
+    config.write_text(yaml.safe_dump(raw, sort_keys=False))
 
 
 def main() -> None:
@@ -133,7 +161,11 @@ def main() -> None:
     ap.add_argument("--span", type=int, default=50, help="raw client: blocks per eth_getLogs")
     ap.add_argument("--in-flight", type=int, default=4, help="raw client: concurrent requests")
     ap.add_argument("--skip-memory", action="store_true", help="skip the two peak-memory runs")
+    ap.add_argument("--lake", choices=["local", "s3"], default="local",
+                    help="where the lake goes: data_dir, or a bucket on a local S3 server")
     args = ap.parse_args()
+    if args.lake == "s3":
+        start_s3_server()
     worker_counts = [int(w) for w in str(args.workers).split(",") if w.strip()]
 
     work = Path(tempfile.mkdtemp(prefix="bench-backfill-"))
@@ -153,7 +185,7 @@ def main() -> None:
             raw_rates.append(n_raw / (time.perf_counter() - t0))
             line = [f"rep {rep + 1}: raw {raw_rates[-1]:,.0f} logs/s"]
             for w in worker_counts:
-                seconds, n_idx, _peak = run_indexer(config, work, None, w, args.instance, args.pg_url)
+                seconds, n_idx, _peak = run_indexer(config, work, None, w, args.instance, args.pg_url, args.lake)
                 if n_idx != n_raw:
                     raise SystemExit(f"log counts differ: raw {n_raw}, indexer {n_idx} ({w} workers)")
                 idx_rates[w].append(n_idx / seconds)
@@ -162,7 +194,7 @@ def main() -> None:
         raw_med = statistics.median(raw_rates)
         print()
         print(f"logs: {n_raw:,} in {head + 1:,} blocks ({len(addresses)} contracts); "
-              f"{args.blocks_per_partition}-block partitions; Dagster instance: {args.instance}")
+              f"{args.blocks_per_partition}-block partitions; Dagster instance: {args.instance}; lake: {args.lake}")
         print(f"raw eth_getLogs client : {raw_med:>10,.0f} logs/s (median of {args.reps})")
         for w in worker_counts:
             med = statistics.median(idx_rates[w])
@@ -171,8 +203,9 @@ def main() -> None:
         if not args.skip_memory:
             # Peak RSS is a high-water mark over all children, so each range is measured in a fresh process.
             w = worker_counts[0]
-            peak_half, half_logs = _peak_in_fresh_process(config, work, head // 2, w, args.instance, args.pg_url)
-            peak_full, _ = _peak_in_fresh_process(config, work, None, w, args.instance, args.pg_url)
+            peak_half, half_logs = _peak_in_fresh_process(config, work, head // 2, w, args.instance, args.pg_url,
+                                                           args.lake)
+            peak_full, _ = _peak_in_fresh_process(config, work, None, w, args.instance, args.pg_url, args.lake)
             print(f"peak RSS, half range   : {peak_half:>10.0f} MiB ({half_logs:,} logs, {w} worker(s))")
             print(f"peak RSS, full range   : {peak_full:>10.0f} MiB ({n_raw:,} logs)")
     finally:
@@ -181,12 +214,12 @@ def main() -> None:
 
 
 def _peak_in_fresh_process(config: Path, work: Path, to_block: int | None, workers: int, instance: str = "sqlite",
-                           pg_url: str | None = None) -> tuple[float, int]:
+                           pg_url: str | None = None, lake: str = "local") -> tuple[float, int]:
     code = (
         "import sys, resource; sys.path.insert(0, %r); from bench.backfill import run_indexer; from pathlib import Path;"
-        "s, n, _ = run_indexer(Path(%r), Path(%r), %r, %d, %r, %r);"
+        "s, n, _ = run_indexer(Path(%r), Path(%r), %r, %d, %r, %r, %r);"
         "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, n)"
-    ) % (str(REPO), str(config), str(work), to_block, workers, instance, pg_url)
+    ) % (str(REPO), str(config), str(work), to_block, workers, instance, pg_url, lake)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     peak, logs = out.stdout.strip().splitlines()[-1].split()
     return float(peak), int(logs)

@@ -256,7 +256,7 @@ def test_adding_a_factory_supplements_stored_ranges_and_a_reorg_archives_the_sup
     """The factory is indexed first; adding its pairs (a factory rule) fetches only the pairs' logs
     into supplement files; a reorg through a supplemented range archives their rows too, and the
     restore replaces range + supplements by one file holding both."""
-    from indexer_dagster.persist.lake import data_files
+    from indexer_dagster.persist.files import data_files
     from indexer_dagster.sync.supplement import SUPPLEMENT, plan_range, supplement_range
 
     node = Anvil(chain_id=31337).start()

@@ -12,7 +12,7 @@ from eth_abi import decode as abi_decode
 
 from indexer_dagster.devnet import rpc
 from indexer_dagster.parse.abi import load_abi
-from indexer_dagster.persist.lake import data_files
+from indexer_dagster.persist.files import data_files
 from indexer_dagster.query import query
 from tests.conftest import cfg_of, cli_env
 

@@ -18,7 +18,8 @@ import pytest
 import yaml
 
 from indexer_dagster.config import ConfigError, load_config
-from indexer_dagster.persist.lake import Lake, read_parquet
+from indexer_dagster.persist.files import read_parquet
+from indexer_dagster.persist.lake import Lake
 from indexer_dagster.query import query
 
 BUCKET = "indexer-lake"

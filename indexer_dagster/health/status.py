@@ -22,7 +22,8 @@ from indexer_dagster.monitor.errors import RpcError, classify_exception
 from indexer_dagster.monitor.rpc import RetryPolicy, RpcClient
 from indexer_dagster.partitions import ranges_between
 from indexer_dagster.persist.heads import read_head
-from indexer_dagster.persist.lake import Lake, LakePath, data_files, file_state, open_lake, parquet_metadata, scan_parquet
+from indexer_dagster.persist.files import LakePath, data_files, file_state, parquet_metadata, scan_parquet
+from indexer_dagster.persist.lake import Lake, open_lake
 
 log = get_logger(__name__)
 LIVE = "live"  # sync.realtime.LIVE (not imported: status must not pull in the sync pipeline)

@@ -26,7 +26,8 @@ from indexer_dagster.config import IndexerConfig
 from indexer_dagster.monitor.fetch import BLOCK_SCHEMA, LOG_SCHEMA
 from indexer_dagster.persist.failed_checks import KEY as FAILED_KEY, SCHEMA as FAILED_SCHEMA, ensure_ledger
 from indexer_dagster.persist.heads import HEAD_DATASET, HEAD_KEY, HEAD_SCHEMA
-from indexer_dagster.persist.lake import StorageError, is_remote, open_lake
+from indexer_dagster.persist.files import is_remote
+from indexer_dagster.persist.lake import StorageError, open_lake
 
 _DUCK_TYPES = {
     pl.Int64: "BIGINT",

@@ -13,7 +13,8 @@ from pathlib import Path
 import polars as pl
 
 from indexer_dagster.partitions import BlockRange
-from indexer_dagster.persist.lake import Lake, read_parquet
+from indexer_dagster.persist.files import read_parquet
+from indexer_dagster.persist.lake import Lake
 
 DATASET = "_meta"
 KEY = "failed_checks"

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import polars as pl
 
-from indexer_dagster.persist.lake import Lake, read_parquet
+from indexer_dagster.persist.files import read_parquet
+from indexer_dagster.persist.lake import Lake
 
 HEAD_DATASET = "_meta"
 HEAD_KEY = "head"

@@ -13,15 +13,13 @@ appears whole or not at all, and a killed writer leaves nothing in the bucket.
 """
 
 import errno
-import io
 import os
 import tempfile
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import polars as pl
 import pyarrow as pa
@@ -29,79 +27,13 @@ import pyarrow.parquet as pq
 from filelock import FileLock
 from upath import UPath
 
-# A lake file or directory: a local Path, or a UPath on an fsspec filesystem (object storage).
-LakePath = Union[Path, UPath]
+from indexer_dagster.persist.files import LakePath, data_files, is_remote, read_parquet
 
 COMPRESSION = "zstd"
 COMPRESSION_LEVEL = 1  # nearly the size of the default level, written faster
 ROW_GROUP_SIZE = 64 * 1024
 # Polars' own string layout (Arrow string views): handing it to the Parquet writer copies nothing.
 _ARROW = pl.CompatLevel.newest()
-
-
-def is_remote(path: LakePath) -> bool:
-    return not isinstance(path, Path)
-
-
-def read_parquet(path: LakePath, columns: list[str] | None = None) -> pl.DataFrame:
-    """Read one lake file, local or remote. A remote object is fetched in one GET: reading it in
-    ranges would fail when a writer replaces it meanwhile (the next range is of another version)."""
-    if not is_remote(path):
-        return pl.read_parquet(path, columns=columns)
-    return pl.read_parquet(io.BytesIO(_fetch(path)), columns=columns)
-
-
-def scan_parquet(path: LakePath) -> pl.LazyFrame:
-    """A lazy frame over one lake file (a remote file is read whole: lake files are one range each)."""
-    return pl.scan_parquet(path) if not is_remote(path) else read_parquet(path).lazy()
-
-
-def _fetch(path: UPath) -> bytes:
-    """A whole remote object in a single GET: one version, whatever a writer does meanwhile."""
-    return path.fs.cat_file(path.path)
-
-
-def parquet_metadata(path: LakePath, attempts: int = 3) -> pq.FileMetaData:
-    """A lake file's Parquet footer (row groups, statistics, key-value metadata)."""
-    if not is_remote(path):
-        return pq.read_metadata(path)
-    for attempt in range(attempts):
-        try:  # the footer is read in ranges: again if the object was replaced in between
-            with path.open("rb") as f:
-                return pq.read_metadata(f)
-        except OSError as e:
-            if "no longer exists" not in str(e) or attempt == attempts - 1:
-                raise
-    raise AssertionError("unreachable")
-
-
-@contextmanager
-def open_parquet(path: LakePath) -> Iterator[pq.ParquetFile]:
-    """A lake file opened for reading in batches (a remote object: fetched in one GET)."""
-    source = path if not is_remote(path) else pa.BufferReader(_fetch(path))
-    with pq.ParquetFile(source) as pf:
-        yield pf
-
-
-def file_state(path: LakePath) -> tuple:
-    """What changes when a lake file is replaced (a cache key): inode or ETag, mtime, size. For a remote
-    file listed by `data_files` within the last second, from that listing (not one request per file)."""
-    if not is_remote(path):
-        st = os.stat(path)
-        return (st.st_ino, st.st_mtime_ns, st.st_size)
-    hit = _listed.get(str(path))
-    if hit is not None and time.monotonic() - hit[1] < LISTED_TTL_S:
-        return hit[0]
-    return _state_of(path.fs.info(path.path))
-
-
-def _state_of(info: dict) -> tuple:
-    return (info.get("ETag") or info.get("etag") or info.get("md5Hash"), str(info.get("LastModified")), info["size"])
-
-
-# Remote file states from the latest listings: callers list a directory, then look at each file.
-LISTED_TTL_S = 1.0
-_listed: dict[str, tuple[tuple, float]] = {}
 
 
 def check_lake(cfg: Any) -> None:
@@ -284,34 +216,6 @@ def storage_problem(data_dir: Path, e: BaseException) -> StorageError | None:
     elif st.f_flag & os.ST_RDONLY:
         code = errno.EROFS
     return StorageError.from_os_error(OSError(code, str(e), str(data_dir)), Path(data_dir)) if code else None
-
-
-def data_files(directory: LakePath) -> list[LakePath]:
-    """A dataset's data files, sorted (hidden names — temp files, the schema file — excluded)."""
-    if is_remote(directory):
-        return _remote_data_files(directory)
-    if not directory.is_dir():
-        return []
-    return sorted((p for p in directory.glob("*.parquet") if not p.name.startswith(".")), key=str)
-
-
-def _remote_data_files(directory: UPath) -> list[UPath]:
-    """One listing request; the files' states are kept briefly for `file_state`."""
-    try:
-        entries = directory.fs.ls(directory.path, detail=True)
-    except FileNotFoundError:
-        return []
-    now, out = time.monotonic(), []
-    if len(_listed) > 200_000:
-        for k in [k for k, (_, t) in _listed.items() if now - t >= LISTED_TTL_S]:
-            del _listed[k]
-    for e in entries:
-        name = e["name"].rstrip("/").rsplit("/", 1)[-1]
-        if e.get("type") == "file" and name.endswith(".parquet") and not name.startswith("."):
-            p = directory / name
-            _listed[str(p)] = (_state_of(e), now)
-            out.append(p)
-    return sorted(out, key=str)
 
 
 class Transaction:

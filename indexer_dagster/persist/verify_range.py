@@ -28,7 +28,8 @@ import polars as pl
 
 from indexer_dagster.config import IndexerConfig
 from indexer_dagster.partitions import BlockRange, range_for_block
-from indexer_dagster.persist.lake import Lake, open_lake, read_parquet
+from indexer_dagster.persist.files import read_parquet
+from indexer_dagster.persist.lake import Lake, open_lake
 
 BLOCKS_ASSET = "blocks"
 LOGS_ASSET = "logs"

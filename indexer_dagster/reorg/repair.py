@@ -31,7 +31,8 @@ from indexer_dagster.monitor.fetch import BLOCK_SCHEMA, LOG_SCHEMA, ForkChanged
 from indexer_dagster.monitor.rpc import call_sync
 from indexer_dagster.partitions import BlockRange, parse_key
 from indexer_dagster.persist.heads import record_head
-from indexer_dagster.persist.lake import Lake, open_lake, read_parquet, scan_parquet
+from indexer_dagster.persist.files import read_parquet, scan_parquet
+from indexer_dagster.persist.lake import Lake, open_lake
 from indexer_dagster.reorg.detect import LocalChain, find_ancestor
 from indexer_dagster.reorg.state import Header, Phase, Reorg, StateStore
 from indexer_dagster.sync.contracts import coverage_metadata, wanted_coverage

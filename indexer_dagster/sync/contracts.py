@@ -29,9 +29,8 @@ from indexer_dagster.monitor.errors import RpcError, RpcErrorKind
 from indexer_dagster.monitor.fetch import parse_logs_body
 from indexer_dagster.monitor.rpc import RpcClient
 from indexer_dagster.parse.decode import decode_logs
-from indexer_dagster.persist.lake import (
-    Lake, data_files, file_state, open_lake, parquet_metadata, read_parquet, scan_parquet,
-)
+from indexer_dagster.persist.files import data_files, file_state, parquet_metadata, read_parquet, scan_parquet
+from indexer_dagster.persist.lake import Lake, open_lake
 
 CHILDREN = "children"
 CHILD_SCHEMA = {

@@ -17,7 +17,8 @@ from indexer_dagster.config import IndexerConfig
 from indexer_dagster.monitor.fetch import ForkChanged
 from indexer_dagster.monitor.tokens import TOKEN_SCHEMA, pair_tokens, token_metadata
 from indexer_dagster.persist.catalog import build_catalog
-from indexer_dagster.persist.lake import Lake, open_lake, read_parquet
+from indexer_dagster.persist.files import read_parquet
+from indexer_dagster.persist.lake import Lake, open_lake
 from indexer_dagster.process import dex
 from indexer_dagster.query import query
 from indexer_dagster.reorg.state import open_state

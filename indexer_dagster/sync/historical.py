@@ -24,7 +24,8 @@ from indexer_dagster.monitor.verify import verifier_for
 from indexer_dagster.parse.decode import decode_logs
 from indexer_dagster.partitions import BlockRange
 from indexer_dagster.persist.heads import record_head
-from indexer_dagster.persist.lake import Lake, Transaction, open_lake, open_parquet
+from indexer_dagster.persist.files import open_parquet
+from indexer_dagster.persist.lake import Lake, Transaction, open_lake
 from indexer_dagster.reorg.state import open_state
 from indexer_dagster.sync.contracts import (
     CHILD_SCHEMA, CHILDREN, ContractSet, coverage_metadata, discover, empty_children, has_factories, key_files,

@@ -31,7 +31,8 @@ from indexer_dagster.monitor.rpc import RpcClient, RpcStats
 from indexer_dagster.monitor.verify import LogVerifier, verifier_for
 from indexer_dagster.partitions import ranges_between
 from indexer_dagster.persist.heads import record_head
-from indexer_dagster.persist.lake import Lake, open_lake, read_parquet
+from indexer_dagster.persist.files import LakePath, read_parquet
+from indexer_dagster.persist.lake import Lake, open_lake
 from indexer_dagster.reorg.detect import Extend, LocalChain, Reorg, TooDeep, Wait, next_step
 from indexer_dagster.reorg.state import Header, StateStore
 from indexer_dagster.sync.contracts import (
@@ -91,7 +92,7 @@ def follower_alive(store: StateStore, chain: str) -> bool:
     return lease_held(store, follower_lease(chain))
 
 
-def live_segments(lake: Lake, dataset: str) -> list[tuple[int, int, "Path"]]:  # noqa: F821
+def live_segments(lake: Lake, dataset: str) -> list[tuple[int, int, LakePath]]:
     out = []
     for p in lake.files(f"{LIVE}/{dataset}"):
         a, b = p.stem.split("-")

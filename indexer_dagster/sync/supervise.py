@@ -13,7 +13,7 @@ from pathlib import Path
 
 
 from indexer_dagster.partitions import BlockRange, ranges_between
-from indexer_dagster.persist.lake import LakePath, data_files, file_state, parquet_metadata
+from indexer_dagster.persist.files import LakePath, data_files, file_state, parquet_metadata
 
 
 @dataclass(frozen=True)

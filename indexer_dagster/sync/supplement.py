@@ -26,7 +26,8 @@ from indexer_dagster.config import IndexerConfig
 from indexer_dagster.monitor.fetch import LOG_SCHEMA, ForkChanged, RangeFetcher
 from indexer_dagster.monitor.rpc import RpcStats
 from indexer_dagster.partitions import BlockRange
-from indexer_dagster.persist.lake import Lake, file_state, open_lake, read_parquet
+from indexer_dagster.persist.files import file_state, read_parquet
+from indexer_dagster.persist.lake import Lake, open_lake
 from indexer_dagster.sync.contracts import (
     CHILD_SCHEMA, CHILDREN, block_span, coverage_metadata, discover, file_coverage, fingerprint, has_factories, key_files,
     missing_coverage, resolve_range, stored_coverage, wanted_coverage,
