@@ -125,6 +125,7 @@ def run_indexer(config: Path, work: Path, to_block: int | None, workers: int, in
 def start_s3_server() -> None:
     """A local S3 server for `--lake s3`; its endpoint and test credentials go to the environment, which
     the backfill processes inherit."""
+    import logging
     import socket
 
     from moto.server import ThreadedMotoServer
@@ -132,6 +133,7 @@ def start_s3_server() -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
     ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False).start()
     os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
                       AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}")
