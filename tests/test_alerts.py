@@ -21,6 +21,7 @@ from indexer_dagster.health import alerts as A
 from indexer_dagster.health.metrics import render
 from indexer_dagster.health.status import ChainStatus, gather_status
 from indexer_dagster.partitions import ranges_between
+from indexer_dagster.persist.verify_range import CHECKS
 from indexer_dagster.reorg.state import Phase, Reorg, open_state
 from indexer_dagster.resources import IndexerConfigResource
 from indexer_dagster.sensors.alerts import CHECK_FAILURE_SENSOR, RUN_FAILURE_SENSOR, build_alert_sensors
@@ -355,6 +356,11 @@ def test_deep_reorg_is_posted_by_the_reorg_job(tmp_path, receiver, monkeypatch):
             result = job.execute_in_process(
                 instance=instance, run_config={"ops": {"devnet_repair_reorg": {"config": {"reorg_id": detected.id}}}})
             assert result.success
+            # The restored ranges' range checks are reported as the historical assets' check results.
+            restored = {m.partition for m in result.asset_materializations_for_node("devnet_repair_reorg")}
+            evaluations = result.get_asset_check_evaluations()
+            assert restored and evaluations and all(e.passed for e in evaluations)
+            assert {(e.partition, e.check_name) for e in evaluations} == {(k, n) for k in restored for n in CHECKS}
     finally:
         node.stop()
     (alert,) = receiver.alerts

@@ -20,6 +20,7 @@ from indexer_dagster.devnet.uniswap import generate_traffic, reorg as anvil_reor
 from indexer_dagster.partitions import ranges_between
 from indexer_dagster.persist.catalog import build_catalog
 from indexer_dagster.persist.lake import open_lake
+from indexer_dagster.persist.verify_range import CHECKS
 from indexer_dagster.query import query
 from indexer_dagster.reorg.repair import repair
 from indexer_dagster.reorg.state import Phase, open_state
@@ -157,9 +158,54 @@ def test_deep_reorg_across_a_partition_boundary_into_confirmed_history(chain):
     assert r.common_ancestor == head - depth and r.touched_confirmed
     done = repair(cfg, store, r.id)
     assert done.reorg.phase is Phase.DONE and done.restored_partitions
+    # Each restored range passed the range checks a range run makes.
+    assert set(done.checks) == set(done.restored_partitions)
+    assert all(c.passed for results in done.checks.values() for c in results)
+    assert {c.name for c in done.checks[done.restored_partitions[0]]} == set(CHECKS)
     assert_views_equal_node(cfg, node)
+    assert query(cfg.duckdb_path, "select count(*) n from failed_checks")["n"][0] == 0
     ledger = query(cfg.duckdb_path, "select touched_confirmed, affected_partitions from reorgs")
     assert ledger["touched_confirmed"][0]
+
+
+def test_a_restored_range_that_fails_its_checks_stays_unconfirmed(chain, monkeypatch):
+    """A range the reorg job restores from a node that leaves out a block: the checks after the repair
+    record it, so its rows stay unconfirmed and the sensor syncs it again."""
+    import indexer_dagster.reorg.repair as repair_module
+
+    node, dep, cfg = chain
+    store = open_state(cfg.state_url)
+    follow_until_synced(cfg, store)
+    backfill_plain(cfg)
+    generate_traffic(node.url, dep, blocks=4, txs_per_block=6, seed=5)
+    follow_until_synced(cfg, store)
+    anvil_reorg(node.url, dep, depth=7, txs_per_block=4, seed=77)
+    assert follow_until_synced(cfg, store)[-1].action == "reorg"
+    r = store.active_reorg(cfg.chain.name)
+    lake = open_lake(cfg)
+    real_sync_range = repair_module.sync_range
+    bad: list[str] = []
+
+    def sync_range_missing_a_block(cfg_, rng, **kw):
+        out = real_sync_range(cfg_, rng, **kw)
+        if not bad:  # the first restored range loses a block in the middle
+            blocks = lake.read("blocks", rng.key)
+            lake.write("blocks", rng.key, blocks.filter(pl.col("number") != blocks["number"][1]))
+            bad.append(rng.key)
+        return out
+
+    monkeypatch.setattr(repair_module, "sync_range", sync_range_missing_a_block)
+    done = repair(cfg, store, r.id)
+    assert done.reorg.phase is Phase.DONE and bad
+    failed = {c.name for c in done.checks[bad[0]] if not c.passed}
+    assert "contiguous_blocks" in failed
+    build_catalog(cfg)
+    recorded = query(cfg.duckdb_path, "select distinct range_key, check_name from failed_checks")
+    assert (bad[0], "contiguous_blocks") in recorded.rows()
+    first = int(bad[0].split("-")[0])
+    status = query(cfg.duckdb_path, f"select distinct status from logs where block_number between {first} and "
+                                    f"{first + cfg.chain.blocks_per_partition - 1}")
+    assert status["status"].to_list() == ["unconfirmed"]
 
 
 def test_rollback_to_a_shorter_chain(chain):

@@ -150,6 +150,21 @@ def _fail_fast_on_storage(cfg: IndexerConfig, e: Exception) -> None:
         raise dg.Failure(description=str(problem), allow_retries=False) from None
 
 
+def check_evaluation(asset_key: dg.AssetKey, result: CheckResult, reason: str) -> dg.AssetCheckEvaluation:
+    """One range's check as an event of another job (the reorg job restores ranges outside this asset)."""
+    return dg.AssetCheckEvaluation(
+        asset_key=asset_key, check_name=result.name, passed=result.passed, partition=result.metadata["range"],
+        description=f"{reason}: {result.description}",
+        metadata={k: v for k, v in result.metadata.items() if k != "range"},
+    )
+
+
+def check_asset(name: str, chain: str) -> dg.AssetKey:
+    """The asset a range check belongs to (blocks or logs)."""
+    blocks_key, logs_key = raw_keys(chain)
+    return blocks_key if CHECKS[name][0] == "blocks" else logs_key
+
+
 def check_result(spec: dg.AssetCheckSpec, results: list[CheckResult]) -> dg.AssetCheckResult:
     """The run's verdict of one check over its ranges: failed if any range failed, naming them."""
     failed = [c for c in results if not c.passed]

@@ -4,6 +4,7 @@ import time
 
 import dagster as dg
 
+from indexer_dagster.assets.historical import check_asset, check_evaluation
 from indexer_dagster.config import IndexerConfig
 from indexer_dagster.health.alerts import deep_reorg_alert, send_alert
 from indexer_dagster.health.logs import bind
@@ -96,10 +97,17 @@ def build_live_jobs(cfg: IndexerConfig, historical_keys: list[dg.AssetKey]) -> l
                 context.log_event(dg.AssetMaterialization(
                     asset_key=asset_key, partition=key,
                     metadata={"reorg_id": r.id, "reason": "restored after a reorg"}))
+            for result in res.checks.get(key, []):
+                context.log_event(check_evaluation(check_asset(result.name, chain), result,
+                                                   f"restored after reorg {r.id}"))
+        failed = sorted({k for k, results in res.checks.items() for c in results if not c.passed})
+        if failed:
+            context.log.warning(f"restored ranges failed their checks (kept unconfirmed, synced again): {failed}")
         context.add_output_metadata({
             "reorg_id": r.id, "phase": r.phase.value, "common_ancestor": r.common_ancestor, "depth": r.depth,
             "touched_confirmed": r.touched_confirmed, "rows_archived": sum(r.rows_archived.values()),
             "restored_partitions": ",".join(restored), "seconds": round(res.seconds, 3),
+            "ranges_failing_checks": ",".join(failed),
         })
 
     tags = {CHAIN_TAG: chain}

@@ -33,6 +33,7 @@ from indexer_dagster.partitions import BlockRange, parse_key
 from indexer_dagster.persist.heads import record_head
 from indexer_dagster.persist.files import read_parquet, scan_parquet
 from indexer_dagster.persist.lake import Lake, open_lake
+from indexer_dagster.persist.verify_range import CheckResult, verify_and_record
 from indexer_dagster.reorg.detect import LocalChain, find_ancestor
 from indexer_dagster.reorg.state import Header, Phase, Reorg, StateStore
 from indexer_dagster.sync.contracts import coverage_metadata, wanted_coverage
@@ -52,6 +53,8 @@ class RepairResult:
     reorg: Reorg
     restored_partitions: list[str] = field(default_factory=list)
     archived: dict[str, int] = field(default_factory=dict)
+    # The range checks of each restored range (persist.verify_range), run once the reorg is done.
+    checks: dict[str, list[CheckResult]] = field(default_factory=dict)
     seconds: float = 0.0
 
 
@@ -328,6 +331,10 @@ def repair(
             export_ledger(cfg, store)
         break
     result.reorg = store.get_reorg(reorg_id)
+    if result.reorg.phase is Phase.DONE:
+        # The same checks a range run makes: a restored range that fails stays unconfirmed and is synced
+        # again by the sensor, like any other failed range.
+        result.checks = {key: verify_and_record(cfg, parse_key(key)) for key in result.restored_partitions}
     result.seconds = time.perf_counter() - started
     return result
 
