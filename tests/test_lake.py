@@ -89,3 +89,26 @@ def test_catalog_build_retries_when_a_matched_file_vanishes(tmp_path, monkeypatc
                         lambda cfg: {"v": f"SELECT * FROM read_parquet('{tmp_path / 'gone.parquet'}')"})
     with pytest.raises(duckdb.IOException, match="No files found"):
         catalog.build_catalog(SimpleNamespace(duckdb_path=tmp_path / "d.duckdb", lake_root=tmp_path))
+
+
+def test_catalog_is_rebuilt_only_when_its_views_change(tmp_path, monkeypatch):
+    """Views read their globs at query time: the same statements again leave the file as it is (a backfill
+    builds the catalog several times; on object storage each build costs hundreds of requests)."""
+    from types import SimpleNamespace
+
+    import duckdb
+
+    from indexer_dagster.persist import catalog
+
+    data = tmp_path / "x.parquet"
+    pl.DataFrame({"a": [1, 2]}).write_parquet(data)
+    views = {"v": f"SELECT * FROM read_parquet('{data}')"}
+    monkeypatch.setattr(catalog, "view_statements", lambda cfg: dict(views))
+    cfg = SimpleNamespace(duckdb_path=tmp_path / "c.duckdb", lake_root=tmp_path)
+    first = catalog.build_catalog(cfg).stat().st_ino
+    assert catalog.build_catalog(cfg).stat().st_ino == first  # unchanged: not rewritten
+    views["w"] = "SELECT 42 AS answer"
+    assert catalog.build_catalog(cfg).stat().st_ino != first  # a new view: rebuilt
+    con = duckdb.connect(str(cfg.duckdb_path), read_only=True)
+    assert con.execute("select answer from w").fetchone()[0] == 42
+    con.close()

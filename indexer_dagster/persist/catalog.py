@@ -12,6 +12,7 @@ environment) — see `attach_lake`.
 """
 
 import errno
+import hashlib
 import json
 import os
 import time
@@ -264,19 +265,49 @@ def register_lake_filesystem(con: duckdb.DuckDBPyConnection, url: str, options: 
     con.execute("SET enable_external_file_cache = false")
 
 
+VERSION_VIEW = "_catalog_version"
+
+
+def _fingerprint(statements: dict[str, str]) -> str:
+    return hashlib.sha256(json.dumps(statements, sort_keys=True).encode()).hexdigest()
+
+
+def _current_fingerprint(target: Path) -> str | None:
+    """The fingerprint of the view statements the catalog at `target` was built from (None: unknown)."""
+    if not target.is_file():
+        return None
+    try:
+        con = duckdb.connect(str(target), read_only=True)
+    except duckdb.Error:
+        return None
+    try:
+        return con.execute(f"SELECT fingerprint FROM {VERSION_VIEW}").fetchall()[0][0]
+    except duckdb.Error:
+        return None
+    finally:
+        con.close()
+
+
 def build_catalog(cfg: IndexerConfig) -> Path:
-    """(Re)build the DuckDB file of views and swap it in atomically."""
+    """(Re)build the DuckDB file of views and swap it in atomically; nothing to do when the views it
+    would create are those the catalog has (they read their globs at query time)."""
     target = cfg.duckdb_path
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):
+        statements = view_statements(cfg)
+        if _current_fingerprint(target) == _fingerprint(statements):
+            return target
         tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
         try:
             for attempt in range(_FILE_SET_ATTEMPTS):
+                if attempt:
+                    statements = view_statements(cfg)
+                statements[VERSION_VIEW] = f"SELECT {_literal(_fingerprint(statements))} AS fingerprint"
                 con = duckdb.connect(str(tmp))
                 try:
                     if is_remote(cfg.lake_root):
                         register_lake_filesystem(con, str(cfg.lake_root), cfg.storage.lake_options)
-                    for name, sql in view_statements(cfg).items():
+                    for name, sql in statements.items():
                         con.execute(f"CREATE OR REPLACE VIEW {_quote(name)} AS {sql}")
                     con.execute("CHECKPOINT")
                     break
