@@ -11,15 +11,17 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Union
+from typing import TYPE_CHECKING, Union
 
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
-from upath import UPath
+
+if TYPE_CHECKING:  # imported where a remote lake is configured (config.lake_root), not by every process
+    from upath import UPath
 
 # A lake file or directory: a local Path, or a UPath on an fsspec filesystem (object storage).
-LakePath = Union[Path, UPath]
+LakePath = Union[Path, "UPath"]
 
 
 def is_remote(path: LakePath) -> bool:
@@ -39,7 +41,7 @@ def scan_parquet(path: LakePath) -> pl.LazyFrame:
     return pl.scan_parquet(path) if not is_remote(path) else read_parquet(path).lazy()
 
 
-def _fetch(path: UPath) -> bytes:
+def _fetch(path: "UPath") -> bytes:
     """A whole remote object in a single GET: one version, whatever a writer does meanwhile."""
     return path.fs.cat_file(path.path)
 
@@ -96,7 +98,7 @@ def data_files(directory: LakePath) -> list[LakePath]:
     return sorted((p for p in directory.glob("*.parquet") if not p.name.startswith(".")), key=str)
 
 
-def _remote_data_files(directory: UPath) -> list[UPath]:
+def _remote_data_files(directory: "UPath") -> list["UPath"]:
     """One listing request; the files' states are kept briefly for `file_state`."""
     try:
         entries = directory.fs.ls(directory.path, detail=True)

@@ -25,7 +25,6 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 from filelock import FileLock
-from upath import UPath
 
 from indexer_dagster.persist.files import LakePath, data_files, is_remote, read_parquet
 
@@ -69,7 +68,7 @@ def open_lake(cfg: Any, chain: str | None = None) -> "Lake":
 
 class Lake:
     def __init__(self, root: LakePath | str, chain: str, local_dir: Path | None = None) -> None:
-        root = root if isinstance(root, (Path, UPath)) else Path(root)
+        root = Path(root) if isinstance(root, (str, os.PathLike)) else root  # a UPath is not PathLike
         self.root = root / chain
         self.chain = chain
         self.remote = is_remote(root)
