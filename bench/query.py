@@ -42,6 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from indexer_dagster import connect  # noqa: E402
+from indexer_dagster.persist.catalog import write_views  # noqa: E402
 
 GENERATOR_VERSION = 2  # bump when the generated data changes, to invalidate the cache
 CHAIN_ID = 1
@@ -245,17 +246,7 @@ def build_catalog(data: Path) -> Path:
         "pool_candles": with_status("pool_candles", "last_block"),
         "pool_volume": with_status("pool_volume", "last_block"),
     }
-    target = data / "indexer.duckdb"
-    tmp = data / f".indexer.duckdb.{os.getpid()}.tmp"
-    con = duckdb.connect(str(tmp))
-    try:
-        for name, sql in views.items():
-            con.execute(f'CREATE VIEW "{name}" AS {sql}')
-        con.execute("CHECKPOINT")
-    finally:
-        con.close()
-    os.replace(tmp, target)
-    return target
+    return write_views(data / "indexer.duckdb", views)
 
 
 def lake(args: argparse.Namespace, scratch: Path | None) -> Path:

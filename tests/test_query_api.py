@@ -19,6 +19,7 @@ import polars as pl
 import pytest
 
 import indexer_dagster
+from indexer_dagster.persist.catalog import write_views
 from indexer_dagster.query import QueryError
 from indexer_dagster.query.api import Indexer, connect
 
@@ -174,16 +175,7 @@ def build_catalog(data: Path, target: Path, extra_views: dict[str, str] | None =
         "pool_volume": _status(glob("dex/pool_volume.parquet"), "last_block"),
         **(extra_views or {}),
     }
-    tmp = target.with_name(f".{target.name}.{threading.get_ident()}.tmp")
-    con = duckdb.connect(str(tmp))
-    try:
-        for name, sql in views.items():
-            con.execute(f'CREATE VIEW "{name}" AS {sql}')
-        con.execute("CHECKPOINT")
-    finally:
-        con.close()
-    os.replace(tmp, target)
-    return target
+    return write_views(target, views)
 
 
 @pytest.fixture

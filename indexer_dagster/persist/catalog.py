@@ -293,46 +293,56 @@ def build_catalog(cfg: IndexerConfig) -> Path:
     would create are those the catalog has (they read their globs at query time)."""
     target = cfg.duckdb_path
     target.parent.mkdir(parents=True, exist_ok=True)
+    remote = is_remote(cfg.lake_root)
+
+    def register(con: duckdb.DuckDBPyConnection) -> None:
+        if remote:
+            register_lake_filesystem(con, str(cfg.lake_root), cfg.storage.lake_options)
+
     with FileLock(str(target) + ".lock"):
         statements = view_statements(cfg)
         if _current_fingerprint(target) == _fingerprint(statements):
             return target
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-        try:
-            for attempt in range(_FILE_SET_ATTEMPTS):
-                if attempt:
-                    statements = view_statements(cfg)
-                statements[VERSION_VIEW] = f"SELECT {_literal(_fingerprint(statements))} AS fingerprint"
-                con = duckdb.connect(str(tmp))
-                try:
-                    if is_remote(cfg.lake_root):
-                        register_lake_filesystem(con, str(cfg.lake_root), cfg.storage.lake_options)
-                    for name, sql in statements.items():
-                        con.execute(f"CREATE OR REPLACE VIEW {_quote(name)} AS {sql}")
-                    con.execute("CHECKPOINT")
-                    break
-                except duckdb.Error as e:
-                    # Binding a view reads the files its glob matched; a live segment compacted or a range
-                    # republished meanwhile is gone by then. The file set changed, not the lake: build again.
-                    if not files_changed(e) or attempt == _FILE_SET_ATTEMPTS - 1:
-                        raise
-                    if is_remote(cfg.lake_root):
-                        _reader_filesystem(str(cfg.lake_root), cfg.storage.lake_options).invalidate_cache()
-                finally:
-                    con.close()
-                tmp.unlink(missing_ok=True)
-                Path(str(tmp) + ".wal").unlink(missing_ok=True)
+        for attempt in range(_FILE_SET_ATTEMPTS):
+            if attempt:
+                statements = view_statements(cfg)
+            statements[VERSION_VIEW] = f"SELECT {_literal(_fingerprint(statements))} AS fingerprint"
+            try:
+                return write_views(target, statements, register)
+            except duckdb.Error as e:
+                # Binding a view reads the files its glob matched; a live segment compacted or a range
+                # republished meanwhile is gone by then. The file set changed, not the lake: build again.
+                if not files_changed(e) or attempt == _FILE_SET_ATTEMPTS - 1:
+                    raise
+                if remote:
+                    _reader_filesystem(str(cfg.lake_root), cfg.storage.lake_options).invalidate_cache()
                 time.sleep(0.05 * (attempt + 1))
-            os.replace(tmp, target)
-        except duckdb.IOException as e:
-            # e.g. a full disk: the old catalog stays in place; say where and why, not a DuckDB traceback.
-            low = str(e).lower()
-            code = errno.ENOSPC if "no space" in low else errno.EACCES if "permission" in low else None
-            if code is None:
-                raise
-            raise StorageError.from_os_error(OSError(code, str(e), str(tmp)), target.parent) from None
-        finally:
-            tmp.unlink(missing_ok=True)
-            Path(str(tmp) + ".wal").unlink(missing_ok=True)
-    return target
+    raise AssertionError("unreachable")
 
+
+def write_views(target: Path, views: dict[str, str], register=None) -> Path:
+    """A DuckDB file holding `views` (name -> SELECT), built under a temporary name and renamed over
+    `target`: readers see the old catalog or the new one. `register(con)` runs first (a filesystem)."""
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        con = duckdb.connect(str(tmp))
+        try:
+            if register is not None:
+                register(con)
+            for name, sql in views.items():
+                con.execute(f"CREATE OR REPLACE VIEW {_quote(name)} AS {sql}")
+            con.execute("CHECKPOINT")
+        finally:
+            con.close()
+        os.replace(tmp, target)
+    except duckdb.IOException as e:
+        # e.g. a full disk: the old catalog stays in place; say where and why, not a DuckDB traceback.
+        low = str(e).lower()
+        code = errno.ENOSPC if "no space" in low else errno.EACCES if "permission" in low else None
+        if code is None:
+            raise
+        raise StorageError.from_os_error(OSError(code, str(e), str(tmp)), target.parent) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+        Path(str(tmp) + ".wal").unlink(missing_ok=True)
+    return target
