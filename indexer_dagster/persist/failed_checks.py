@@ -1,4 +1,4 @@
-"""The ranges whose last checks failed: `<data_dir>/<chain>/_meta/failed_checks.parquet`.
+"""The ranges whose last checks failed: `<lake>/<chain>/_meta/failed_checks.parquet`.
 
 A range that fails a check (see `persist.verify_range`) is not trusted: the catalog keeps its rows
 `unconfirmed` whatever their depth, and the chain-head sensor syncs the range again. The next run
@@ -8,12 +8,11 @@ store) so the DuckDB views can read it like the chain head, with no second datab
 
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import polars as pl
 
 from indexer_dagster.partitions import BlockRange
-from indexer_dagster.persist.files import read_parquet
+from indexer_dagster.persist.files import LakePath, read_parquet
 from indexer_dagster.persist.lake import Lake
 
 DATASET = "_meta"
@@ -30,7 +29,7 @@ SCHEMA = {
 }
 
 
-def ledger_path(lake: Lake) -> Path:
+def ledger_path(lake: Lake) -> LakePath:
     return lake.path(DATASET, KEY)
 
 
@@ -39,7 +38,7 @@ def read_failed(lake: Lake) -> pl.DataFrame:
     return read_parquet(p) if p.is_file() else pl.DataFrame(schema=SCHEMA)
 
 
-def ensure_ledger(lake: Lake) -> Path:
+def ensure_ledger(lake: Lake) -> LakePath:
     """An empty ledger if there is none, so the views always have a file to read."""
     p = ledger_path(lake)
     if not p.is_file():

@@ -6,11 +6,10 @@ write, so finality advances without rewriting any data (the seed's periodic conf
 """
 
 import time
-from pathlib import Path
 
 import polars as pl
 
-from indexer_dagster.persist.files import read_parquet
+from indexer_dagster.persist.files import LakePath, read_parquet
 from indexer_dagster.persist.lake import Lake
 
 HEAD_DATASET = "_meta"
@@ -26,7 +25,7 @@ HEAD_SCHEMA = {
 }
 
 
-def head_path(lake: Lake) -> Path:
+def head_path(lake: Lake) -> LakePath:
     return lake.path(HEAD_DATASET, HEAD_KEY)
 
 

@@ -76,16 +76,16 @@ class Lake:
         self.local_dir = Path(local_dir) if local_dir is not None else (
             Path(tempfile.gettempdir()) / "indexer_dagster" / chain if self.remote else self.root)
 
-    def dir(self, dataset: str) -> Path:
+    def dir(self, dataset: str) -> LakePath:
         return self.root / dataset
 
-    def path(self, dataset: str, range_key: str) -> Path:
+    def path(self, dataset: str, range_key: str) -> LakePath:
         return self.dir(dataset) / f"{range_key}.parquet"
 
     def glob(self, dataset: str) -> str:
         return str(self.dir(dataset) / "*.parquet")
 
-    def files(self, dataset: str) -> list[Path]:
+    def files(self, dataset: str) -> list[LakePath]:
         """The dataset's data files, sorted (hidden names — temp files, the schema file — excluded)."""
         return data_files(self.dir(dataset))
 
@@ -154,7 +154,7 @@ class Lake:
             tx.abort()
             raise
 
-    def write(self, dataset: str, range_key: str, df: pl.DataFrame) -> Path:
+    def write(self, dataset: str, range_key: str, df: pl.DataFrame) -> LakePath:
         with self.writer(dataset, range_key, dict(df.schema)) as w:
             w.write(df)
         return self.path(dataset, range_key)
