@@ -22,7 +22,7 @@ from indexer_dagster.monitor.errors import RpcError, classify_exception
 from indexer_dagster.monitor.rpc import RetryPolicy, RpcClient
 from indexer_dagster.partitions import ranges_between
 from indexer_dagster.persist.heads import read_head
-from indexer_dagster.persist.files import LakePath, data_files, file_state, parquet_metadata, scan_parquet
+from indexer_dagster.persist.files import LakePath, column_span, data_files, scan_parquet
 from indexer_dagster.persist.lake import Lake, open_lake
 
 log = get_logger(__name__)
@@ -79,38 +79,12 @@ class ChainStatus:
         return asdict(self)
 
 
-# --- Parquet footers (cached by path, size and mtime: a scrape re-reads only files that changed) ---------
-
-_footers: dict[str, tuple[tuple, int, int | None, int | None]] = {}
-
-
-def _footer(path: LakePath, column: str) -> tuple[int, int | None, int | None]:
-    """(rows, min, max of `column`) of a Parquet file, from its footer."""
-    state = file_state(path)
-    key = f"{path}\0{column}"
-    hit = _footers.get(key)
-    if hit and hit[0] == state:
-        return hit[1], hit[2], hit[3]
-    meta = parquet_metadata(path)
-    idx = meta.schema.to_arrow_schema().get_field_index(column)
-    lows, highs = [], []
-    if idx >= 0:
-        for i in range(meta.num_row_groups):
-            s = meta.row_group(i).column(idx).statistics
-            if s is not None and s.has_min_max:
-                lows.append(s.min)
-                highs.append(s.max)
-    out = (meta.num_rows, min(lows, default=None), max(highs, default=None))
-    _footers[key] = (state, *out)
-    return out
-
-
 def _spans(directory: LakePath, column: str = "number") -> dict[LakePath, tuple[int, int, int]]:
     """file -> (rows, lowest, highest block) for the non-empty data files of a dataset."""
     out = {}
     for p in data_files(directory):
         try:
-            rows, lo, hi = _footer(p, column)
+            rows, lo, hi = column_span(p, column)
         except (OSError, ValueError):  # vanished (compaction, rollback) or being replaced
             continue
         if lo is not None and hi is not None:
@@ -132,7 +106,7 @@ def _rows(cfg: IndexerConfig, lake: Lake) -> dict[str, int]:
         for d in (lake.dir(ds), lake.dir(f"{LIVE}/{ds}")):
             for p in data_files(d):
                 try:
-                    total += _footer(p, "block_number" if ds != "blocks" else "number")[0]
+                    total += column_span(p, "block_number" if ds != "blocks" else "number")[0]
                 except (OSError, ValueError):
                     continue
         out[ds.removeprefix("events/")] = total

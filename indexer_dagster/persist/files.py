@@ -68,6 +68,32 @@ def open_parquet(path: LakePath) -> Iterator[pq.ParquetFile]:
         yield pf
 
 
+# (rows, min, max) of a file's column, by path and column; recomputed when the file's state changes.
+_spans: dict[str, tuple[tuple, int, int | None, int | None]] = {}
+
+
+def column_span(path: LakePath, column: str) -> tuple[int, int | None, int | None]:
+    """(rows, min, max of `column`) of a lake file, from its footer statistics (read once per file
+    state: the sensor and `indexer status` ask about every file, again and again)."""
+    state = file_state(path)
+    key = f"{path}\0{column}"
+    hit = _spans.get(key)
+    if hit and hit[0] == state:
+        return hit[1], hit[2], hit[3]
+    meta = parquet_metadata(path)
+    idx = meta.schema.to_arrow_schema().get_field_index(column)
+    lows, highs = [], []
+    if idx >= 0:
+        for i in range(meta.num_row_groups):
+            s = meta.row_group(i).column(idx).statistics
+            if s is not None and s.has_min_max:
+                lows.append(s.min)
+                highs.append(s.max)
+    out = (meta.num_rows, min(lows, default=None), max(highs, default=None))
+    _spans[key] = (state, *out)
+    return out
+
+
 def file_state(path: LakePath) -> tuple:
     """What changes when a lake file is replaced (a cache key): inode or ETag, mtime, size. For a remote
     file listed by `data_files` within the last second, from that listing (not one request per file)."""

@@ -7,13 +7,12 @@ unfinished reorg, and fills history below the follower's anchor with range runs.
 """
 
 from dataclasses import dataclass, field
-from functools import lru_cache
 
 from pathlib import Path
 
 
 from indexer_dagster.partitions import BlockRange, ranges_between
-from indexer_dagster.persist.files import LakePath, data_files, file_state, parquet_metadata
+from indexer_dagster.persist.files import LakePath, column_span, data_files
 
 
 @dataclass(frozen=True)
@@ -92,20 +91,10 @@ def range_coverage(blocks_dir: LakePath) -> dict[str, int]:
     """Range key -> the highest block number in its `blocks` file (from the Parquet footer statistics)."""
     out: dict[str, int] = {}
     for p in data_files(blocks_dir):
-        high = _highest_block(p, file_state(p))
+        high = column_span(p, "number")[2]
         if high is not None:
             out[p.stem] = high
     return out
-
-
-# The sensor asks every tick: each file state's footer is read once per process.
-@lru_cache(maxsize=65536)
-def _highest_block(path: LakePath, _state: tuple) -> int | None:
-    meta = parquet_metadata(path)
-    col = meta.schema.to_arrow_schema().get_field_index("number")
-    highs = [meta.row_group(i).column(col).statistics.max for i in range(meta.num_row_groups)
-             if meta.row_group(i).column(col).statistics is not None]
-    return max(highs) if highs else None
 
 
 def history_due(blocks_dir: Path, start_block: int, blocks_per_partition: int, anchor: int) -> list[BlockRange]:
