@@ -92,21 +92,8 @@ class Lake:
     def ensure_schema_file(self, dataset: str, schema: dict[str, pl.DataType]) -> None:
         """An empty, typed, hidden `.schema.parquet`: DuckDB globs match it, so a view over the dataset
         keeps working (with zero rows) when every data file has been compacted or rolled away."""
-        path = self.dir(dataset) / SCHEMA_FILE
-        if not path.is_file():
-            if self.remote:
-                self.staging.mkdir(parents=True, exist_ok=True)
-                tmp = self.staging / f".schema.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-                try:
-                    pl.DataFrame(schema=schema).write_parquet(tmp)
-                    path.fs.put_file(str(tmp), path.path)
-                finally:
-                    tmp.unlink(missing_ok=True)
-                return
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".schema.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-            pl.DataFrame(schema=schema).write_parquet(tmp)
-            os.replace(tmp, path)
+        if not (self.dir(dataset) / SCHEMA_FILE).is_file():
+            self.write(dataset, SCHEMA_FILE.removesuffix(".parquet"), pl.DataFrame(schema=schema))
 
     @property
     def staging(self) -> Path:
