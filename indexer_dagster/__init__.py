@@ -14,16 +14,16 @@ Polars or Dagster until a query API name is touched).
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from indexer_dagster.query import QueryError as QueryError
-    from indexer_dagster.query.api import Indexer as Indexer
-    from indexer_dagster.query.api import connect as connect
+    from indexer_dagster.api import Indexer as Indexer
+    from indexer_dagster.api import QueryError as QueryError
+    from indexer_dagster.api import connect as connect
 
 __all__ = ["Indexer", "QueryError", "connect"]
 
 _LAZY = {
-    "connect": "indexer_dagster.query.api",
-    "Indexer": "indexer_dagster.query.api",
-    "QueryError": "indexer_dagster.query",
+    "connect": "indexer_dagster.api",
+    "Indexer": "indexer_dagster.api",
+    "QueryError": "indexer_dagster.api",
 }
 
 

@@ -66,7 +66,7 @@ def main() -> None:
 @chain_option
 def check(config_path: str | None, chain: str | None) -> None:
     """Validate the config, then check it against the node (reachable, chain id, start block)."""
-    from indexer_dagster.monitor.node import check_against_node
+    from indexer_dagster.chain.node import check_against_node
 
     from indexer_dagster.persist.lake import check_lake
 
@@ -110,7 +110,7 @@ def backfill(config_path: str | None, chain: str | None, from_block: int | None,
 
 def _plan_chain(cfg, from_block: int | None, to_block: int | None) -> tuple[int, int, int]:
     """(head, first, last) of a chain's backfill, after every check that needs no write."""
-    from indexer_dagster.monitor.node import check_against_node
+    from indexer_dagster.chain.node import check_against_node
 
     from indexer_dagster.persist.lake import check_lake
 
@@ -141,11 +141,10 @@ def _backfill_chain(cfg, config_path: str | None, head: int, first: int, last: i
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from indexer_dagster.launch import ensure_dagster_home, register_ranges, run_backfill
-    from indexer_dagster.partitions import ranges_between
+    from indexer_dagster.block_range import ranges_between
     from indexer_dagster.persist.catalog import build_catalog
 
     ranges = ranges_between(first, last, cfg.chain.blocks_per_partition)
-    import dagster as dg
 
     from indexer_dagster.launch import ProfileError
 
@@ -190,7 +189,7 @@ def _backfill_chain(cfg, config_path: str | None, head: int, first: int, last: i
     except StorageError as e:
         raise click.ClickException(str(e)) from None
     if not failures:
-        from indexer_dagster.sync import dex
+        from indexer_dagster.dex import build as dex
 
         if dex.enabled(cfg):
             res = dex.build_dex(cfg)
@@ -307,17 +306,14 @@ def _failed_partitions_fn(cfg):
     home = Path(os.environ.get("DAGSTER_HOME") or cfg.data_dir.parent / ".dagster_home")
     if not (home / "dagster.yaml").is_file():
         return None
-    import dagster as dg
-
-    from indexer_dagster.sensors.freshness import failed_partitions
+    from indexer_dagster.launch import failed_partitions_of
 
     try:
-        instance = dg.DagsterInstance.from_config(str(home))
+        return failed_partitions_of(home)
     except Exception as e:  # noqa: BLE001 - the rest of the status is still worth printing
         click.echo(f"warning: the Dagster instance in {home} is unavailable ({type(e).__name__}); "
                    "failed ranges are not shown", err=True)
         return None
-    return lambda c: failed_partitions(instance, c)
 
 
 @main.command()

@@ -553,9 +553,3 @@ def _load_file(path: str | os.PathLike | None) -> IndexerConfig:
     except OSError as e:
         raise ConfigError(f"{p}: cannot be read ({e.strerror}); check its permissions") from None
     return parse_config(text, p.resolve().parent, str(p))
-
-
-def redact_url(url: str) -> str:
-    """Scheme and host only: RPC paths and query strings often carry API keys."""
-    m = re.match(r"^(https?://)([^/@]*@)?([^/?#]+)", url)
-    return f"{m.group(1)}{m.group(3)}/…" if m else "<rpc url>"

@@ -17,10 +17,10 @@ from pathlib import Path
 import dagster as dg
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
-from indexer_dagster.assets.historical import RANGES_PER_RUN
-from indexer_dagster.assets.partitions import block_ranges
+from indexer_dagster.assets.ranges import RANGES_PER_RUN
+from indexer_dagster.assets.ranges import block_ranges
 from indexer_dagster.config import CHAIN_ENV_VAR, CONFIG_ENV_VAR, IndexerConfig, load_config
-from indexer_dagster.partitions import BlockRange, ranges_between
+from indexer_dagster.block_range import BlockRange, ranges_between
 
 
 DEPLOY_DIR = Path(__file__).resolve().parents[1] / "deploy"
@@ -106,6 +106,14 @@ def open_instance() -> dg.DagsterInstance:
     return instance
 
 
+def failed_partitions_of(home: Path) -> Callable[[IndexerConfig], list[str]]:
+    """For `indexer status`: the range keys whose last historical run failed, from the instance in `home`."""
+    from indexer_dagster.sensors.freshness import failed_partitions
+
+    instance = dg.DagsterInstance.from_config(str(home))
+    return lambda cfg: failed_partitions(instance, cfg)
+
+
 def register_ranges(instance: dg.DagsterInstance, cfg: IndexerConfig, last_block: int) -> list[str]:
     """Add every range key from the config's start block up to `last_block`, in ascending order."""
     parts = block_ranges(cfg.chain.name)
@@ -128,7 +136,7 @@ def register_ranges(instance: dg.DagsterInstance, cfg: IndexerConfig, last_block
 
 
 def rpc_pool(chain: str) -> str:
-    """The concurrency pool of the chain's historical asset (`pool=` in assets/historical.py)."""
+    """The concurrency pool of the chain's historical asset (`pool=` in assets/ranges.py)."""
     return f"rpc_{chain}"
 
 
@@ -165,7 +173,8 @@ def _worker_init(q, config_path: str, chain: str, dagster_home: str) -> None:
 def run_batch(first: str, last: str, instance: dg.DagsterInstance | None = None,
               chain: str | None = None) -> BatchOutcome:
     """Execute one run of the historical job over the ranges first..last (in this or a worker process)."""
-    from indexer_dagster.definitions import build_definitions, historical_job_name
+    from indexer_dagster.definitions import build_definitions
+    from indexer_dagster.jobs.names import historical_job_name
 
     cfg = load_config(os.environ[CONFIG_ENV_VAR], chain)
     job = build_definitions(cfg).resolve_job_def(historical_job_name(cfg.chain.name))

@@ -23,9 +23,9 @@ from indexer_dagster.devnet import Anvil, build_devnet, write_config
 from indexer_dagster.devnet.uniswap import event_topics, generate_traffic
 from indexer_dagster.persist.catalog import build_catalog
 from indexer_dagster.persist.files import data_files
-from indexer_dagster.partitions import parse_key, ranges_between
+from indexer_dagster.block_range import parse_key, ranges_between
 from indexer_dagster.query import query
-from indexer_dagster.reorg.state import open_state
+from indexer_dagster.state import open_state
 from indexer_dagster.sync.historical import sync_range
 from indexer_dagster.sync.supervise import Facts, plan
 from indexer_dagster.sync.supplement import fetch_range, plan_range, ranges_to_supplement

@@ -20,13 +20,14 @@ from indexer_dagster.devnet.uniswap import reorg as anvil_reorg
 from indexer_dagster.health import alerts as A
 from indexer_dagster.health.metrics import render
 from indexer_dagster.health.status import ChainStatus, gather_status
-from indexer_dagster.partitions import ranges_between
-from indexer_dagster.persist.verify_range import CHECKS
-from indexer_dagster.reorg.state import Phase, Reorg, open_state
+from indexer_dagster.block_range import ranges_between
+from indexer_dagster.sync.range_checks import CHECKS
+from indexer_dagster.state import Phase, Reorg, open_state
 from indexer_dagster.resources import IndexerConfigResource
 from indexer_dagster.sensors.alerts import CHECK_FAILURE_SENSOR, RUN_FAILURE_SENSOR, build_alert_sensors
 from indexer_dagster.sensors.freshness import build_freshness_sensor
-from indexer_dagster.sync.historical import rpc_client, sync_range
+from indexer_dagster.chain.rpc import rpc_client
+from indexer_dagster.sync.historical import sync_range
 from indexer_dagster.sync.realtime import Follower
 
 KEY = "SECRETKEY123"

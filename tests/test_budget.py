@@ -14,7 +14,7 @@ import pytest
 import yaml
 from aiohttp import web
 
-from indexer_dagster.monitor.budget import RpcBudget, default_block, endpoint_key
+from indexer_dagster.chain.budget import RpcBudget, default_block, endpoint_key
 from tests.pg_instance import database_for_test
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,7 +90,7 @@ class CountingProxy:
 LOAD = """
 import asyncio, sys, time
 from indexer_dagster.config import load_config
-from indexer_dagster.sync.historical import rpc_client
+from indexer_dagster.chain.rpc import rpc_client
 cfg = load_config(sys.argv[1]); start_at, end_at = float(sys.argv[2]), float(sys.argv[3])
 async def main():
     async with rpc_client(cfg) as rpc:

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from indexer_dagster.config import ConfigError, interpolate_env, parse_config, redact_url
+from indexer_dagster.config import ConfigError, interpolate_env, parse_config
+from indexer_dagster.urls import redact_to_host
 
 PAIR_ABI = Path(__file__).resolve().parents[1] / "node_modules/@uniswap/v2-core/build/UniswapV2Pair.json"
 ADDR = "0x5FbDB2315678afecb367f032d93F642f64180aa3"  # checksummed (anvil's first deployment)
@@ -106,6 +107,6 @@ def test_abi_not_json(tmp_path):
         load(GOOD.replace(str(PAIR_ABI), str(p)))
 
 
-def test_redact_url_hides_keys():
-    assert redact_url("https://eth-mainnet.g.alchemy.com/v2/SECRETKEY") == "https://eth-mainnet.g.alchemy.com/…"
-    assert "SECRET" not in redact_url("https://user:SECRET@host:8545/x?key=SECRET")
+def test_redact_to_host_hides_keys():
+    assert redact_to_host("https://eth-mainnet.g.alchemy.com/v2/SECRETKEY") == "https://eth-mainnet.g.alchemy.com/…"
+    assert "SECRET" not in redact_to_host("https://user:SECRET@host:8545/x?key=SECRET")

@@ -233,7 +233,7 @@ def test_webserver_and_run_worker_killed_during_live_sync_with_reorgs(tmp_path):
     from indexer_dagster.devnet import Anvil, build_devnet, write_config
     from indexer_dagster.devnet.anvil import free_port
     from indexer_dagster.devnet.uniswap import generate_traffic, reorg as anvil_reorg
-    from indexer_dagster.reorg.state import open_state
+    from indexer_dagster.state import open_state
     from tests.test_live_daemon import kill_tree, start_daemon, wait_until_consistent
 
     node = Anvil(chain_id=31337).start()

@@ -5,7 +5,7 @@ import asyncio
 import pytest
 
 from indexer_dagster.reorg.detect import Extend, LocalChain, Reorg, TooDeep, Wait, next_step
-from indexer_dagster.reorg.state import Header
+from indexer_dagster.state import Header
 
 
 def chain(start: int, end: int, fork: str = "a", parent_of_start: str | None = None) -> list[Header]:

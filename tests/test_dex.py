@@ -1,4 +1,4 @@
-"""indexer_dagster.process.dex against plain-Python reference computations (ints, Fractions, loops)."""
+"""indexer_dagster.dex.derive against plain-Python reference computations (ints, Fractions, loops)."""
 
 import math
 import random
@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from indexer_dagster.process import dex
+from indexer_dagster.dex import derive as dex
 
 # --------------------------------------------------------------------------------------------
 # Synthetic decoded tables (same column names and types as the decoder writes)

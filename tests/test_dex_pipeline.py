@@ -8,8 +8,8 @@ from indexer_dagster.config import load_config
 from indexer_dagster.devnet import write_config
 from indexer_dagster.devnet.uniswap import reorg as anvil_reorg
 from indexer_dagster.query import query
-from indexer_dagster.reorg.repair import repair
-from indexer_dagster.sync.dex import build_dex
+from indexer_dagster.sync.repair import repair
+from indexer_dagster.dex.build import build_dex
 from tests.test_reorg import backfill_plain, chain, follow_until_synced, indexed_live  # noqa: F401
 
 pytestmark = pytest.mark.slow
@@ -36,7 +36,7 @@ def dex_frames(cfg) -> dict[str, pl.DataFrame]:
     return out
 
 
-def test_dex_tables_follow_reorgs_and_equal_a_fresh_computation(chain, tmp_path):
+def test_dex_tables_follow_reorgs_and_equal_a_fresh_computation(chain, tmp_path):  # noqa: F811 - the fixture
     node, dep, cfg = chain
     store = indexed_live(cfg, node, dep, blocks=5, txs_per_block=6, seed=71)
     build_dex(cfg)

@@ -19,11 +19,11 @@ from indexer_dagster.devnet.uniswap import (
     GAS, SEL, Deployment, PairInfo, _addr_key, _Automine, _receipts, _send_block, _tx, deploy_uniswap, event_topics,
     generate_traffic, mint_call_tx, reorg as anvil_reorg, transfer_tx,
 )
-from indexer_dagster.partitions import ranges_between
+from indexer_dagster.block_range import ranges_between
 from indexer_dagster.persist.catalog import build_catalog
 from indexer_dagster.query import query
-from indexer_dagster.reorg.repair import repair
-from indexer_dagster.reorg.state import Phase, open_state
+from indexer_dagster.sync.repair import repair
+from indexer_dagster.state import Phase, open_state
 from indexer_dagster.sync.contracts import ContractSet, discover, gaps, stored_children
 from indexer_dagster.sync.historical import sync_range
 from tests.test_historical import node_logs
@@ -283,7 +283,7 @@ def test_adding_a_factory_supplements_stored_ranges_and_a_reorg_archives_the_sup
         cfg = load_config(path)
         complete = [r for r in ranges if r.end <= head]
         assert [plan_range(cfg, r) for r in complete] == [SUPPLEMENT] * len(complete)
-        from indexer_dagster.monitor.rpc import RpcStats
+        from indexer_dagster.chain.rpc import RpcStats
 
         for r in complete:
             supplement_range(cfg, r, RpcStats())
@@ -320,8 +320,8 @@ def test_thousands_of_children_decode_and_show_in_the_views(tmp_path):
     """3,000 children sharing the pair ABI: the registry is derived from the factory's logs, decoding
     keeps each child's events, the views show exactly the registered children (a log of an
     unregistered address is hidden)."""
-    from indexer_dagster.monitor.fetch import LOG_SCHEMA
-    from indexer_dagster.partitions import parse_key
+    from indexer_dagster.persist.datasets import LOG_SCHEMA
+    from indexer_dagster.block_range import parse_key
     from indexer_dagster.persist.lake import Lake
     from indexer_dagster.sync.historical import decode_range
 

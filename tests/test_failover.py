@@ -3,13 +3,12 @@ to the preferred one later, and a backfill whose first endpoint is dead complete
 
 import asyncio
 import socket
-import time
 
 import pytest
 import yaml
 
 from indexer_dagster.config import ConfigError, parse_config
-from indexer_dagster.monitor.rpc import RetryPolicy, RpcClient, RpcStats
+from indexer_dagster.chain.rpc import RetryPolicy, RpcClient, RpcStats
 from tests.conftest import cfg_of
 from tests.test_budget import CountingProxy
 from tests.test_historical import backfill, node_logs, view

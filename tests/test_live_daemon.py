@@ -16,7 +16,7 @@ from indexer_dagster.devnet import Anvil, build_devnet, write_config
 from indexer_dagster.devnet.uniswap import generate_traffic, reorg as anvil_reorg
 from indexer_dagster.persist.catalog import build_catalog
 from indexer_dagster.query import query
-from indexer_dagster.reorg.state import open_state
+from indexer_dagster.state import open_state
 from tests.test_historical import node_logs
 
 pytestmark = pytest.mark.slow

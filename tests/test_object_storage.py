@@ -233,9 +233,9 @@ def test_backfill_live_sync_and_reorg_on_object_storage(s3, tmp_path, monkeypatc
     from tests.test_reorg import assert_views_equal_node, follow_until_synced
     from indexer_dagster.devnet import Anvil, build_devnet, write_config
     from indexer_dagster.devnet.uniswap import generate_traffic, reorg as anvil_reorg
-    from indexer_dagster.reorg.repair import repair
-    from indexer_dagster.reorg.state import Phase, open_state
-    from indexer_dagster.sync.dex import build_dex
+    from indexer_dagster.sync.repair import repair
+    from indexer_dagster.state import Phase, open_state
+    from indexer_dagster.dex.build import build_dex
     from tests.test_dex_pipeline import check_against_chain
 
     node = Anvil(chain_id=31337).start()

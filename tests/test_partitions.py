@@ -2,7 +2,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from indexer_dagster.partitions import BlockRange, parse_key, range_for_block, ranges_between
+from indexer_dagster.block_range import BlockRange, parse_key, range_for_block, ranges_between
 
 
 def test_keys_are_zero_padded_and_sort_like_blocks():

@@ -21,7 +21,7 @@ import pytest
 import indexer_dagster
 from indexer_dagster.persist.catalog import write_views
 from indexer_dagster.query import QueryError
-from indexer_dagster.query.api import Indexer, connect
+from indexer_dagster.api import connect
 
 REPO = Path(__file__).resolve().parents[1]
 PAIR_ABI = REPO / "node_modules/@uniswap/v2-core/build/UniswapV2Pair.json"
@@ -224,7 +224,7 @@ def test_package_import_stays_cheap_and_lazy():
         "import sys, indexer_dagster\n"
         "assert 'duckdb' not in sys.modules and 'polars' not in sys.modules, 'eager import'\n"
         "from indexer_dagster import connect, Indexer, QueryError\n"
-        "assert connect.__module__ == 'indexer_dagster.query.api' and Indexer.__name__ == 'Indexer'\n"
+        "assert connect.__module__ == 'indexer_dagster.api' and Indexer.__name__ == 'Indexer'\n"
         "assert 'dagster' not in sys.modules, 'dagster imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=60)

@@ -4,8 +4,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from indexer_dagster.monitor.errors import RpcErrorInfo, RpcErrorKind, classify_rpc_error
-from indexer_dagster.monitor.ranges import RangeSizer, split_range
+from indexer_dagster.chain.errors import RpcErrorInfo, RpcErrorKind, classify_rpc_error
+from indexer_dagster.chain.spans import RangeSizer, split_range
 
 R = RpcErrorKind.RANGE_TOO_LARGE
 

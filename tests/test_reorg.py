@@ -5,7 +5,6 @@ in the archive under its reorg id, and the ledger must list the reorg with its p
 """
 
 import asyncio
-import os
 import signal
 import subprocess
 import sys
@@ -17,17 +16,17 @@ import pytest
 from indexer_dagster.config import load_config
 from indexer_dagster.devnet import Anvil, build_devnet, write_config
 from indexer_dagster.devnet.uniswap import generate_traffic, reorg as anvil_reorg
-from indexer_dagster.partitions import ranges_between
+from indexer_dagster.block_range import ranges_between
 from indexer_dagster.persist.catalog import build_catalog
 from indexer_dagster.persist.lake import open_lake
-from indexer_dagster.persist.verify_range import CHECKS
+from indexer_dagster.sync.range_checks import CHECKS
 from indexer_dagster.query import query
-from indexer_dagster.reorg.repair import repair
-from indexer_dagster.reorg.state import Phase, open_state
+from indexer_dagster.sync.repair import repair
+from indexer_dagster.state import Phase, open_state
 from indexer_dagster.sync.historical import sync_range
 from indexer_dagster.sync.realtime import ANCHOR, Follower
 from indexer_dagster.sync.supervise import history_due
-from indexer_dagster.sync.historical import rpc_client
+from indexer_dagster.chain.rpc import rpc_client
 from tests.test_historical import node_logs
 
 pytestmark = pytest.mark.slow
@@ -171,7 +170,7 @@ def test_deep_reorg_across_a_partition_boundary_into_confirmed_history(chain):
 def test_a_restored_range_that_fails_its_checks_stays_unconfirmed(chain, monkeypatch):
     """A range the reorg job restores from a node that leaves out a block: the checks after the repair
     record it, so its rows stay unconfirmed and the sensor syncs it again."""
-    import indexer_dagster.reorg.repair as repair_module
+    import indexer_dagster.sync.repair as repair_module
 
     node, dep, cfg = chain
     store = open_state(cfg.state_url)
@@ -224,8 +223,8 @@ CRASHER = textwrap.dedent("""
     import os, signal, sys
     from indexer_dagster.config import load_config
     from indexer_dagster.persist import lake as lake_mod
-    from indexer_dagster.reorg.repair import repair
-    from indexer_dagster.reorg.state import open_state
+    from indexer_dagster.sync.repair import repair
+    from indexer_dagster.state import open_state
     cfg = load_config(sys.argv[1]); reorg_id = int(sys.argv[2]); phase = sys.argv[3]; after = int(sys.argv[4])
     state = {"phase": None, "publishes": 0}
     original = lake_mod.Transaction.publish

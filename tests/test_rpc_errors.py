@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from indexer_dagster.monitor.errors import (
+from indexer_dagster.chain.errors import (
     RpcError,
     RpcErrorInfo,
     RpcErrorKind,

@@ -1,4 +1,4 @@
-"""The durable reorg state (indexer_dagster.reorg.state) on both backends: SQLite and PostgreSQL.
+"""The durable reorg state (indexer_dagster.state) on both backends: SQLite and PostgreSQL.
 
 PostgreSQL runs when INDEXER_TEST_POSTGRES_URL is set (e.g. postgresql://postgres@127.0.0.1:5432/test); it
 is then required (an unreachable server fails the tests). Each PostgreSQL test gets its own schema,
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from indexer_dagster.reorg.state import (
+from indexer_dagster.state import (
     SCHEMA_VERSION,
     Header,
     Phase,
@@ -37,9 +37,9 @@ from indexer_dagster.reorg.state import (
     StaleReorgPhase,
     StateConnectionError,
     open_state,
-    redact_url,
     reorgs_frame,
 )
+from indexer_dagster.urls import redact_password
 
 PG_ENV = "INDEXER_TEST_POSTGRES_URL"
 PG_URL = os.environ.get(PG_ENV) or None
@@ -88,7 +88,7 @@ def pg_admin():
         conn = psycopg2.connect(PG_URL, connect_timeout=5)
     except psycopg2.Error as e:
         msg = str(e).strip()
-        pytest.fail(f"{PG_ENV} is set but PostgreSQL at {redact_url(PG_URL)} is unreachable: {msg}", pytrace=False)
+        pytest.fail(f"{PG_ENV} is set but PostgreSQL at {redact_password(PG_URL)} is unreachable: {msg}", pytrace=False)
     conn.autocommit = True
     yield conn
     conn.close()
@@ -121,7 +121,7 @@ def store(target):
 
 _PRELUDE = """\
 import json, os, signal, sys, time
-from indexer_dagster.reorg.state import Header, Phase, open_state
+from indexer_dagster.state import Header, Phase, open_state
 url, schema, chain = json.loads(sys.argv[1])
 store = open_state(url, schema=schema)
 def h(n, fork=0):
@@ -674,9 +674,9 @@ def test_postgres_errors_never_contain_the_password():
             open_state(url)
         text = "".join(traceback.format_exception(ei.value)) + repr(ei.value)
         assert secret not in text and "***" in text and "127.0.0.1" in text
-    redacted = redact_url(f"postgresql://u:{secret}@h/db?password={secret}&x=1")
+    redacted = redact_password(f"postgresql://u:{secret}@h/db?password={secret}&x=1")
     assert redacted == "postgresql://u:***@h/db?password=***&x=1"
-    assert redact_url("postgresql://u@h:5432/db") == "postgresql://u@h:5432/db"
+    assert redact_password("postgresql://u@h:5432/db") == "postgresql://u@h:5432/db"
 
 
 def test_postgres_url_forms_and_schema_isolation(pg_admin):
@@ -706,11 +706,11 @@ def test_forked_child_gets_its_own_connection(store):
     if pid == 0:  # child
         code = 1
         try:
-            from indexer_dagster.reorg import state as state_mod
+            from indexer_dagster.state import store as state_mod
 
             store.put_headers("eth", chain_of(3, 3))
             store.close()
-            for inherited in state_mod._INHERITED:  # what interpreter shutdown may do to them
+            for inherited in state_mod.INHERITED:  # what interpreter shutdown may do to them
                 inherited.close()
             code = 0
         finally:

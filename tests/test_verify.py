@@ -1,4 +1,4 @@
-"""Missing-log detection (monitor/verify.py) on its own: the bloom function against real anvil headers,
+"""Missing-log detection (chain/verify.py) on its own: the bloom function against real anvil headers,
 and the forward/reverse checks and the refetch policy on small frames."""
 
 import asyncio
@@ -7,7 +7,7 @@ from collections import Counter
 import polars as pl
 import pytest
 
-from indexer_dagster.monitor.verify import (
+from indexer_dagster.chain.verify import (
     LogVerifier,
     MissingLogs,
     agree,

@@ -485,17 +485,3 @@ class Anvil:
     def mine(self, blocks: int = 1) -> None:
         self.rpc("anvil_mine", [hex(blocks)])
 
-    def dump_state_to(self, path: str | os.PathLike) -> int:
-        """Write the current state (``anvil_dumpState``, decompressed) to ``path`` in the format
-        ``--load-state`` reads; returns the file size."""
-        import gzip
-
-        raw = self.rpc("anvil_dumpState")
-        data = bytes.fromhex(raw[2:] if raw.startswith("0x") else raw)
-        if data[:2] == b"\x1f\x8b":
-            data = gzip.decompress(data)
-        tmp = f"{os.fspath(path)}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-        return len(data)

@@ -246,10 +246,6 @@ class Deployment:
         return min([self.factory_block, *self.token_blocks])
 
     @property
-    def end_block(self) -> int:
-        return self.seed_block
-
-    @property
     def pair_addresses(self) -> list[str]:
         return [p.address for p in self.pairs]
 

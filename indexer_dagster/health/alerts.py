@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from indexer_dagster.config import AlertsConfig, IndexerConfig, redact_url
+from indexer_dagster.config import AlertsConfig, IndexerConfig
+from indexer_dagster.urls import redact_to_host
 from indexer_dagster.health.logs import get_logger, register_url, scrub
 from indexer_dagster.health.rpc_stats import failures
 
@@ -104,7 +105,7 @@ def send_alert(
                 break
             sleep(random.uniform(0.5, 1.0) * min(max_delay_s, base_delay_s * 2 ** attempt))
         log.error("alert %s not delivered to the webhook %s after %d attempt(s): %s",
-                  alert.kind, redact_url(url), attempt + 1, why)
+                  alert.kind, redact_to_host(url), attempt + 1, why)
         return False
     except Exception as e:  # noqa: BLE001 - alerting must never break its caller
         log.error("alert %s could not be sent: %s", alert.kind, scrub(f"{type(e).__name__}: {e}"))
@@ -114,7 +115,7 @@ def send_alert(
 # --- decisions ----------------------------------------------------------------------------------------------
 
 def deep_reorg_alert(cfg: IndexerConfig, reorg) -> Alert | None:
-    """An alert for a ledger entry (`reorg.state.Reorg`) deeper than `confirmations`, else None."""
+    """An alert for a ledger entry (`state.Reorg`) deeper than `confirmations`, else None."""
     if reorg.depth <= cfg.chain.confirmations:
         return None
     return Alert(

@@ -107,10 +107,6 @@ def bind(**fields) -> None:
     _context.set({**_context.get(), **{k: v for k, v in fields.items() if v is not None}})
 
 
-def current_context() -> dict:
-    return dict(_context.get())
-
-
 class ContextFilter(logging.Filter):
     """Puts the context fields on the record and scrubs secrets from its message and traceback."""
 

@@ -16,17 +16,17 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from indexer_dagster.health.logs import get_logger
-from indexer_dagster.monitor.errors import RpcErrorKind
-from indexer_dagster.monitor.rpc import RpcStats
+from indexer_dagster.chain.errors import RpcErrorKind
+from indexer_dagster.chain.rpc import RpcStats
+from indexer_dagster.persist.datasets import META, RPC_STATS_FILE
 
 log = get_logger(__name__)
-FILE = "rpc_stats.json"
 KINDS = ("requests", "retries", "errors")
 ERROR_KINDS = {k.value for k in RpcErrorKind}
 
 
 def stats_path(data_dir: Path, chain: str) -> Path:
-    return Path(data_dir) / chain / "_meta" / FILE
+    return Path(data_dir) / chain / META / RPC_STATS_FILE
 
 
 def empty() -> dict:
@@ -66,7 +66,7 @@ def record_rpc_stats(data_dir: Path, chain: str, delta: dict) -> bool:
             if delta.get("errors"):
                 data["last_error_at"] = now
                 data["last_error"] = max(delta["errors"].items(), key=lambda kv: kv[1])[0]
-            tmp = p.with_name(f".{FILE}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+            tmp = p.with_name(f".{RPC_STATS_FILE}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
             with open(tmp, "w") as f:
                 json.dump(data, f, sort_keys=True)
                 f.flush()

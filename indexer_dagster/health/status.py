@@ -17,16 +17,16 @@ import polars as pl
 
 from indexer_dagster.config import IndexerConfig
 from indexer_dagster.health.logs import get_logger, register_config, scrub
-from indexer_dagster.health.rpc_stats import error_rate, errors_by_method, read_rpc_stats
-from indexer_dagster.monitor.errors import RpcError, classify_exception
-from indexer_dagster.monitor.rpc import RetryPolicy, RpcClient
-from indexer_dagster.partitions import ranges_between
+from indexer_dagster.health.rpc_stats import error_rate, read_rpc_stats
+from indexer_dagster.chain.errors import RpcError, classify_exception
+from indexer_dagster.chain.rpc import RetryPolicy, rpc_client
+from indexer_dagster.block_range import ranges_between
+from indexer_dagster.persist.datasets import BLOCKS, LOGS, events, live, number_column
 from indexer_dagster.persist.heads import read_head
 from indexer_dagster.persist.files import LakePath, column_span, data_files, scan_parquet
 from indexer_dagster.persist.lake import Lake, open_lake
 
 log = get_logger(__name__)
-LIVE = "live"  # sync.realtime.LIVE (not imported: status must not pull in the sync pipeline)
 STATES = ("done", "partial", "live", "missing", "failed")
 
 
@@ -99,26 +99,25 @@ def _block_time(path: LakePath, number: int) -> int | None:
 
 
 def _rows(cfg: IndexerConfig, lake: Lake) -> dict[str, int]:
-    datasets = ["blocks", "logs", *[f"events/{s.table}" for _, s in cfg.all_specs()]]
+    tables = {BLOCKS: BLOCKS, LOGS: LOGS, **{events(s.table): s.table for _, s in cfg.all_specs()}}
     out = {}
-    for ds in datasets:
+    for dataset, table in tables.items():
         total = 0
-        for d in (lake.dir(ds), lake.dir(f"{LIVE}/{ds}")):
+        for d in (lake.dir(dataset), lake.dir(live(dataset))):
             for p in data_files(d):
                 try:
-                    total += column_span(p, "block_number" if ds != "blocks" else "number")[0]
+                    total += column_span(p, number_column(dataset))[0]
                 except (OSError, ValueError):
                     continue
-        out[ds.removeprefix("events/")] = total
+        out[table] = total
     return out
 
 
 # --- the node ---------------------------------------------------------------------------------------------
 
 async def _probe(cfg: IndexerConfig, timeout_s: float) -> tuple[int, int | None]:
-    urls = getattr(cfg.chain, "endpoints", None) or cfg.chain.rpc_url
-    async with RpcClient(urls, timeout_s=timeout_s, concurrency=1,
-                         retry=RetryPolicy(max_retries=1, base_delay_s=0.2, max_delay_s=1.0)) as rpc:
+    quick = RetryPolicy(max_retries=1, base_delay_s=0.2, max_delay_s=1.0)
+    async with rpc_client(cfg, timeout_s=timeout_s, concurrency=1, retry=quick) as rpc:
         head = int(await rpc.call("eth_blockNumber"), 16)
         block = await rpc.call("eth_getBlockByNumber", [hex(head), False])
     return head, (int(block["timestamp"], 16) if block else None)
@@ -194,10 +193,10 @@ def gather_status(
         st.node_reachable = st.node_error is None
     lake = open_lake(cfg, c.name)
 
-    ranges = _spans(lake.dir("blocks"))
-    live = _spans(lake.dir(f"{LIVE}/blocks"))
+    ranges = _spans(lake.dir(BLOCKS))
+    segments = _spans(lake.dir(live(BLOCKS)))
     coverage = {p.stem: hi for p, (_n, _lo, hi) in ranges.items()}
-    top = max([*ranges.items(), *live.items()], key=lambda kv: kv[1][2], default=None)
+    top = max([*ranges.items(), *segments.items()], key=lambda kv: kv[1][2], default=None)
     if top is not None:
         st.indexed_head = top[1][2]
         st.indexed_head_time = _block_time(top[0], st.indexed_head)
@@ -238,7 +237,7 @@ def gather_status(
 
 
 def _reorgs(cfg: IndexerConfig, st: ChainStatus) -> None:
-    from indexer_dagster.reorg.state import open_state
+    from indexer_dagster.state import open_state
 
     store = open_state(cfg.state_url)
     try:
@@ -258,5 +257,3 @@ def _reorgs(cfg: IndexerConfig, st: ChainStatus) -> None:
         )
 
 
-def rpc_errors_by_method(st: ChainStatus) -> dict[str, int]:
-    return errors_by_method(st.rpc_errors)

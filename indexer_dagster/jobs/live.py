@@ -1,33 +1,21 @@
-"""Live sync and reorg jobs: thin Dagster skins over `sync.realtime` and `reorg.repair`."""
+"""Live sync and reorg jobs: thin Dagster skins over `sync.realtime` and `sync.repair`."""
 
 import time
 
 import dagster as dg
 
-from indexer_dagster.assets.historical import check_asset, check_evaluation
+from indexer_dagster.assets.ranges import check_asset, check_evaluation
 from indexer_dagster.config import IndexerConfig
 from indexer_dagster.health.alerts import deep_reorg_alert, send_alert
 from indexer_dagster.health.logs import bind
+from indexer_dagster.jobs.names import (
+    CHAIN_TAG, LIVE_ROLE, REORG_ROLE, ROLE_TAG, SINGLETON_TAG, live_job_name, reorg_job_name,
+)
 from indexer_dagster.persist.catalog import build_catalog
-from indexer_dagster.reorg.repair import repair
-from indexer_dagster.reorg.state import Phase, open_state
+from indexer_dagster.sync.repair import repair
+from indexer_dagster.state import Phase, open_state
 from indexer_dagster.resources import IndexerConfigResource
 from indexer_dagster.sync.realtime import Follower
-
-LIVE_ROLE = "live"
-REORG_ROLE = "reorg"
-ROLE_TAG = "indexer/role"
-CHAIN_TAG = "indexer/chain"
-SINGLETON_TAG = "indexer/singleton"  # dagster.yaml limits each value to one run at a time
-REORG_ID_TAG = "indexer/reorg_id"
-
-
-def live_job_name(chain: str) -> str:
-    return f"{chain}_live_sync"
-
-
-def reorg_job_name(chain: str) -> str:
-    return f"{chain}_reorg"
 
 
 class FollowConfig(dg.Config):

@@ -24,10 +24,10 @@ import polars as pl
 from filelock import FileLock
 
 from indexer_dagster.config import IndexerConfig
-from indexer_dagster.monitor.fetch import BLOCK_SCHEMA, LOG_SCHEMA
-from indexer_dagster.persist.failed_checks import KEY as FAILED_KEY, SCHEMA as FAILED_SCHEMA, ensure_ledger
-from indexer_dagster.persist.heads import HEAD_DATASET, HEAD_KEY, HEAD_SCHEMA
+from indexer_dagster.persist import datasets as ds
+from indexer_dagster.persist.failed_checks import ensure_ledger
 from indexer_dagster.persist.files import is_remote
+from indexer_dagster.persist.duck_lock import lock_message
 from indexer_dagster.persist.lake import StorageError, open_lake
 
 _DUCK_TYPES = {
@@ -70,10 +70,6 @@ def view_statements(cfg: IndexerConfig) -> dict[str, str]:
     range file is taken from the range file only (the two meet without a duplicate). Orphaned rows
     (moved out by a reorg) are in `orphaned_<dataset>`.
     """
-    from indexer_dagster.reorg.repair import LEDGER_KEY, LEDGER_SCHEMA, ORPHANED
-    from indexer_dagster.sync.dex import DEX, DEX_TABLES
-    from indexer_dagster.sync.realtime import LIVE
-
     d = cfg.lake_root
     chains = [c.chain.name for c in cfg.chains]
     lakes = [open_lake(cfg, chain) for chain in chains]
@@ -92,15 +88,15 @@ def view_statements(cfg: IndexerConfig) -> dict[str, str]:
 
     def meta(key: str, schema: dict) -> str:
         # The chains that have the file (a chain's first range run writes its head, then this catalog).
-        return _source([str(p) for lake in lakes if (p := lake.path(HEAD_DATASET, key)).is_file()], schema)
+        return _source([str(p) for lake in lakes if (p := lake.path(ds.META, key)).is_file()], schema)
 
-    # Ranges whose last checks failed (persist.verify_range): their rows stay unconfirmed.
+    # Ranges whose last checks failed (sync.range_checks): their rows stay unconfirmed.
     for lake in lakes:
         ensure_ledger(lake)
-    views["chain_heads"] = meta(HEAD_KEY, HEAD_SCHEMA)
-    views["failed_checks"] = meta(FAILED_KEY, FAILED_SCHEMA)
-    views["_range_blocks"] = src("blocks", BLOCK_SCHEMA)
-    views["_live_blocks"] = src(f"{LIVE}/blocks", BLOCK_SCHEMA)
+    views["chain_heads"] = meta(ds.HEAD, ds.HEAD_SCHEMA)
+    views["failed_checks"] = meta(ds.FAILED_CHECKS, ds.FAILED_CHECKS_SCHEMA)
+    views["_range_blocks"] = src(ds.BLOCKS, ds.BLOCK_SCHEMA)
+    views["_live_blocks"] = src(ds.live(ds.BLOCKS), ds.BLOCK_SCHEMA)
     # Block numbers that range files hold, above the lowest live block (DuckDB prunes by file statistics).
     views["_range_block_numbers"] = (
         "SELECT chain_id, number FROM _range_blocks "
@@ -108,7 +104,7 @@ def view_statements(cfg: IndexerConfig) -> dict[str, str]:
     )
 
     def merged(dataset: str, schema: dict, number_col: str) -> str:
-        live = src(f"{LIVE}/{dataset}", schema)
+        live = src(ds.live(dataset), schema)
         return (
             f"SELECT * FROM ({src(dataset, schema)}) UNION ALL "
             f"SELECT * FROM ({live}) l WHERE NOT EXISTS (SELECT 1 FROM _range_block_numbers r "
@@ -123,46 +119,40 @@ def view_statements(cfg: IndexerConfig) -> dict[str, str]:
             f"LEFT JOIN chain_heads h ON h.chain_id = x.chain_id"
         )
 
-    orphan_extra = {"reorg_id": pl.Int64, "orphaned_at": pl.Datetime("us", "UTC")}
-    tables = [("blocks", BLOCK_SCHEMA, "number"), ("logs", LOG_SCHEMA, "block_number")]
+    tables = [(ds.BLOCKS, ds.BLOCK_SCHEMA, "number"), (ds.LOGS, ds.LOG_SCHEMA, "block_number")]
     # One view per table across all chains of the config (their files sit under data_dir/<chain>/).
     specs = {spec.table: spec for c in cfg.chains for _, spec in c.all_specs()}
-    tables += [(f"events/{table}", spec.schema(), "block_number") for table, spec in specs.items()]
-    views["_contract_addresses"] = _contract_addresses(cfg, src, LIVE)
+    tables += [(ds.events(table), spec.schema(), "block_number") for table, spec in specs.items()]
+    views["_contract_addresses"] = _contract_addresses(cfg, src)
     contracts_of = {}
     for c in cfg.chains:
         for contract, spec in c.all_specs():
-            contracts_of.setdefault(f"events/{spec.table}", set()).add(contract.name)
+            contracts_of.setdefault(ds.events(spec.table), set()).add(contract.name)
     for dataset, schema, number_col in tables:
         name = dataset.split("/")[-1]
         sql = merged(dataset, schema, number_col)
-        if dataset != "blocks":
+        if dataset != ds.BLOCKS:
             # Only the configured contracts: one removed from the config is hidden, its files kept.
             only = contracts_of.get(dataset)
             which = f" AND c.contract IN ({', '.join(repr(n) for n in sorted(only))})" if only else ""
             sql = (f"SELECT m.* FROM ({sql}) m WHERE EXISTS (SELECT 1 FROM _contract_addresses c "
                    f"WHERE c.chain_id = m.chain_id AND c.address = m.address{which})")
         views[name] = with_status(sql, number_col)
-        views[f"orphaned_{name}"] = src(f"{ORPHANED}/{dataset}", {**schema, **orphan_extra})
-    views["reorgs"] = meta(LEDGER_KEY, LEDGER_SCHEMA)
+        views[f"orphaned_{name}"] = src(ds.orphaned(dataset), {**schema, **ds.ORPHAN_COLUMNS})
+    views["reorgs"] = meta(ds.REORGS, ds.REORGS_SCHEMA)
     # Derived DEX tables (one file per chain and table): a view once the first build wrote them.
-    status_col = {"tokens": None, "pool_state": "last_block", "pool_volume": "last_block",
-                  "pool_candles": "last_block"}
-    for table in DEX_TABLES:
-        files = [str(p) for lake in lakes if (p := lake.path(DEX, table)).is_file()]
+    for table, col in ds.DEX_TABLES.items():
+        files = [str(p) for lake in lakes if (p := lake.path(ds.DEX, table)).is_file()]
         if not files:
             continue
         sql = f"SELECT * FROM {_read(files)}"
-        col = status_col.get(table, "block_number")
         views[table] = with_status(sql, col) if col else sql
     return views
 
 
-def _contract_addresses(cfg: IndexerConfig, src, live: str) -> str:
+def _contract_addresses(cfg: IndexerConfig, src) -> str:
     """(chain_id, contract, address) of every configured contract: the static addresses, and the
     factory children in the lake's child registry (range files and live segments)."""
-    from indexer_dagster.sync.contracts import CHILD_SCHEMA, CHILDREN
-
     static = [f"({c.chain.chain_id}, '{k.name}', '{a}')" for c in cfg.chains for k in c.contracts for a in k.addresses]
     factory = [f"({c.chain.chain_id}, '{k.name}')" for c in cfg.chains for k in c.contracts if k.factory is not None]
     parts = ["SELECT CAST(NULL AS BIGINT) AS chain_id, CAST(NULL AS VARCHAR) AS contract, "
@@ -170,8 +160,8 @@ def _contract_addresses(cfg: IndexerConfig, src, live: str) -> str:
     if static:
         parts.append(f"SELECT * FROM (VALUES {', '.join(static)}) t(chain_id, contract, address)")
     if factory:
-        children = (f"SELECT chain_id, contract, address FROM ({src(CHILDREN, CHILD_SCHEMA)}) UNION ALL "
-                    f"SELECT chain_id, contract, address FROM ({src(f'{live}/{CHILDREN}', CHILD_SCHEMA)})")
+        children = (f"SELECT chain_id, contract, address FROM ({src(ds.CHILDREN, ds.CHILD_SCHEMA)}) UNION ALL "
+                    f"SELECT chain_id, contract, address FROM ({src(ds.live(ds.CHILDREN), ds.CHILD_SCHEMA)})")
         parts.append(f"SELECT DISTINCT ch.chain_id, ch.contract, ch.address FROM ({children}) ch "
                      f"JOIN (VALUES {', '.join(factory)}) f(chain_id, contract) "
                      "ON f.chain_id = ch.chain_id AND f.contract = ch.contract")
@@ -346,3 +336,56 @@ def write_views(target: Path, views: dict[str, str], register=None) -> Path:
         tmp.unlink(missing_ok=True)
         Path(str(tmp) + ".wal").unlink(missing_ok=True)
     return target
+
+
+# -- reading ------------------------------------------------------------------------------------
+
+CATALOG_ALIAS = "indexer_catalog"
+_LOCK_RETRIES = 20
+
+
+class CatalogUnavailable(Exception):
+    """The catalog cannot be opened; the message says why and what to do."""
+
+
+def open_catalog(path: Path) -> duckdb.DuckDBPyConnection:
+    """A private in-memory database with the catalog at `path` attached read-only as `CATALOG_ALIAS`
+    (retrying briefly while another program holds a write lock on it). The one way the indexer opens
+    its catalog for reading: `duckdb.connect(path)` would hand back a process-wide cached instance of an
+    older, renamed-over catalog."""
+    for attempt in range(_LOCK_RETRIES):
+        con = duckdb.connect(":memory:")
+        try:
+            con.execute(f"ATTACH {_literal(str(path))} AS {CATALOG_ALIAS} (READ_ONLY)")
+            con.execute(f"USE {CATALOG_ALIAS}")
+            # Timestamps come back in UTC whatever the machine's zone, and local Parquet files are
+            # never served from a cache (a file replaced by rename must be read afresh).
+            con.execute("SET TimeZone = 'UTC'")
+            con.execute("SET cache_local_files = false")
+            con.execute("SET parquet_metadata_cache = false")
+            attach_lake(con)  # a lake on object storage: its filesystem
+            return con
+        except duckdb.Error as e:
+            con.close()
+            msg = str(e)
+            if isinstance(e, duckdb.IOException) and "lock" in msg.lower() and attempt < _LOCK_RETRIES - 1:
+                time.sleep(0.1)
+                continue
+            if not path.is_file():
+                raise CatalogUnavailable(
+                    f"{path} does not exist yet; run `indexer backfill` (or `indexer catalog`) first"
+                ) from None
+            if "lock" in msg.lower():
+                raise CatalogUnavailable(lock_message(path, msg)) from None
+            raise CatalogUnavailable(f"cannot open {path}: {msg}") from None
+    raise AssertionError("unreachable")
+
+
+def read_views(path: Path, sql: str) -> pl.DataFrame:
+    """The result of `sql` over the catalog's views, for the indexer's own derivations (the DEX tables
+    read the canonical rows the views merge from range files and live segments)."""
+    con = open_catalog(path)
+    try:
+        return retry_on_changed_files(con, lambda: con.sql(sql).pl())
+    finally:
+        con.close()

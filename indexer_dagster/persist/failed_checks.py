@@ -1,6 +1,6 @@
 """The ranges whose last checks failed: `<lake>/<chain>/_meta/failed_checks.parquet`.
 
-A range that fails a check (see `persist.verify_range`) is not trusted: the catalog keeps its rows
+A range that fails a check (see `sync.range_checks`) is not trusted: the catalog keeps its rows
 `unconfirmed` whatever their depth, and the chain-head sensor syncs the range again. The next run
 of the range that passes every check removes its rows here. It lives in the lake (not the state
 store) so the DuckDB views can read it like the chain head, with no second database.
@@ -11,26 +11,16 @@ from collections.abc import Sequence
 
 import polars as pl
 
-from indexer_dagster.partitions import BlockRange
+from indexer_dagster.block_range import BlockRange
+from indexer_dagster.persist.datasets import FAILED_CHECKS, META
+from indexer_dagster.persist.datasets import FAILED_CHECKS_SCHEMA as SCHEMA
 from indexer_dagster.persist.files import LakePath, read_parquet
 from indexer_dagster.persist.lake import Lake
 
-DATASET = "_meta"
-KEY = "failed_checks"
-SCHEMA = {
-    "chain_id": pl.Int64,
-    "chain": pl.String,
-    "range_key": pl.String,
-    "first_block": pl.Int64,
-    "last_block": pl.Int64,
-    "check_name": pl.String,
-    "description": pl.String,
-    "failed_at": pl.Datetime("us", "UTC"),
-}
 
 
 def ledger_path(lake: Lake) -> LakePath:
-    return lake.path(DATASET, KEY)
+    return lake.path(META, FAILED_CHECKS)
 
 
 def read_failed(lake: Lake) -> pl.DataFrame:
@@ -44,7 +34,7 @@ def ensure_ledger(lake: Lake) -> LakePath:
     if not p.is_file():
         with lake.lock(p):
             if not p.is_file():
-                lake.write(DATASET, KEY, pl.DataFrame(schema=SCHEMA))
+                lake.write(META, FAILED_CHECKS, pl.DataFrame(schema=SCHEMA))
     return p
 
 
@@ -79,4 +69,4 @@ def record_range_checks(
               "last_block": r.end, "check_name": n, "description": d, "failed_at": now} for n, d in failed],
             schema={**SCHEMA, "failed_at": pl.Int64},
         ).with_columns(pl.col("failed_at").cast(SCHEMA["failed_at"]))
-        lake.write(DATASET, KEY, pl.concat([kept, new]).sort("range_key", "check_name"))
+        lake.write(META, FAILED_CHECKS, pl.concat([kept, new]).sort("range_key", "check_name"))

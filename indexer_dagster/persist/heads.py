@@ -9,24 +9,14 @@ import time
 
 import polars as pl
 
+from indexer_dagster.persist.datasets import HEAD, HEAD_SCHEMA, META
 from indexer_dagster.persist.files import LakePath, read_parquet
 from indexer_dagster.persist.lake import Lake
 
-HEAD_DATASET = "_meta"
-HEAD_KEY = "head"
-HEAD_SCHEMA = {
-    "chain_id": pl.Int64,
-    "chain": pl.String,
-    "head_number": pl.Int64,
-    "head_hash": pl.String,
-    "confirmations": pl.Int64,
-    "confirmed_through": pl.Int64,
-    "observed_at": pl.Datetime("us", "UTC"),
-}
 
 
 def head_path(lake: Lake) -> LakePath:
-    return lake.path(HEAD_DATASET, HEAD_KEY)
+    return lake.path(META, HEAD)
 
 
 def read_head(lake: Lake) -> dict | None:
@@ -59,5 +49,5 @@ def record_head(
         df = pl.DataFrame([row], schema={**HEAD_SCHEMA, "observed_at": pl.Int64}).with_columns(
             pl.col("observed_at").cast(pl.Datetime("us", "UTC"))
         )
-        lake.write(HEAD_DATASET, HEAD_KEY, df)
+        lake.write(META, HEAD, df)
         return row

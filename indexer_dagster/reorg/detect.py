@@ -14,7 +14,7 @@ No I/O here except through the `NodeView` callbacks, so the logic is unit-tested
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-from indexer_dagster.reorg.state import Header
+from indexer_dagster.state import Header
 
 # Fetches the node's canonical header at a number (None when the node has no such block now).
 FetchHeader = Callable[[int], Awaitable[Header | None]]

@@ -12,11 +12,11 @@ from dagster._core.storage.asset_check_execution_record import AssetCheckExecuti
 from indexer_dagster.config import IndexerConfig
 from indexer_dagster.health.alerts import check_failed_alert, run_failure_alert, send_alert
 from indexer_dagster.health.logs import register_config, scrub
+from indexer_dagster.jobs.names import CHAIN_TAG
 from indexer_dagster.resources import IndexerConfigResource
 
 RUN_FAILURE_SENSOR = "indexer_run_failure_alerts"
 CHECK_FAILURE_SENSOR = "indexer_check_failure_alerts"
-CHAIN_TAG = "indexer/chain"  # jobs.live.CHAIN_TAG
 FIRST_LOOKBACK_S = 3600       # a new check sensor reports failures of the last hour, not all history
 MAX_EVENTS_PER_TICK = 50      # per check
 

@@ -5,15 +5,17 @@ import time
 import dagster as dg
 
 from indexer_dagster.config import IndexerConfig
-from indexer_dagster.jobs.live import (
-    CHAIN_TAG, REORG_ID_TAG, ROLE_TAG, LIVE_ROLE, REORG_ROLE, ReorgConfig, live_job_name, reorg_job_name,
+from indexer_dagster.jobs.live import ReorgConfig
+from indexer_dagster.jobs.names import (
+    CHAIN_TAG, LIVE_ROLE, REORG_ID_TAG, REORG_ROLE, ROLE_TAG, live_job_name, reorg_job_name,
 )
-from indexer_dagster.partitions import range_for_block
+from indexer_dagster.block_range import range_for_block
 from indexer_dagster.persist.failed_checks import failed_ranges
 from indexer_dagster.persist.lake import open_lake
-from indexer_dagster.reorg.state import open_state
+from indexer_dagster.state import open_state
 from indexer_dagster.resources import IndexerConfigResource
-from indexer_dagster.sync.realtime import ANCHOR, follower_alive, lease_held, live_segments, range_lease
+from indexer_dagster.persist.datasets import BLOCKS, live_segments
+from indexer_dagster.sync.realtime import ANCHOR, follower_alive, lease_held, range_lease
 from indexer_dagster.sync.supplement import ranges_to_supplement
 from indexer_dagster.sync.supervise import Facts, plan, range_coverage
 
@@ -57,7 +59,7 @@ def build_chain_head_sensor(
     def chain_head(context: dg.SensorEvaluationContext, indexer: IndexerConfigResource):
         import asyncio
 
-        from indexer_dagster.sync.historical import rpc_client
+        from indexer_dagster.chain.rpc import rpc_client
 
         cfg = indexer.for_chain(chain)
         instance = context.instance
@@ -91,7 +93,7 @@ def build_chain_head_sensor(
         reorg_runs = _runs(instance, chain, REORG_ROLE, extra={REORG_ID_TAG: str(active.id)}) if active else []
         lake = open_lake(cfg, chain)
         seg_ranges = frozenset(
-            range_for_block(first, cfg.chain.blocks_per_partition).key for first, _l, _p in live_segments(lake, "blocks")
+            range_for_block(first, cfg.chain.blocks_per_partition).key for first, _l, _p in live_segments(lake, BLOCKS)
         )
         running = frozenset(
             r.tags.get("dagster/partition") for r in instance.get_runs(

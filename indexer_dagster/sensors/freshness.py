@@ -13,7 +13,8 @@ from indexer_dagster.config import IndexerConfig
 from indexer_dagster.health.alerts import WatchState, send_alert, watch
 from indexer_dagster.health.logs import get_logger, log_context, register_config, scrub
 from indexer_dagster.health.status import gather_status
-from indexer_dagster.partitions import parse_key, ranges_between
+from indexer_dagster.jobs.names import historical_job_name
+from indexer_dagster.block_range import parse_key, ranges_between
 from indexer_dagster.resources import IndexerConfigResource
 
 log = get_logger(__name__)
@@ -40,7 +41,6 @@ def run_partitions(tags: dict, width: int) -> list[str]:
 
 def failed_partitions(instance: dg.DagsterInstance, cfg: IndexerConfig, limit: int = 1000) -> list[str]:
     """Range keys whose latest finished historical run failed (a later success or a file clears them)."""
-    from indexer_dagster.definitions import historical_job_name  # the definitions import this module
 
     runs = instance.get_runs(
         dg.RunsFilter(job_name=historical_job_name(cfg.chain.name), statuses=FINISHED), limit=limit)  # newest first

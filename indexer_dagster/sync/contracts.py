@@ -5,7 +5,7 @@ address the factory's creation event names is one of its instances ("children"),
 block it was created in. The child registry is a lake dataset, `children`, written beside `logs`
 in the same transaction (range files and live segments alike) and derived from the factory's own
 logs in that file; so it is always of the same fork as the logs, a reorg archives it with the other
-datasets (reorg.repair rolls back every dataset of `sync.realtime.live_datasets`), and the new fork
+datasets (sync.repair rolls back every dataset of `persist.datasets.live_datasets`), and the new fork
 re-creates it.
 
 Before a range is fetched, `resolve_range` reads the registry and scans the factory's creation
@@ -25,24 +25,14 @@ from functools import lru_cache
 import polars as pl
 
 from indexer_dagster.config import IndexerConfig
-from indexer_dagster.monitor.errors import RpcError, RpcErrorKind
-from indexer_dagster.monitor.fetch import parse_logs_body
-from indexer_dagster.monitor.rpc import RpcClient
+from indexer_dagster.chain.errors import RpcError, RpcErrorKind
+from indexer_dagster.chain.fetch import parse_logs_body
+from indexer_dagster.chain.rpc import RpcClient
 from indexer_dagster.parse.decode import decode_logs
 from indexer_dagster.persist.files import data_files, file_state, parquet_metadata, read_parquet, scan_parquet
+from indexer_dagster.persist.datasets import CHILD_SCHEMA, CHILDREN, LIVE
 from indexer_dagster.persist.lake import Lake, open_lake
 
-CHILDREN = "children"
-CHILD_SCHEMA = {
-    "chain_id": pl.Int64,
-    "block_number": pl.Int64,  # the creation block: the child's logs count from here
-    "block_hash": pl.String,
-    "transaction_hash": pl.String,
-    "log_index": pl.Int64,
-    "contract": pl.String,  # the configured (child) contract name
-    "factory": pl.String,  # the factory address that created it
-    "address": pl.String,  # the child
-}
 # Blocks per eth_getLogs of a discovery scan (one address + one topic: sparse); halved on "too large".
 _SCAN_SPAN = 100_000
 
@@ -91,7 +81,6 @@ def _dedupe(children: pl.DataFrame) -> pl.DataFrame:
 
 def stored_children(cfg: IndexerConfig) -> pl.DataFrame:
     """The registry: every child in the lake's `children` range files and live segments."""
-    from indexer_dagster.sync.realtime import LIVE
 
     lake = open_lake(cfg)
     files = lake.files(CHILDREN) + lake.files(f"{LIVE}/{CHILDREN}")
@@ -114,7 +103,6 @@ def covered_intervals(cfg: IndexerConfig) -> list[tuple[int, int]]:
     """Block intervals whose creation events the registry holds: ranges and live segments whose
     `children` files were written for every configured factory rule (a range's span is that of its
     `blocks` file)."""
-    from indexer_dagster.sync.realtime import LIVE
 
     lake = open_lake(cfg)
     rules = set(wanted_coverage(cfg)["factories"])

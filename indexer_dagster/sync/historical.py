@@ -1,4 +1,4 @@
-"""Historical sync of one block range: monitor (fetch) → parse (decode) → persist (Parquet), in one pass.
+"""Historical sync of one block range: chain (fetch) → parse (decode) → persist (Parquet), in one pass.
 
 Plain functions, no Dagster: the assets in `indexer_dagster.assets` call these and report what they
 return. Re-running a range rewrites its files with the same rows; a killed run leaves the previous
@@ -14,21 +14,23 @@ from typing import Any
 
 import polars as pl
 
-from indexer_dagster.config import IndexerConfig, redact_url
+from indexer_dagster.config import IndexerConfig
+from indexer_dagster.urls import redact_to_host
 from indexer_dagster.health.logs import get_logger, log_context, register_config
 from indexer_dagster.health.rpc_stats import RpcStatsRecorder
-from indexer_dagster.monitor.fetch import BLOCK_SCHEMA, LOG_SCHEMA, Chunk, ForkChanged, RangeFetcher
-from indexer_dagster.monitor.ranges import RangeSizer
-from indexer_dagster.monitor.rpc import RetryPolicy, RpcClient, RpcStats
-from indexer_dagster.monitor.verify import verifier_for
+from indexer_dagster.chain.fetch import Chunk, ForkChanged, RangeFetcher
+from indexer_dagster.persist.datasets import BLOCK_SCHEMA, CHILD_SCHEMA, CHILDREN, LOG_SCHEMA, live_datasets, live_segments
+from indexer_dagster.chain.spans import RangeSizer
+from indexer_dagster.chain.rpc import RpcClient, RpcStats, rpc_client
+from indexer_dagster.chain.verify import verifier_for
 from indexer_dagster.parse.decode import decode_logs
-from indexer_dagster.partitions import BlockRange
+from indexer_dagster.block_range import BlockRange
 from indexer_dagster.persist.heads import record_head
 from indexer_dagster.persist.files import open_parquet
 from indexer_dagster.persist.lake import Lake, Transaction, open_lake
-from indexer_dagster.reorg.state import open_state
+from indexer_dagster.state import open_state
 from indexer_dagster.sync.contracts import (
-    CHILD_SCHEMA, CHILDREN, ContractSet, coverage_metadata, discover, empty_children, has_factories, key_files,
+    ContractSet, coverage_metadata, discover, empty_children, has_factories, key_files,
     resolve_range, stored_children, wanted_coverage,
 )
 
@@ -70,23 +72,6 @@ class RangeResult:
     @property
     def complete(self) -> bool:
         return self.to_block == self.range.end
-
-
-def rpc_client(cfg: IndexerConfig, stats: RpcStats | None = None) -> RpcClient:
-    """The chain's endpoints with failover, under the shared per-endpoint budget if one is configured."""
-    from indexer_dagster.monitor.budget import RpcBudget
-
-    c = cfg.chain
-    return RpcClient(
-        c.endpoints,
-        timeout_s=c.request_timeout_s,
-        concurrency=c.concurrency,
-        retry=RetryPolicy(max_retries=c.max_retries),
-        stats=stats,
-        budget=RpcBudget(cfg.state_url, c.requests_per_second) if c.requests_per_second else None,
-        failover_after=c.failover_after,
-        failback_after_s=c.failback_after_s,
-    )
 
 
 def _fetcher(cfg: IndexerConfig, rpc: RpcClient, sizer: RangeSizer, contracts: ContractSet, up_to: int) -> RangeFetcher:
@@ -151,7 +136,6 @@ def supplement_files(lake: Lake, key: str, tables: Collection[str]) -> list:
 
 
 def _drop_covered_live_segments(cfg: IndexerConfig, covered: BlockRange) -> None:
-    from indexer_dagster.sync.realtime import live_datasets, live_segments
 
     lake = open_lake(cfg)
     for ds in live_datasets(cfg):
@@ -299,7 +283,7 @@ def sync_range(
     recorder = RpcStatsRecorder(cfg.data_dir, cfg.chain.name, stats)  # durable RPC counters (`indexer status`)
     register_config(cfg)
     with log_context(chain=cfg.chain.name, range=r.key):
-        log.info("range %s: syncing via %s", r.key, redact_url(cfg.chain.rpc_url))
+        log.info("range %s: syncing via %s", r.key, redact_to_host(cfg.chain.rpc_url))
         try:
             res = asyncio.run(_sync(cfg, r, tables, progress or _reporter, stats, guard))
         except Exception as e:

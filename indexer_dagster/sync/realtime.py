@@ -21,27 +21,29 @@ from dataclasses import dataclass, field
 
 import polars as pl
 
-from indexer_dagster.config import IndexerConfig, redact_url
+from indexer_dagster.config import IndexerConfig
+from indexer_dagster.urls import redact_to_host
 from indexer_dagster.health.logs import get_logger, log_context, register_config
 from indexer_dagster.health.rpc_stats import RpcStatsRecorder
-from indexer_dagster.monitor.fetch import (
-    BLOCK_SCHEMA, LOG_SCHEMA, MAX_ADDRESSES_PER_REQUEST, ForkChanged, RangeFetcher, parse_logs_body,
+from indexer_dagster.chain.fetch import (
+    MAX_ADDRESSES_PER_REQUEST, ForkChanged, RangeFetcher, parse_logs_body,
 )
-from indexer_dagster.monitor.rpc import RpcClient, RpcStats
-from indexer_dagster.monitor.verify import LogVerifier, verifier_for
-from indexer_dagster.partitions import ranges_between
+from indexer_dagster.chain.rpc import RpcClient, RpcStats
+from indexer_dagster.chain.verify import LogVerifier, verifier_for
+from indexer_dagster.block_range import ranges_between
+from indexer_dagster.persist.datasets import BLOCK_SCHEMA, BLOCKS, LIVE, LOG_SCHEMA, LOGS, META, HEAD, live, live_datasets, live_segments
 from indexer_dagster.persist.heads import record_head
-from indexer_dagster.persist.files import LakePath, read_parquet
-from indexer_dagster.persist.lake import Lake, open_lake
+from indexer_dagster.persist.files import read_parquet
+from indexer_dagster.persist.lake import open_lake
 from indexer_dagster.reorg.detect import Extend, LocalChain, Reorg, TooDeep, Wait, next_step
-from indexer_dagster.reorg.state import Header, StateStore
+from indexer_dagster.state import Header, StateStore
 from indexer_dagster.sync.contracts import (
-    CHILDREN, ContractSet, coverage_metadata, discover, has_factories, stored_children, wanted_coverage,
+    ContractSet, coverage_metadata, discover, has_factories, stored_children, wanted_coverage,
 )
-from indexer_dagster.sync.historical import Decoder, new_sizer, rpc_client
+from indexer_dagster.chain.rpc import rpc_client
+from indexer_dagster.sync.historical import Decoder, new_sizer
 
 log = get_logger(__name__)
-LIVE = "live"
 _RAW_LOG_COLUMNS = [c for c in LOG_SCHEMA if c != "block_timestamp"]
 CURSOR = "live"
 ANCHOR = "anchor"  # the block the follower was seeded at: range files hold it and everything below
@@ -91,18 +93,6 @@ def lease_held(store: StateStore, name: str) -> bool:
 def follower_alive(store: StateStore, chain: str) -> bool:
     return lease_held(store, follower_lease(chain))
 
-
-def live_segments(lake: Lake, dataset: str) -> list[tuple[int, int, LakePath]]:
-    out = []
-    for p in lake.files(f"{LIVE}/{dataset}"):
-        a, b = p.stem.split("-")
-        out.append((int(a), int(b), p))
-    return sorted(out)
-
-
-def live_datasets(cfg: IndexerConfig) -> list[str]:
-    """Datasets in pipeline order: headers, raw logs, decoded events."""
-    return ["blocks", "logs", CHILDREN, *[f"events/{s.table}" for _, s in cfg.all_specs()]]
 
 
 def header_of(block: dict) -> Header:
@@ -303,7 +293,7 @@ class Follower:
         ancestor, tip = step.ancestor, step.old_tip
         ranges = ranges_between(ancestor.number + 1, max(tip.number, ancestor.number + 1),
                                 self.cfg.chain.blocks_per_partition)
-        head_file = self.lake.path("_meta", "head")
+        head_file = self.lake.path(META, HEAD)
         confirmed_through = None
         if head_file.is_file():
             confirmed_through = read_parquet(head_file)["confirmed_through"][0]
@@ -342,8 +332,8 @@ class Follower:
 
         try:
             with self.lake.transaction(guard) as tx:
-                tx.writer(f"{LIVE}/blocks", key, BLOCK_SCHEMA).write(blocks)
-                tx.writer(f"{LIVE}/logs", key, LOG_SCHEMA, coverage_metadata(wanted_coverage(self.cfg))).write(logs)
+                tx.writer(live(BLOCKS), key, BLOCK_SCHEMA).write(blocks)
+                tx.writer(live(LOGS), key, LOG_SCHEMA, coverage_metadata(wanted_coverage(self.cfg))).write(logs)
                 decoder.open(tx, key, prefix=f"{LIVE}/")
                 decoder.write(logs)
                 decoder.flush()
@@ -384,7 +374,7 @@ class Follower:
                 async with rpc_client(self.cfg, self.stats) as rpc:
                     tip = await self.seed(rpc)
                     self.remove_stale_segments()
-                    log.info("following the head from block %d via %s", tip.number, redact_url(self.cfg.chain.rpc_url))
+                    log.info("following the head from block %d via %s", tip.number, redact_to_host(self.cfg.chain.rpc_url))
                     while not should_stop():
                         res = await self.tick(rpc)
                         stats.ticks += 1

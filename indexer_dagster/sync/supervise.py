@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-from indexer_dagster.partitions import BlockRange, ranges_between
+from indexer_dagster.block_range import BlockRange, ranges_between
 from indexer_dagster.persist.files import LakePath, column_span, data_files
 
 

@@ -23,19 +23,21 @@ from collections.abc import Collection
 import polars as pl
 
 from indexer_dagster.config import IndexerConfig
-from indexer_dagster.monitor.fetch import LOG_SCHEMA, ForkChanged, RangeFetcher
-from indexer_dagster.monitor.rpc import RpcStats
-from indexer_dagster.partitions import BlockRange
+from indexer_dagster.chain.fetch import ForkChanged, RangeFetcher
+from indexer_dagster.persist.datasets import CHILD_SCHEMA, CHILDREN, LIVE, LOG_SCHEMA, live_segments
+from indexer_dagster.chain.rpc import RpcStats
+from indexer_dagster.block_range import BlockRange
 from indexer_dagster.persist.files import file_state, read_parquet
 from indexer_dagster.persist.lake import Lake, open_lake
 from indexer_dagster.sync.contracts import (
-    CHILD_SCHEMA, CHILDREN, block_span, coverage_metadata, discover, file_coverage, fingerprint, has_factories, key_files,
+    block_span, coverage_metadata, discover, file_coverage, fingerprint, has_factories, key_files,
     missing_coverage, resolve_range, stored_coverage, wanted_coverage,
 )
 from indexer_dagster.sync import historical
 from indexer_dagster.sync.historical import (
-    Decoder, RangeResult, commit_guard, decode_range, new_sizer, rpc_client, sync_range,
+    Decoder, RangeResult, commit_guard, decode_range, new_sizer, sync_range,
 )
+from indexer_dagster.chain.rpc import rpc_client
 
 FULL, SUPPLEMENT, DECODE = "full", "supplement", "decode"
 
@@ -90,8 +92,7 @@ def ranges_to_supplement(cfg: IndexerConfig) -> list[str]:
     for): stored ranges lacking them (a run supplements or re-decodes them), and ranges holding live
     segments written before (a run replaces those by a range file fetched with the new config).
     Verdicts are kept per file state, so a sensor tick costs a directory listing once all are known."""
-    from indexer_dagster.partitions import parse_key, range_for_block
-    from indexer_dagster.sync.realtime import LIVE, live_segments
+    from indexer_dagster.block_range import parse_key, range_for_block
 
     lake = open_lake(cfg)
     wanted = wanted_coverage(cfg)

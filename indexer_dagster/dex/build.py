@@ -14,17 +14,16 @@ from dataclasses import dataclass, field
 import polars as pl
 
 from indexer_dagster.config import IndexerConfig
-from indexer_dagster.monitor.fetch import ForkChanged
-from indexer_dagster.monitor.tokens import TOKEN_SCHEMA, pair_tokens, token_metadata
-from indexer_dagster.persist.catalog import build_catalog
+from indexer_dagster.chain.fetch import ForkChanged
+from indexer_dagster.dex.tokens import pair_tokens, token_metadata
+from indexer_dagster.persist.datasets import CANDLE_INTERVALS, DEX, POOL_SCHEMA, TOKEN_SCHEMA, VOLUME_INTERVALS
+from indexer_dagster.persist.catalog import build_catalog, read_views
 from indexer_dagster.persist.files import read_parquet
 from indexer_dagster.persist.lake import Lake, open_lake
-from indexer_dagster.process import dex
-from indexer_dagster.query import query
-from indexer_dagster.reorg.state import open_state
-from indexer_dagster.sync.historical import rpc_client
+from indexer_dagster.dex import derive as dex
+from indexer_dagster.state import open_state
+from indexer_dagster.chain.rpc import rpc_client
 
-DEX = "dex"
 # The Uniswap V2 events the DEX tables are derived from, by canonical signature (any contract name).
 UNISWAP_V2 = {
     "swap": "Swap(address,uint256,uint256,uint256,uint256,address)",
@@ -33,15 +32,6 @@ UNISWAP_V2 = {
     "burn": "Burn(address,uint256,uint256,address)",
     "pair_created": "PairCreated(address,address,address,uint256)",
 }
-DEX_TABLES = ["pools", "tokens", "swaps", "pool_reserves", "pool_state", "liquidity_events", "pool_volume",
-              "pool_candles"]
-VOLUME_INTERVALS = ("1h", "1d")
-POOL_SCHEMA = {
-    "chain_id": pl.Int64, "pool": pl.String, "token0": pl.String, "token1": pl.String, "factory": pl.String,
-    "pair_index": pl.Int64, "created_block": pl.Int64, "created_timestamp": pl.Datetime("us", "UTC"),
-    "block_number": pl.Int64, "log_index": pl.Int64, "transaction_hash": pl.String,
-}
-CANDLE_INTERVALS = ("1m", "1h")
 
 
 @dataclass
@@ -73,7 +63,7 @@ def _read(cfg: IndexerConfig, tables: list[str]) -> pl.DataFrame | None:
     sql = " UNION ALL ".join(
         f'SELECT * EXCLUDE (status) FROM "{t}" WHERE chain_id = {int(cfg.chain.chain_id)}' for t in tables
     )
-    return query(cfg.duckdb_path, sql)
+    return read_views(cfg.duckdb_path, sql)
 
 
 def _with_interval(frames: dict[str, pl.DataFrame]) -> pl.DataFrame:

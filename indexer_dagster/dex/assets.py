@@ -1,15 +1,16 @@
 """DEX assets (group `dex`): swaps, reserves, pool state, liquidity, volume, candles, pools, tokens.
 
-One multi-asset recomputes them together from the canonical decoded events (`sync.dex`); the
+One multi-asset recomputes them together from the canonical decoded events (`dex.build`); the
 chain-head sensor requests it after the indexed tip moves or a reorg is repaired, one run at a time.
 """
 
 import dagster as dg
 
 from indexer_dagster.config import IndexerConfig
-from indexer_dagster.reorg.state import open_state
+from indexer_dagster.state import open_state
 from indexer_dagster.resources import IndexerConfigResource
-from indexer_dagster.sync.dex import DEX_TABLES, build_dex, source_tables
+from indexer_dagster.dex.build import build_dex, source_tables
+from indexer_dagster.persist.datasets import DEX_TABLES
 
 DESCRIPTIONS = {
     "pools": "Uniswap V2 pools (PairCreated, or token0()/token1() of configured pairs).",
@@ -21,10 +22,6 @@ DESCRIPTIONS = {
     "pool_volume": "Volume and swap count per pool per hour (`1h`) and day (`1d`).",
     "pool_candles": "OHLC execution price and volume per pool per minute (`1m`) and hour (`1h`).",
 }
-
-
-def dex_job_name(chain: str) -> str:
-    return f"{chain}_dex"
 
 
 def dex_lease(chain: str) -> str:

@@ -18,8 +18,9 @@ from typing import Any
 import aiohttp
 import orjson
 
-from indexer_dagster.monitor.budget import endpoint_key
-from indexer_dagster.monitor.errors import (
+from indexer_dagster.config import IndexerConfig
+from indexer_dagster.chain.budget import RpcBudget, endpoint_key
+from indexer_dagster.chain.errors import (
     RpcError,
     RpcErrorInfo,
     RpcErrorKind,
@@ -311,3 +312,26 @@ def call_sync(url: str | Sequence[str], method: str, params: Sequence[Any] = (),
     except Exception as e:  # noqa: BLE001 - classified, never with the URL
         raise RpcError(classify_exception(e), method=method) from None
     return RpcClient._result(body)
+
+
+def rpc_client(
+    cfg: IndexerConfig,
+    stats: RpcStats | None = None,
+    *,
+    timeout_s: float | None = None,
+    concurrency: int | None = None,
+    retry: RetryPolicy | None = None,
+) -> RpcClient:
+    """The chain's endpoints with failover, under the shared per-endpoint budget if one is configured;
+    the keyword arguments override the config's (a quick probe wants a short timeout, few retries)."""
+    c = cfg.chain
+    return RpcClient(
+        c.endpoints,
+        timeout_s=c.request_timeout_s if timeout_s is None else timeout_s,
+        concurrency=c.concurrency if concurrency is None else concurrency,
+        retry=retry or RetryPolicy(max_retries=c.max_retries),
+        stats=stats,
+        budget=RpcBudget(cfg.state_url, c.requests_per_second) if c.requests_per_second else None,
+        failover_after=c.failover_after,
+        failback_after_s=c.failback_after_s,
+    )

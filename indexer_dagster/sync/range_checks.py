@@ -27,7 +27,7 @@ from typing import Any
 import polars as pl
 
 from indexer_dagster.config import IndexerConfig
-from indexer_dagster.partitions import BlockRange, range_for_block
+from indexer_dagster.block_range import BlockRange, range_for_block
 from indexer_dagster.persist.files import read_parquet
 from indexer_dagster.persist.lake import Lake, open_lake
 
@@ -154,8 +154,8 @@ def check_parent_chain(blocks: pl.DataFrame, previous: dict | None) -> CheckResu
 
 async def _node_logs(cfg: IndexerConfig, hashes: dict[int, str]) -> dict[int, list[int] | str]:
     """Log indexes per sampled block from the node (by block hash), or an error text."""
-    from indexer_dagster.monitor.errors import RpcError
-    from indexer_dagster.sync.historical import rpc_client
+    from indexer_dagster.chain.errors import RpcError
+    from indexer_dagster.chain.rpc import rpc_client
 
     from indexer_dagster.sync.contracts import ContractSet, has_factories, stored_children
 

@@ -16,34 +16,13 @@ from dataclasses import dataclass
 import orjson
 import polars as pl
 
-from indexer_dagster.monitor.errors import RpcError, RpcErrorKind
-from indexer_dagster.monitor.ranges import RangeSizer
-from indexer_dagster.monitor.rpc import RpcClient
-from indexer_dagster.monitor.verify import LogVerifier, agree, parse_bloom, reconcile
+from indexer_dagster.chain.errors import RpcError, RpcErrorKind
+from indexer_dagster.chain.spans import RangeSizer
+from indexer_dagster.chain.rpc import RpcClient
+from indexer_dagster.chain.verify import LogVerifier, agree, parse_bloom, reconcile
+from indexer_dagster.persist.datasets import BLOCK_SCHEMA, LOG_SCHEMA
 
-BLOCK_SCHEMA = {
-    "chain_id": pl.Int64,
-    "number": pl.Int64,
-    "hash": pl.String,
-    "parent_hash": pl.String,
-    "timestamp": pl.Datetime("us", "UTC"),
-}
 
-LOG_SCHEMA = {
-    "chain_id": pl.Int64,
-    "block_number": pl.Int64,
-    "block_hash": pl.String,
-    "block_timestamp": pl.Datetime("us", "UTC"),
-    "transaction_hash": pl.String,
-    "transaction_index": pl.Int64,
-    "log_index": pl.Int64,
-    "address": pl.String,
-    "topic0": pl.String,
-    "topic1": pl.String,
-    "topic2": pl.String,
-    "topic3": pl.String,
-    "data": pl.String,
-}
 
 MAX_ADDRESSES_PER_REQUEST = 500
 _CHUNK_ATTEMPTS = 5

@@ -1,4 +1,4 @@
-"""Historical-sync assets: per block range, `blocks` + `logs`, and one decoded table per event.
+"""Historical-sync assets over one dynamic partition per block range: per range, `blocks` + `logs`, and one decoded table per event.
 
 One multi-asset, so a range is fetched once and decoded while it streams to Parquet; the decoded
 tables still depend on `logs` in the asset graph. Selecting only decoded tables (e.g. an event
@@ -11,13 +11,13 @@ import dagster as dg
 
 from indexer_dagster.config import IndexerConfig
 from indexer_dagster.health.logs import bind
-from indexer_dagster.monitor.rpc import RpcStats
-from indexer_dagster.partitions import parse_key
+from indexer_dagster.chain.rpc import RpcStats
+from indexer_dagster.block_range import parse_key
 from indexer_dagster.persist.catalog import build_catalog
 from indexer_dagster.persist.lake import storage_problem
-from indexer_dagster.persist.verify_range import CHECKS, CheckResult, verify_and_record
+from indexer_dagster.sync.range_checks import CHECKS, CheckResult, verify_and_record
 from indexer_dagster.resources import IndexerConfigResource
-from indexer_dagster.reorg.state import open_state
+from indexer_dagster.state import open_state
 from indexer_dagster.sync.historical import decode_range
 from indexer_dagster.sync.supplement import fetch_range
 from indexer_dagster.sync.realtime import range_lease
@@ -26,6 +26,11 @@ RANGES_PER_RUN = 8
 # Transient failures are retried inside the RPC client; this retries what escapes it (e.g. a node
 # restart), with Dagster's own backoff and jitter.
 RETRY = dg.RetryPolicy(max_retries=3, delay=5, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS)
+
+
+def block_ranges(chain: str) -> dg.DynamicPartitionsDefinition:
+    """The chain's block-range partitions (keys from `indexer_dagster.block_range`)."""
+    return dg.DynamicPartitionsDefinition(name=f"{chain}_block_ranges")
 
 
 def raw_keys(chain: str) -> tuple[dg.AssetKey, dg.AssetKey]:
@@ -51,7 +56,7 @@ def build_historical_assets(cfg: IndexerConfig, partitions_def: dg.PartitionsDef
         ],
     ]
 
-    # Checks of every range written (persist.verify_range); a failing range stays unconfirmed and is synced again.
+    # Checks of every range written (sync.range_checks); a failing range stays unconfirmed and is synced again.
     check_specs = [
         dg.AssetCheckSpec(name, asset=blocks_key if dataset == "blocks" else logs_key, description=doc)
         for name, (dataset, doc) in CHECKS.items()

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import operator
 
-from indexer_dagster.monitor.errors import RpcErrorInfo
+from indexer_dagster.chain.errors import RpcErrorInfo
 
 __all__ = ["RangeSizer", "split_range"]
 

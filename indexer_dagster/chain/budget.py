@@ -23,7 +23,7 @@ import threading
 import time
 from pathlib import Path
 
-from indexer_dagster.reorg.state import _is_postgres_url, _libpq_url, redact_url
+from indexer_dagster.urls import is_postgres_url, libpq_url, redact_password
 
 TABLE = "indexer_rpc_budget"
 
@@ -78,9 +78,9 @@ class _Postgres(_Backend):
         import psycopg2
 
         try:
-            self.conn = psycopg2.connect(_libpq_url(url), connect_timeout=10, application_name="indexer_dagster.budget")
+            self.conn = psycopg2.connect(libpq_url(url), connect_timeout=10, application_name="indexer_dagster.budget")
         except psycopg2.Error as e:
-            raise ConnectionError(f"cannot connect to the state database {redact_url(url)} for the RPC budget: "
+            raise ConnectionError(f"cannot connect to the state database {redact_password(url)} for the RPC budget: "
                                   f"{type(e).__name__}") from None
         self.conn.autocommit = True
         with self.conn.cursor() as cur:
@@ -133,7 +133,7 @@ class RpcBudget:
         if self._backend is None or self._pid != os.getpid():  # a forked child opens its own connection
             self._pid = os.getpid()
             s = self.state_url
-            self._backend = _Postgres(s) if _is_postgres_url(s) else _Sqlite(s)
+            self._backend = _Postgres(s) if is_postgres_url(s) else _Sqlite(s)
         return self._backend
 
     def _take_local(self, key: str) -> float | None:

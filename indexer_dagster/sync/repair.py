@@ -1,6 +1,6 @@
 """The reorg protocol: suspend, roll back, restore — each step idempotent, resumable from its phase.
 
-The ledger row (`reorg.state.Reorg`) is the durable reorg context: it is written before anything
+The ledger row (`state.Reorg`) is the durable reorg context: it is written before anything
 is touched and its phase is advanced only after a step has completed, so a run killed at any point
 is finished by the next run from the recorded phase, with the same end state.
 
@@ -27,21 +27,22 @@ from pathlib import Path
 import polars as pl
 
 from indexer_dagster.config import IndexerConfig
-from indexer_dagster.monitor.fetch import BLOCK_SCHEMA, LOG_SCHEMA, ForkChanged
-from indexer_dagster.monitor.rpc import call_sync
-from indexer_dagster.partitions import BlockRange, parse_key
+from indexer_dagster.chain.fetch import ForkChanged
+from indexer_dagster.persist.datasets import BLOCK_SCHEMA, LIVE, LOG_SCHEMA, META, ORPHAN_COLUMNS, ORPHANED, REORGS, REORGS_SCHEMA
+from indexer_dagster.chain.rpc import call_sync
+from indexer_dagster.block_range import BlockRange, parse_key
 from indexer_dagster.persist.heads import record_head
 from indexer_dagster.persist.files import read_parquet, scan_parquet
 from indexer_dagster.persist.lake import Lake, open_lake
-from indexer_dagster.persist.verify_range import CheckResult, verify_and_record
+from indexer_dagster.sync.range_checks import CheckResult, verify_and_record
 from indexer_dagster.reorg.detect import LocalChain, find_ancestor
-from indexer_dagster.reorg.state import Header, Phase, Reorg, StateStore
+from indexer_dagster.state import Header, Phase, Reorg, StateStore
 from indexer_dagster.sync.contracts import coverage_metadata, wanted_coverage
-from indexer_dagster.sync.historical import Decoder, new_sizer, rpc_client, sync_range
-from indexer_dagster.sync.realtime import LIVE, CURSOR, Follower, live_datasets
+from indexer_dagster.chain.rpc import rpc_client
+from indexer_dagster.sync.historical import Decoder, sync_range
+from indexer_dagster.persist.datasets import live_datasets
+from indexer_dagster.sync.realtime import CURSOR, Follower
 
-ORPHANED = "orphaned"
-LEDGER_KEY = "reorgs"
 
 
 class ReorgAborted(RuntimeError):
@@ -53,7 +54,7 @@ class RepairResult:
     reorg: Reorg
     restored_partitions: list[str] = field(default_factory=list)
     archived: dict[str, int] = field(default_factory=dict)
-    # The range checks of each restored range (persist.verify_range), run once the reorg is done.
+    # The range checks of each restored range (sync.range_checks), run once the reorg is done.
     checks: dict[str, list[CheckResult]] = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -112,8 +113,8 @@ def roll_back(cfg: IndexerConfig, store: StateStore, reorg: Reorg) -> dict[str, 
             with lake.transaction() as tx:
                 if not lake.exists(archive_ds, key):
                     stamped = orphans.with_columns(
-                        pl.lit(reorg.id, pl.Int64).alias("reorg_id"),
-                        pl.lit(orphaned_at).cast(pl.Datetime("us", "UTC")).alias("orphaned_at"),
+                        pl.lit(reorg.id, ORPHAN_COLUMNS["reorg_id"]).alias("reorg_id"),
+                        pl.lit(orphaned_at).cast(ORPHAN_COLUMNS["orphaned_at"]).alias("orphaned_at"),
                     )
                     tx.writer(archive_ds, key, dict(stamped.schema)).write(stamped)
                 kept = df.filter(pl.col(col) <= ancestor)
@@ -257,17 +258,9 @@ def _highest_range_block(lake: Lake) -> int:
 def export_ledger(cfg: IndexerConfig, store: StateStore) -> None:
     """Write the ledger to `<chain>/_meta/reorgs.parquet`, which the `reorgs` view reads."""
     lake = open_lake(cfg)
-    lake.write("_meta", LEDGER_KEY, ledger_frame(store.list_reorgs(cfg.chain.name)))
+    lake.write(META, REORGS, ledger_frame(store.list_reorgs(cfg.chain.name)))
 
 
-LEDGER_SCHEMA = {
-    "chain": pl.String, "reorg_id": pl.Int64, "detected_at": pl.Datetime("us", "UTC"),
-    "common_ancestor": pl.Int64, "ancestor_hash": pl.String, "depth": pl.Int64,
-    "old_head": pl.Int64, "old_head_hash": pl.String, "new_head": pl.Int64, "new_head_hash": pl.String,
-    "phase": pl.String, "affected_partitions": pl.String, "rows_archived": pl.Int64,
-    "rows_archived_by_dataset": pl.String, "touched_confirmed": pl.Boolean,
-    "updated_at": pl.Datetime("us", "UTC"), "finished_at": pl.Datetime("us", "UTC"), "note": pl.String,
-}
 
 
 def ledger_frame(reorgs: list[Reorg]) -> pl.DataFrame:
@@ -285,7 +278,7 @@ def ledger_frame(reorgs: list[Reorg]) -> pl.DataFrame:
         }
         for r in reorgs
     ]
-    return pl.DataFrame(rows, schema=LEDGER_SCHEMA)
+    return pl.DataFrame(rows, schema=REORGS_SCHEMA)
 
 
 def repair(

@@ -2,9 +2,10 @@
 
 import asyncio
 
-from indexer_dagster.config import ConfigError, IndexerConfig, redact_url
-from indexer_dagster.monitor.errors import RpcError
-from indexer_dagster.monitor.rpc import RetryPolicy, RpcClient
+from indexer_dagster.config import ConfigError, IndexerConfig
+from indexer_dagster.urls import redact_to_host
+from indexer_dagster.chain.errors import RpcError
+from indexer_dagster.chain.rpc import RetryPolicy, RpcClient
 
 
 async def _probe(url: str) -> tuple[int, int]:
@@ -16,7 +17,7 @@ async def _probe(url: str) -> tuple[int, int]:
 
 
 def _check_endpoint(cfg: IndexerConfig, url: str, key: str) -> int:
-    where = redact_url(url)
+    where = redact_to_host(url)
     try:
         chain_id, head = asyncio.run(_probe(url))
     except RpcError as e:

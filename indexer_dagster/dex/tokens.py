@@ -5,14 +5,14 @@ import asyncio
 import polars as pl
 from eth_abi import decode as abi_decode
 
-from indexer_dagster.monitor.errors import RpcError
-from indexer_dagster.monitor.rpc import RpcClient
+from indexer_dagster.chain.errors import RpcError
+from indexer_dagster.chain.rpc import RpcClient
+from indexer_dagster.persist.datasets import TOKEN_SCHEMA
 
 SYMBOL = "0x95d89b41"    # symbol()
 DECIMALS = "0x313ce567"  # decimals()
 TOKEN0 = "0x0dfe1681"    # token0() of a Uniswap V2 pair
 TOKEN1 = "0xd21220a7"    # token1()
-TOKEN_SCHEMA = {"address": pl.String, "symbol": pl.String, "decimals": pl.Int64}
 
 
 def _symbol(ret: str | None) -> str | None:
