@@ -17,7 +17,7 @@ from indexer_dagster.persist.lake import Lake
 
 DATASET = "_meta"
 KEY = "failed_checks"
-SCHEMA = {
+SCHEMA: dict[str, pl.DataType | type[pl.DataType]] = {
     "chain_id": pl.Int64,
     "chain": pl.String,
     "range_key": pl.String,

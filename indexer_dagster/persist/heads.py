@@ -14,7 +14,7 @@ from indexer_dagster.persist.lake import Lake
 
 HEAD_DATASET = "_meta"
 HEAD_KEY = "head"
-HEAD_SCHEMA = {
+HEAD_SCHEMA: dict[str, pl.DataType | type[pl.DataType]] = {
     "chain_id": pl.Int64,
     "chain": pl.String,
     "head_number": pl.Int64,
