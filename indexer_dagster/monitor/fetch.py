@@ -21,7 +21,7 @@ from indexer_dagster.monitor.ranges import RangeSizer
 from indexer_dagster.monitor.rpc import RpcClient
 from indexer_dagster.monitor.verify import LogVerifier, agree, parse_bloom, reconcile
 
-BLOCK_SCHEMA = {
+BLOCK_SCHEMA: dict[str, pl.DataType | type[pl.DataType]] = {
     "chain_id": pl.Int64,
     "number": pl.Int64,
     "hash": pl.String,
@@ -29,7 +29,7 @@ BLOCK_SCHEMA = {
     "timestamp": pl.Datetime("us", "UTC"),
 }
 
-LOG_SCHEMA = {
+LOG_SCHEMA: dict[str, pl.DataType | type[pl.DataType]] = {
     "chain_id": pl.Int64,
     "block_number": pl.Int64,
     "block_hash": pl.String,
@@ -182,7 +182,7 @@ class RangeFetcher:
         stats = self.rpc.stats.errors
         if self.double:
             first, last = blocks["number"].min(), blocks["number"].max()
-            logs = await agree(again, logs, stats, f"logs of blocks {first}-{last}")
+            logs = await agree(again, logs, stats, f"logs of blocks {first}-{last}")  # type: ignore[str-bytes-safe]  # polars stubs: min/max may be bytes; here Int64
         hashes = dict(zip(blocks["number"].to_list(), blocks["hash"].to_list(), strict=True))
         blooms = {n: parse_bloom(b) for n, b in zip(blocks["number"].to_list(), blocks["logs_bloom"].to_list(), strict=True)}
         return await reconcile(self.verifier, blooms, logs, lambda n: self.logs_by_hash(hashes[n]), stats,
