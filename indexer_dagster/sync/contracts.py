@@ -33,7 +33,7 @@ from indexer_dagster.persist.files import data_files, file_state, parquet_metada
 from indexer_dagster.persist.lake import Lake, open_lake
 
 CHILDREN = "children"
-CHILD_SCHEMA = {
+CHILD_SCHEMA: dict[str, pl.DataType | type[pl.DataType]] = {
     "chain_id": pl.Int64,
     "block_number": pl.Int64,  # the creation block: the child's logs count from here
     "block_hash": pl.String,
@@ -97,7 +97,7 @@ def stored_children(cfg: IndexerConfig) -> pl.DataFrame:
     files = lake.files(CHILDREN) + lake.files(f"{LIVE}/{CHILDREN}")
     if not files:
         return empty_children()
-    return _dedupe(pl.concat([_children_file(p) for p in files], how="vertical_relaxed").cast(CHILD_SCHEMA))
+    return _dedupe(pl.concat([_children_file(p) for p in files], how="vertical_relaxed").cast(CHILD_SCHEMA))  # type: ignore[arg-type]  # polars stubs: Mapping key type is invariant
 
 
 def _children_file(path) -> pl.DataFrame:
@@ -135,7 +135,7 @@ def covered_intervals(cfg: IndexerConfig) -> list[tuple[int, int]]:
         blocks = blocks_files.get(key)
         if blocks is not None and holds_rules(paths):
             lo, hi = block_span(blocks)
-            if lo is not None:
+            if lo is not None and hi is not None:
                 out.append((int(lo), int(hi)))
     for p in data_files(lake.dir(f"{LIVE}/{CHILDREN}")):
         if holds_rules([p]):
