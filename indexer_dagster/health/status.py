@@ -117,6 +117,7 @@ def _rows(cfg: IndexerConfig, lake: Lake) -> dict[str, int]:
 
 async def _probe(cfg: IndexerConfig, timeout_s: float) -> tuple[int, int | None]:
     urls = getattr(cfg.chain, "endpoints", None) or cfg.chain.rpc_url
+    assert urls is not None  # ChainConfig requires rpc_url or rpc_urls
     async with RpcClient(urls, timeout_s=timeout_s, concurrency=1,
                          retry=RetryPolicy(max_retries=1, base_delay_s=0.2, max_delay_s=1.0)) as rpc:
         head = int(await rpc.call("eth_blockNumber"), 16)
