@@ -180,6 +180,7 @@ def _backfill_chain(cfg, config_path: str | None, head: int, first: int, last: i
                 failures.append(outcome)
                 progress.console.print(f"[red]run {outcome.run_id} ({outcome.first}..{outcome.last}) failed: {outcome.error}")
 
+        assert config_path is not None  # the config loaded: --config or $INDEXER_CONFIG (click's envvar) gave it
         run_backfill(instance, cfg, Path(config_path), ranges, workers, on_progress, on_batch)
     instance.dispose()
     from indexer_dagster.persist.lake import StorageError
@@ -251,6 +252,7 @@ def query(config_path: str | None, sql: str, fmt: str, output: str | None) -> No
     except QueryError as e:
         raise click.ClickException(str(e)) from None
     if fmt == "parquet":
+        assert output is not None  # refused above without --output
         try:
             df.write_parquet(output)
         except OSError as e:

@@ -119,7 +119,10 @@ class ChainConfig(_Strict):
     @property
     def endpoints(self) -> list[str]:
         """The RPC endpoints in order of preference."""
-        return list(self.rpc_urls) if self.rpc_urls else [self.rpc_url]
+        if self.rpc_urls:
+            return list(self.rpc_urls)
+        assert self.rpc_url is not None  # _endpoints: one of rpc_url and rpc_urls is given
+        return [self.rpc_url]
 
     @model_validator(mode="after")
     def _spans(self) -> "ChainConfig":

@@ -41,7 +41,7 @@ def _chain_definitions(cfg: IndexerConfig) -> tuple[list, list, list]:
         description="Backfill block ranges: headers and logs, then decoded events (several ranges per run).",
     )
     historical_keys = [*raw_keys(cfg.chain.name), *[dg.AssetKey([cfg.chain.name, s.table]) for _, s in cfg.all_specs()]]
-    live_jobs = build_live_jobs(cfg, historical_keys)
+    live_jobs: list = build_live_jobs(cfg, historical_keys)  # plus the DEX asset job (an unresolved job)
     if dex_enabled(cfg):
         dex_assets = build_dex_assets(cfg)
         assets = [*assets, *dex_assets]
@@ -50,6 +50,7 @@ def _chain_definitions(cfg: IndexerConfig) -> tuple[list, list, list]:
             executor_def=dg.in_process_executor, tags={"indexer/singleton": f"dex-{cfg.chain.name}"},
             description="Recompute the DEX tables from the canonical events.",
         ))
+    assert parts.name is not None  # block_ranges names its partitions
     sensor = build_chain_head_sensor(
         cfg, [historical, *live_jobs], historical_job_name(cfg.chain.name), parts.name,
         dex_job_name(cfg.chain.name) if dex_enabled(cfg) else None,

@@ -117,6 +117,7 @@ def failed_partitions_of(home: Path) -> Callable[[IndexerConfig], list[str]]:
 def register_ranges(instance: dg.DagsterInstance, cfg: IndexerConfig, last_block: int) -> list[str]:
     """Add every range key from the config's start block up to `last_block`, in ascending order."""
     parts = block_ranges(cfg.chain.name)
+    assert parts.name is not None  # block_ranges names its partitions
     keys = [r.key for r in ranges_between(cfg.start_block, last_block, cfg.chain.blocks_per_partition)]
     from sqlalchemy.exc import IntegrityError
 
@@ -230,7 +231,7 @@ def run_backfill(
         return outcomes
     ctx = mp.get_context("spawn")
     q = ctx.Manager().Queue()
-    outcomes: list[BatchOutcome] = []
+    outcomes = []
     with ProcessPoolExecutor(
         max_workers=max(1, workers),
         mp_context=ctx,

@@ -137,6 +137,7 @@ def build_historical_assets(cfg: IndexerConfig, partitions_def: dg.PartitionsDef
         except Exception as e:
             _fail_fast_on_storage(cfg, e)
             raise
+        spec: dg.AssetSpec | dg.AssetCheckSpec  # the loops below go over both kinds
         for spec in specs:  # in spec order, which is topological (raw before decoded)
             if spec.key in selected:
                 yield dg.MaterializeResult(asset_key=spec.key)

@@ -261,9 +261,9 @@ def _find_key(obj: Any, keys: tuple[str, ...], depth: int) -> float | None:
                 return f
     for v in obj.values():
         if isinstance(v, Mapping):
-            f = _find_key(v, keys, depth - 1)
-            if f is not None:
-                return f
+            found = _find_key(v, keys, depth - 1)
+            if found is not None:
+                return found
     return None
 
 

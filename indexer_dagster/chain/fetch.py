@@ -161,7 +161,7 @@ class RangeFetcher:
         stats = self.rpc.stats.errors
         if self.double:
             first, last = blocks["number"].min(), blocks["number"].max()
-            logs = await agree(again, logs, stats, f"logs of blocks {first}-{last}")
+            logs = await agree(again, logs, stats, f"logs of blocks {first}-{last}")  # type: ignore[str-bytes-safe]  # polars stubs: min/max may be bytes; here Int64
         hashes = dict(zip(blocks["number"].to_list(), blocks["hash"].to_list(), strict=True))
         blooms = {n: parse_bloom(b) for n, b in zip(blocks["number"].to_list(), blocks["logs_bloom"].to_list(), strict=True)}
         return await reconcile(self.verifier, blooms, logs, lambda n: self.logs_by_hash(hashes[n]), stats,

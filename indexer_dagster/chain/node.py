@@ -43,6 +43,7 @@ def check_against_node(cfg: IndexerConfig) -> int:
     (failover), and the head is the first reachable endpoint's.
     """
     if not cfg.chain.rpc_urls:
+        assert cfg.chain.rpc_url is not None  # ChainConfig requires one of rpc_url and rpc_urls
         head = _check_endpoint(cfg, cfg.chain.rpc_url, "chain.rpc_url")
     else:
         heads, down = [], []

@@ -238,6 +238,7 @@ class RpcClient:
         payload = orjson.dumps({"jsonrpc": "2.0", "id": self._next_id(), "method": method, "params": list(params)})
 
         async def parsed(body: bytes) -> Any:
+            assert parse is not None  # check() calls this only with a parser
             try:
                 return await asyncio.to_thread(parse, body)
             except Exception as e:  # noqa: BLE001 - the body, not the code: fetch it again

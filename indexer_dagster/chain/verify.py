@@ -258,9 +258,9 @@ async def _settle(
         carried.update(ref["topic0"])
         if ref.height > best.height or best_bad.outside:
             stats["verify:logs_recovered"] += max(ref.height - best.height, 0)
-            best, best_bad, agreeing = ref, bad, 0
             if bad is None:
-                return best
+                return ref
+            best, best_bad, agreeing = ref, bad, 0
         elif _same(ref, best):
             agreeing += 1
     if agreeing >= min(2, attempts) and not best_bad.outside and not any((t or a) in carried for a, t in best_bad.missing):

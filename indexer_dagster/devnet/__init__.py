@@ -232,7 +232,7 @@ def run_devnet(
     try:
         dep: Deployment | None = None
         meta = None
-        if state_file is not None and state_file.is_file() and meta_file.is_file():
+        if state_file is not None and meta_file is not None and state_file.is_file() and meta_file.is_file():
             try:
                 meta = json.loads(meta_file.read_text())
             except (OSError, ValueError):
@@ -241,6 +241,7 @@ def run_devnet(
                 meta = None
         if meta is not None:
             say(f"devnet: loading cached chain {state_file}")
+            assert state_file is not None  # meta is only read next to a cached state
             node = _start_from_state(state_file, port=port, chain_id=chain_id, block_time=block_time)
             dep = Deployment.from_dict(meta["deployment"])
             head = _head(node)
@@ -262,7 +263,7 @@ def run_devnet(
                 now = int(time.time())
                 if last_ts < now:
                     node.rpc("evm_setNextBlockTimestamp", [now])
-            if state_file is not None:
+            if state_file is not None and meta_file is not None:
                 size = _write_state(node, state_file)
                 meta_file.write_text(json.dumps({
                     "key": key, "params": params, "head": list(_head(node)),

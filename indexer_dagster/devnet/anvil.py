@@ -26,7 +26,7 @@ import time
 import urllib.parse
 import weakref
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import IO, Any, Iterable, Sequence
 
 import orjson
 
@@ -312,7 +312,7 @@ class Anvil:
         self.startup_timeout = startup_timeout
         self.log_path = str(log_path) if log_path else None
         self.proc: subprocess.Popen | None = None
-        self._log_file = None
+        self._log_file: IO[bytes] | None = None
         self._own_log = False
         self._client: RpcClient | None = None
 

@@ -384,7 +384,7 @@ def deploy_uniswap(
         raise ValueError(f"n_pairs must be in 1..{len(combos)} for {n_tokens} tokens")
     c = _url_client(node)
     chain_id = int(c.call("eth_chainId"), 16)
-    accounts = [to_checksum_address(a) for a in c.call("eth_accounts")]
+    accounts: list[str] = [to_checksum_address(a) for a in c.call("eth_accounts")]
     if len(accounts) < 2:
         raise RuntimeError("the node has no unlocked accounts (anvil's default accounts expected)")
     trader = accounts[0]
@@ -412,7 +412,7 @@ def deploy_uniswap(
             receipts += _receipts(c, _send_block(c, chunk))
         factory = to_checksum_address(receipts[0]["contractAddress"])
         factory_block = int(receipts[0]["blockNumber"], 16)
-        tokens = [to_checksum_address(r["contractAddress"]) for r in receipts[1:]]
+        tokens: list[str] = [to_checksum_address(r["contractAddress"]) for r in receipts[1:]]
         token_blocks = [int(r["blockNumber"], 16) for r in receipts[1:]]
 
         # 2. pairs
@@ -739,7 +739,7 @@ class TrafficGenerator:
 
 
 def generate_traffic(
-    url: "str | Anvil",
+    url: "str | Anvil | RpcClient",
     deployment: Deployment,
     blocks: int,
     txs_per_block: int,

@@ -52,7 +52,7 @@ def build_dex_assets(cfg: IndexerConfig) -> list:
         preview = _markdown(res.top_pools)
         for spec in specs:
             table = spec.key.path[-1]
-            meta = {"rows": res.rows.get(table, 0), "seconds": round(res.seconds, 3)}
+            meta: dict[str, float | dg.MetadataValue] = {"rows": res.rows.get(table, 0), "seconds": round(res.seconds, 3)}
             if table == "pool_state" and preview:
                 meta["top_pools"] = dg.MetadataValue.md(preview)
             yield dg.MaterializeResult(asset_key=spec.key, metadata=meta)

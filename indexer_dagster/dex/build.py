@@ -102,6 +102,8 @@ def compute(cfg: IndexerConfig) -> dict[str, pl.DataFrame]:
     swap, sync = _read(cfg, src["swap"]), _read(cfg, src["sync"])
     mint, burn = _read(cfg, src["mint"]), _read(cfg, src["burn"])
     created = _read(cfg, src["pair_created"])
+    if swap is None or sync is None:
+        raise ValueError("the DEX tables need the Uniswap V2 Swap and Sync events in the config (see `enabled`)")
     pools = dex.pools(created) if created is not None and created.height else pl.DataFrame(schema=POOL_SCHEMA)
     pair_addresses = set(swap["address"]) | set(sync["address"])
     pools = asyncio.run(_extra_pools(cfg, pools, pair_addresses))

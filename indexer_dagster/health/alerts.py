@@ -81,7 +81,7 @@ def send_alert(
         level = {"error": logging.ERROR, "warning": logging.WARNING}.get(alert.severity, logging.INFO)
         log.log(level, "alert %s%s: %s", alert.kind, f" ({alert.chain})" if alert.chain else "", scrub(alert.summary))
         url = alerts.webhook_url if alerts else None
-        if not url:
+        if alerts is None or not url:
             return False
         register_url(url)
         body = json.dumps(alert.payload(), default=str).encode()
@@ -195,7 +195,7 @@ def watch(cfg: IndexerConfig, status, state: WatchState) -> tuple[WatchState, li
     erroring = d_err >= RPC_MIN_ERRORS and d_err >= RPC_ERROR_SHARE * d_req
     if not status.node_reachable or erroring:
         new.rpc_failures += 1
-        why = (f"the node did not answer: {status.node_error}" if not status.node_reachable
+        why: str | None = (f"the node did not answer: {status.node_error}" if not status.node_reachable
                else f"{d_err} of the indexer's last {d_req} RPC requests failed")
         if new.rpc_failures >= alerts_cfg.rpc_failures and not new.rpc_alerted:
             new.rpc_alerted = True

@@ -156,8 +156,10 @@ class JsonFormatter(logging.Formatter):
             v = getattr(record, k, None)
             if v is not None:
                 out[k] = v
-        if record.exc_info or record.exc_text:
-            out["exception"] = scrub(record.exc_text or self.formatException(record.exc_info))
+        if record.exc_text:
+            out["exception"] = scrub(record.exc_text)
+        elif record.exc_info:
+            out["exception"] = scrub(self.formatException(record.exc_info))
         return json.dumps(out, default=str)
 
 
@@ -176,7 +178,7 @@ class _Handler(logging.StreamHandler):
     would re-wrap long (JSON) lines at the terminal width."""
 
     @property
-    def stream(self):  # type: ignore[override]
+    def stream(self):
         return getattr(sys.stderr, "rich_proxied_file", sys.stderr)
 
     @stream.setter

@@ -216,7 +216,7 @@ def gather_status(
     reference = st.node_head if st.node_head is not None else st.indexed_head
     if reference is not None:
         parts = classify_partitions(cfg.start_block, c.blocks_per_partition, reference, coverage,
-                                    [(lo, hi) for _n, lo, hi in live.values()], failed_partitions)
+                                    [(lo, hi) for _n, lo, hi in segments.values()], failed_partitions)
         st.partitions = {s: len(keys) for s, keys in parts.items()}
         st.partitions_expected = sum(st.partitions.values())
         st.missing_partitions, st.partial_partitions = parts["missing"], parts["partial"]

@@ -86,7 +86,7 @@ def build_live_jobs(cfg: IndexerConfig, historical_keys: list[dg.AssetKey]) -> l
                     asset_key=asset_key, partition=key,
                     metadata={"reorg_id": r.id, "reason": "restored after a reorg"}))
             for result in res.checks.get(key, []):
-                context.log_event(check_evaluation(check_asset(result.name, chain), result,
+                context.log_event(check_evaluation(check_asset(result.name, chain), result,  # type: ignore[arg-type]  # dagster: UserEvent omits AssetCheckEvaluation, which log_event handles
                                                    f"restored after reorg {r.id}"))
         failed = sorted({k for k, results in res.checks.items() for c in results if not c.passed})
         if failed:

@@ -162,7 +162,7 @@ class Param:
         """uintN/intN with N > 64 (decoded to an exact decimal Utf8 plus a ``<column>_f64``).
         Indexed ones too: an indexed integer's topic is its value."""
         m = _INT_TYPE.fullmatch(self.type)
-        return bool(m) and int(m.group(2)) > 64
+        return m is not None and int(m.group(2)) > 64
 
     @property
     def f64_column(self) -> str | None:

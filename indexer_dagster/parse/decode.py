@@ -108,6 +108,7 @@ def decode_logs(
                 anon_pool = logs.filter(t0.is_null() | ~t0.is_in(known_topic0)) if known_topic0 else logs
             cand = anon_pool
         else:
+            assert spec.topic0 is not None  # set for every non-anonymous event
             if spec.topic0 not in by_topic0:
                 by_topic0[spec.topic0] = _filter(logs, pl.col("topic0") == spec.topic0)
             cand = by_topic0[spec.topic0]
@@ -360,7 +361,8 @@ def _decode_spec(cand: pl.DataFrame, spec: EventSpec) -> DecodeResult:
     if big:  # Int128/UInt128 -> exact decimal + float (both exact/correctly rounded)
         frame = frame.with_columns(
             [pl.col(s.param.column).cast(pl.Utf8) for s in big]
-            + [pl.col(s.param.column).cast(pl.Float64).alias(s.param.f64_column) for s in big]
+            + [pl.col(s.param.column).cast(pl.Float64).alias(s.param.f64_column) for s in big
+               if s.param.f64_column is not None]  # (always: a big int has its float column)
         )
 
     new_cols: list[pl.Series] = [_strings(frame[s.param.column]) for s in layout.slots if s.kind == "string"]
@@ -400,6 +402,7 @@ def _fill_big(frame: pl.DataFrame, source: pl.Series, s: _Slot, bad: set[int]) -
     """Fill the nulls of a 256-bit integer column (values beyond 128 bits) and of its float
     column exactly, one Python ``int(word, 16)`` per such value."""
     col, fcol = s.param.column, s.param.f64_column
+    assert fcol is not None  # called for big-int slots only
     values = frame[col]
     idx = values.is_null().arg_true()
     if idx.len() == 0:
@@ -451,7 +454,7 @@ def _rowwise(ok: pl.DataFrame, spec: EventSpec, layout: _Layout, bad: set[int]) 
     for s in layout.slots:
         if s.kind != "fixed_topic":
             continue
-        vals = []
+        vals: list[str | None] = []
         for i, topic in enumerate(ok[s.source].to_list()):
             try:
                 vals.append(str(_abi_decode([s.param.type], bytes.fromhex(topic[2:]))[0]))

@@ -119,12 +119,13 @@ def view_statements(cfg: IndexerConfig) -> dict[str, str]:
             f"LEFT JOIN chain_heads h ON h.chain_id = x.chain_id"
         )
 
-    tables = [(ds.BLOCKS, ds.BLOCK_SCHEMA, "number"), (ds.LOGS, ds.LOG_SCHEMA, "block_number")]
+    tables: list[tuple[str, ds.Schema, str]] = [
+        (ds.BLOCKS, ds.BLOCK_SCHEMA, "number"), (ds.LOGS, ds.LOG_SCHEMA, "block_number")]
     # One view per table across all chains of the config (their files sit under data_dir/<chain>/).
     specs = {spec.table: spec for c in cfg.chains for _, spec in c.all_specs()}
-    tables += [(ds.events(table), spec.schema(), "block_number") for table, spec in specs.items()]
+    tables += [(ds.events(table), ds.Schema(spec.schema()), "block_number") for table, spec in specs.items()]
     views["_contract_addresses"] = _contract_addresses(cfg, src)
-    contracts_of = {}
+    contracts_of: dict[str, set[str]] = {}
     for c in cfg.chains:
         for contract, spec in c.all_specs():
             contracts_of.setdefault(ds.events(spec.table), set()).add(contract.name)

@@ -29,6 +29,8 @@ if TYPE_CHECKING:
     from indexer_dagster.persist.lake import Lake
 
 UTC_TIME = pl.Datetime("us", "UTC")
+# A dataset's columns: name -> Polars dtype (a dtype class such as pl.Int64, or an instance).
+Schema = dict[str, pl.DataType | type[pl.DataType]]
 
 # -- raw data, per block range ------------------------------------------------------------------
 
@@ -37,7 +39,7 @@ LOGS = "logs"
 CHILDREN = "children"
 EVENTS = "events"
 
-BLOCK_SCHEMA: dict[str, pl.DataType] = {
+BLOCK_SCHEMA: Schema = {
     "chain_id": pl.Int64,
     "number": pl.Int64,
     "hash": pl.String,
@@ -45,7 +47,7 @@ BLOCK_SCHEMA: dict[str, pl.DataType] = {
     "timestamp": UTC_TIME,
 }
 
-LOG_SCHEMA: dict[str, pl.DataType] = {
+LOG_SCHEMA: Schema = {
     "chain_id": pl.Int64,
     "block_number": pl.Int64,
     "block_hash": pl.String,
@@ -61,7 +63,7 @@ LOG_SCHEMA: dict[str, pl.DataType] = {
     "data": pl.String,
 }
 
-CHILD_SCHEMA: dict[str, pl.DataType] = {
+CHILD_SCHEMA: Schema = {
     "chain_id": pl.Int64,
     "block_number": pl.Int64,  # the creation block: the child's logs count from here
     "block_hash": pl.String,
@@ -93,7 +95,7 @@ def live_datasets(cfg: "IndexerConfig") -> list[str]:
 
 LIVE = "live"
 ORPHANED = "orphaned"
-ORPHAN_COLUMNS: dict[str, pl.DataType] = {"reorg_id": pl.Int64, "orphaned_at": UTC_TIME}
+ORPHAN_COLUMNS: Schema = {"reorg_id": pl.Int64, "orphaned_at": UTC_TIME}
 
 
 def live(dataset: str) -> str:
@@ -123,7 +125,7 @@ FAILED_CHECKS = "failed_checks"
 REORGS = "reorgs"
 RPC_STATS_FILE = "rpc_stats.json"
 
-HEAD_SCHEMA: dict[str, pl.DataType] = {
+HEAD_SCHEMA: Schema = {
     "chain_id": pl.Int64,
     "chain": pl.String,
     "head_number": pl.Int64,
@@ -133,7 +135,7 @@ HEAD_SCHEMA: dict[str, pl.DataType] = {
     "observed_at": UTC_TIME,
 }
 
-FAILED_CHECKS_SCHEMA: dict[str, pl.DataType] = {
+FAILED_CHECKS_SCHEMA: Schema = {
     "chain_id": pl.Int64,
     "chain": pl.String,
     "range_key": pl.String,
@@ -144,7 +146,7 @@ FAILED_CHECKS_SCHEMA: dict[str, pl.DataType] = {
     "failed_at": UTC_TIME,
 }
 
-REORGS_SCHEMA: dict[str, pl.DataType] = {
+REORGS_SCHEMA: Schema = {
     "chain": pl.String, "reorg_id": pl.Int64, "detected_at": UTC_TIME,
     "common_ancestor": pl.Int64, "ancestor_hash": pl.String, "depth": pl.Int64,
     "old_head": pl.Int64, "old_head_hash": pl.String, "new_head": pl.Int64, "new_head_hash": pl.String,
@@ -171,10 +173,10 @@ DEX_TABLES: dict[str, str | None] = {
 CANDLE_INTERVALS = ("1m", "1h")  # the buckets `pool_candles` stores
 VOLUME_INTERVALS = ("1h", "1d")  # the buckets `pool_volume` stores
 
-POOL_SCHEMA: dict[str, pl.DataType] = {
+POOL_SCHEMA: Schema = {
     "chain_id": pl.Int64, "pool": pl.String, "token0": pl.String, "token1": pl.String, "factory": pl.String,
     "pair_index": pl.Int64, "created_block": pl.Int64, "created_timestamp": UTC_TIME,
     "block_number": pl.Int64, "log_index": pl.Int64, "transaction_hash": pl.String,
 }
 
-TOKEN_SCHEMA: dict[str, pl.DataType] = {"address": pl.String, "symbol": pl.String, "decimals": pl.Int64}
+TOKEN_SCHEMA: Schema = {"address": pl.String, "symbol": pl.String, "decimals": pl.Int64}

@@ -18,13 +18,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 if TYPE_CHECKING:  # imported where a remote lake is configured (config.lake_root), not by every process
+    from typing_extensions import TypeIs  # typing.TypeIs is Python 3.13+
     from upath import UPath
 
 # A lake file or directory: a local Path, or a UPath on an fsspec filesystem (object storage).
 LakePath = Union[Path, "UPath"]
 
 
-def is_remote(path: LakePath) -> bool:
+def is_remote(path: LakePath) -> "TypeIs[UPath]":
     return not isinstance(path, Path)
 
 
@@ -124,7 +125,7 @@ def data_files(directory: LakePath) -> list[LakePath]:
     return sorted((p for p in directory.glob("*.parquet") if not p.name.startswith(".")), key=str)
 
 
-def _remote_data_files(directory: "UPath") -> list["UPath"]:
+def _remote_data_files(directory: "UPath") -> list[LakePath]:
     """One listing request; the files' states are kept briefly for `file_state`."""
     try:
         entries = directory.fs.ls(directory.path, detail=True)

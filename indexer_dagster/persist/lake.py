@@ -16,7 +16,7 @@ import errno
 import os
 import tempfile
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -74,7 +74,7 @@ class Lake:
         self.remote = is_remote(root)
         # Lock files and (for a remote lake) the staging directory of files being written.
         self.local_dir = Path(local_dir) if local_dir is not None else (
-            Path(tempfile.gettempdir()) / "indexer_dagster" / chain if self.remote else self.root)
+            Path(tempfile.gettempdir()) / "indexer_dagster" / chain if is_remote(self.root) else self.root)
 
     def dir(self, dataset: str) -> LakePath:
         return self.root / dataset
@@ -89,7 +89,7 @@ class Lake:
         """The dataset's data files, sorted (hidden names — temp files, the schema file — excluded)."""
         return data_files(self.dir(dataset))
 
-    def ensure_schema_file(self, dataset: str, schema: dict[str, pl.DataType]) -> None:
+    def ensure_schema_file(self, dataset: str, schema: Mapping[str, pl.DataType | type[pl.DataType]]) -> None:
         """An empty, typed, hidden `.schema.parquet`: DuckDB globs match it, so a view over the dataset
         keeps working (with zero rows) when every data file has been compacted or rolled away."""
         if not (self.dir(dataset) / SCHEMA_FILE).is_file():
@@ -114,7 +114,7 @@ class Lake:
         return self.path(dataset, range_key).is_file()
 
     @contextmanager
-    def writer(self, dataset: str, range_key: str, schema: dict[str, pl.DataType]) -> Iterator["StreamWriter"]:
+    def writer(self, dataset: str, range_key: str, schema: Mapping[str, pl.DataType | type[pl.DataType]]) -> Iterator["StreamWriter"]:
         """Write one file atomically (a transaction of one file)."""
         with self.transaction() as tx:
             yield tx.writer(dataset, range_key, schema)
@@ -159,7 +159,7 @@ class StorageError(OSError):
     message names the directory, the cause and the fix; the files written before are untouched."""
 
     @classmethod
-    def from_os_error(cls, e: OSError, where: Path) -> "StorageError":
+    def from_os_error(cls, e: OSError, where: LakePath) -> "StorageError":
         cause = {
             errno.ENOSPC: "the disk is full (no space left on device)",
             errno.EDQUOT: "the disk quota is exceeded (no space left for this user)",
@@ -167,7 +167,7 @@ class StorageError(OSError):
             errno.EACCES: "permission denied",
             errno.EPERM: "the operation is not permitted (immutable or protected files?)",
             errno.EROFS: "the filesystem is read-only",
-        }.get(e.errno, e.strerror or str(e))
+        }.get(e.errno or 0, e.strerror or str(e))
         fix = ("free space there (or point storage.data_dir at a larger disk)"
                if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
                else "give this process write access to it (or point storage.data_dir elsewhere)")
@@ -176,7 +176,7 @@ class StorageError(OSError):
         return err
 
     def __str__(self) -> str:
-        return self.strerror
+        return self.strerror or super().__str__()
 
 
 MIN_FREE_BYTES = 1 << 20
@@ -209,11 +209,11 @@ class Transaction:
 
     def __init__(self, lake: Lake) -> None:
         self.lake = lake
-        self._files: list[tuple[StreamWriter, Path]] = []
-        self._deletes: list[Path] = []
+        self._files: list[tuple[StreamWriter, LakePath]] = []
+        self._deletes: list[LakePath] = []
 
     def writer(
-        self, dataset: str, key: str, schema: dict[str, pl.DataType], metadata: dict[str, str] | None = None
+        self, dataset: str, key: str, schema: Mapping[str, pl.DataType | type[pl.DataType]], metadata: dict[str, str] | None = None
     ) -> "StreamWriter":
         """`metadata`: Parquet key-value metadata stored with the file (e.g. which addresses it covers)."""
         final = self.lake.path(dataset, key)
@@ -222,6 +222,7 @@ class Transaction:
             where.mkdir(parents=True, exist_ok=True)
             name = f"{dataset.replace('/', '~')}~{final.name}"
         else:
+            assert not is_remote(final)  # a local lake's paths are local
             where, name = final.parent, final.name
             where.mkdir(parents=True, exist_ok=True)
         _remove_stale_temps(where, name)
@@ -246,6 +247,7 @@ class Transaction:
         if self.lake.remote:
             # One PUT per file: the object store makes each appear whole, replacing the old one.
             for w, final in self._files:
+                assert is_remote(final)
                 final.fs.put_file(str(w.path), final.path)
                 w.path.unlink(missing_ok=True)
             for p in self._deletes:
@@ -253,9 +255,11 @@ class Transaction:
             return
         dirs = set()
         for w, final in self._files:
+            assert not is_remote(final)
             os.replace(w.path, final)
             dirs.add(final.parent)
         for p in self._deletes:
+            assert not is_remote(p)
             p.unlink(missing_ok=True)
             dirs.add(p.parent)
         for d in dirs:

@@ -164,7 +164,7 @@ class CatalogReader:
             if chain_id is not None:
                 w.add("chain_id = ?", int_param(chain_id, "chain_id"))
             w.status(min_status, table, cols)
-            order = [c for c in ("chain_id", "block_number", "log_index") if c in cols]
+            order: list[str] = [c for c in ("chain_id", "block_number", "log_index") if c in cols]
             return self._select(con, table, w, order)
 
     # -- for the domain helpers (subclasses) -------------------------------------------------

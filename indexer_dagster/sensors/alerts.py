@@ -92,7 +92,7 @@ def build_alert_sensors(cfg: IndexerConfig) -> list:
         for rec in fresh:
             ev = rec.event.dagster_event if rec.event is not None else None
             evaluation = ev.event_specific_data if ev is not None else None
-            if evaluation is None or evaluation.passed:
+            if ev is None or not isinstance(evaluation, dg.AssetCheckEvaluation) or evaluation.passed:
                 continue
             path = list(evaluation.asset_key.path)
             send_alert(cfg.alerts, check_failed_alert(

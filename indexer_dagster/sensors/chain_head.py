@@ -35,6 +35,8 @@ def _fail_dead(instance: dg.DagsterInstance, runs, why: str, grace_s: float = 15
     """Mark runs failed that have been started for a while (a new one takes its lease in seconds)."""
     for run in runs:
         record = instance.get_run_record_by_id(run.run_id)
+        if record is None:  # deleted since it was listed
+            continue
         started = record.start_time or record.create_timestamp.timestamp()
         # STARTING too: a run whose worker died while starting (e.g. with the daemon) never leaves it;
         # a live one may take a while to start on a busy machine, so it gets more time.
@@ -96,10 +98,11 @@ def build_chain_head_sensor(
             range_for_block(first, cfg.chain.blocks_per_partition).key for first, _l, _p in live_segments(lake, BLOCKS)
         )
         running = frozenset(
-            r.tags.get("dagster/partition") for r in instance.get_runs(
+            part for r in instance.get_runs(
                 dg.RunsFilter(job_name=historical_job, statuses=IN_PROGRESS), limit=100)
-            if r.tags.get("dagster/partition")
+            if (part := r.tags.get("dagster/partition"))
         )
+        assert cfg.chain.reorg_window is not None  # ChainConfig sets its default
         facts = Facts(
             node_head=node_head, start_block=cfg.start_block, blocks_per_partition=cfg.chain.blocks_per_partition,
             live_anchor=anchor[0] if anchor else None, live_tip=tip.number if tip else None,

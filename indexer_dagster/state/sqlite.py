@@ -107,7 +107,7 @@ class SqliteStateStore(StateStore):
 
     def _insert_returning_id(self, cur: sqlite3.Cursor, sql: str, params: Sequence[Any]) -> int | None:
         cur.execute(sql, tuple(params))
-        return int(cur.lastrowid) if cur.rowcount == 1 else None
+        return cur.lastrowid if cur.rowcount == 1 else None
 
     def _ts_in(self, dt: datetime) -> str:
         return as_utc(dt).isoformat()

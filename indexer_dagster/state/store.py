@@ -130,6 +130,13 @@ class StateStore:
     def _ts_in(self, dt: datetime) -> Any:
         return dt
 
+    def _ts_required(self, v: Any) -> datetime:
+        """A NOT NULL timestamp column's value."""
+        ts = self._ts_out(v)
+        if ts is None:
+            raise StateError("a NOT NULL timestamp column came back NULL")
+        return ts
+
     def _ts_out(self, value: Any) -> datetime | None:
         if value is None:
             return None
@@ -282,7 +289,7 @@ class StateStore:
         return Reorg(
             id=int(rid),
             chain=chain,
-            detected_at=self._ts_out(detected_at),
+            detected_at=self._ts_required(detected_at),
             common_ancestor=int(anc),
             ancestor_hash=anc_hash,
             depth=int(depth),
@@ -295,7 +302,7 @@ class StateStore:
             affected_partitions=list(self._json_out(parts)),
             rows_archived={str(k): int(v) for k, v in self._json_out(archived).items()},
             touched_confirmed=bool(touched),
-            updated_at=self._ts_out(updated_at),
+            updated_at=self._ts_required(updated_at),
             finished_at=self._ts_out(finished_at),
             note=note or "",
         )

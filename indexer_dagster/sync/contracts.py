@@ -86,7 +86,7 @@ def stored_children(cfg: IndexerConfig) -> pl.DataFrame:
     files = lake.files(CHILDREN) + lake.files(f"{LIVE}/{CHILDREN}")
     if not files:
         return empty_children()
-    return _dedupe(pl.concat([_children_file(p) for p in files], how="vertical_relaxed").cast(CHILD_SCHEMA))
+    return _dedupe(pl.concat([_children_file(p) for p in files], how="vertical_relaxed").cast(CHILD_SCHEMA))  # type: ignore[arg-type]  # polars stubs: Mapping key type is invariant
 
 
 def _children_file(path) -> pl.DataFrame:
@@ -123,7 +123,7 @@ def covered_intervals(cfg: IndexerConfig) -> list[tuple[int, int]]:
         blocks = blocks_files.get(key)
         if blocks is not None and holds_rules(paths):
             lo, hi = block_span(blocks)
-            if lo is not None:
+            if lo is not None and hi is not None:
                 out.append((int(lo), int(hi)))
     for p in data_files(lake.dir(f"{LIVE}/{CHILDREN}")):
         if holds_rules([p]):

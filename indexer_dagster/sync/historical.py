@@ -27,7 +27,7 @@ from indexer_dagster.parse.decode import decode_logs
 from indexer_dagster.block_range import BlockRange
 from indexer_dagster.persist.heads import record_head
 from indexer_dagster.persist.files import open_parquet
-from indexer_dagster.persist.lake import Lake, Transaction, open_lake
+from indexer_dagster.persist.lake import Lake, StreamWriter, Transaction, open_lake
 from indexer_dagster.state import open_state
 from indexer_dagster.sync.contracts import (
     ContractSet, coverage_metadata, discover, empty_children, has_factories, key_files,
@@ -161,7 +161,7 @@ class Decoder:
         self.write_children = write_children
         self.contracts = contracts
         self.children = empty_children()
-        self._children_writer = None
+        self._children_writer: StreamWriter | None = None
         self.rows = {s.table: 0 for s in self.specs}
         self.skipped = {s.table: 0 for s in self.specs}
         self.writers: dict = {}
@@ -222,7 +222,8 @@ async def _sync(
         sizer = new_sizer(cfg)
         for attempt in range(_FORK_RESTARTS + 1):
             guard = guard_factory or commit_guard(cfg, clipped)
-            result = RangeResult(range=r, from_block=clipped and clipped.start, to_block=clipped and clipped.end, head=head)
+            result = RangeResult(range=r, from_block=clipped.start if clipped is not None else None,
+                                 to_block=clipped.end if clipped is not None else None, head=head)
             # Factory children created up to the range's end (registry + a scan of uncovered blocks).
             contracts = await resolve_range(cfg, rpc, clipped.start, clipped.end) if clipped is not None else None
             scanned = contracts.children.select("contract", "address") if contracts is not None else None
@@ -242,6 +243,7 @@ async def _sync(
                         decoder.write(chunk.logs)
 
                     if clipped is not None:
+                        assert contracts is not None  # resolved above for a clipped range
                         fetcher = _fetcher(cfg, rpc, sizer, contracts, clipped.end)
                         async for chunk in fetcher.iter_chunks(clipped.start, clipped.end, cfg.chain.concurrency):
                             # Polars and Arrow release the GIL: decode and write while the next chunks download.
@@ -283,7 +285,7 @@ def sync_range(
     recorder = RpcStatsRecorder(cfg.data_dir, cfg.chain.name, stats)  # durable RPC counters (`indexer status`)
     register_config(cfg)
     with log_context(chain=cfg.chain.name, range=r.key):
-        log.info("range %s: syncing via %s", r.key, redact_to_host(cfg.chain.rpc_url))
+        log.info("range %s: syncing via %s", r.key, redact_to_host(cfg.chain.endpoints[0]))
         try:
             res = asyncio.run(_sync(cfg, r, tables, progress or _reporter, stats, guard))
         except Exception as e:
@@ -311,7 +313,7 @@ def decode_range(cfg: IndexerConfig, r: BlockRange, tables: Collection[str] | No
             with open_parquet(path) as src:
                 decoder.open(tx, path.stem)
                 for batch in src.iter_batches(batch_size=DECODE_BATCH_ROWS):
-                    decoder.write(pl.from_arrow(batch))
+                    decoder.write(pl.from_arrow(batch))  # type: ignore[arg-type]  # pyarrow untyped: a RecordBatch gives a DataFrame
                 decoder.flush()
             for t, n in decoder.rows.items():
                 result.events[t] = result.events.get(t, 0) + n

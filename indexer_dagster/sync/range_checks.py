@@ -21,14 +21,13 @@ import asyncio
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import polars as pl
 
 from indexer_dagster.config import IndexerConfig
 from indexer_dagster.block_range import BlockRange, range_for_block
-from indexer_dagster.persist.files import read_parquet
+from indexer_dagster.persist.files import LakePath, read_parquet
 from indexer_dagster.persist.lake import Lake, open_lake
 
 BLOCKS_ASSET = "blocks"
@@ -211,7 +210,7 @@ def sample_blocks(blocks: pl.DataFrame, logs: pl.DataFrame, k: int, rng: random.
     return sorted(picked)
 
 
-def _read(path: Path, schema_cols: Sequence[str]) -> pl.DataFrame | None:
+def _read(path: LakePath, schema_cols: Sequence[str]) -> pl.DataFrame | None:
     return read_parquet(path, columns=list(schema_cols)) if path.is_file() else None
 
 
@@ -248,7 +247,7 @@ def verify_range(
     from indexer_dagster.sync.contracts import key_files
 
     # The range's logs file and its supplements (`<range>+<fingerprint>`: contracts added later).
-    parts = [_read(p, ["block_number", "log_index", "block_hash"]) for p in key_files(lake, "logs", r.key)]
+    parts = [read_parquet(p, columns=["block_number", "log_index", "block_hash"]) for p in key_files(lake, "logs", r.key)]
     logs = pl.concat(parts, how="vertical") if parts and lake.exists("logs", r.key) else None
     if blocks is None or logs is None:
         missing = [str(p) for p in (blocks_path, logs_path) if not p.is_file()]
@@ -262,13 +261,13 @@ def verify_range(
         last = None
     else:
         # No run result at hand: a range may legitimately stop at the head it saw; trust its highest block.
-        last = max(int(blocks["number"].max()) if blocks.height else first - 1, first - 1)
+        last = max(int(cast(int, blocks["number"].max())) if blocks.height else first - 1, first - 1)
         last = last if last >= first else None
         if last is None:
             first = None
     results = [
         check_contiguous(blocks, first, last),
-        check_parent_chain(blocks, previous_block(lake, blocks["number"].min() if blocks.height else 0,
+        check_parent_chain(blocks, previous_block(lake, cast(int, blocks["number"].min()) if blocks.height else 0,
                                                   cfg.chain.blocks_per_partition)),
         check_unique_logs(logs),
         check_log_block_hashes(logs, blocks),

@@ -127,6 +127,7 @@ class Follower:
         self.lake = open_lake(cfg, self.chain)
         self.stats = stats or RpcStats()
         self.addresses = sorted({a for c in cfg.contracts for a in c.addresses})
+        assert cfg.chain.reorg_window is not None  # ChainConfig sets its default
         self.window = cfg.chain.reorg_window
         # Factory children: the registry in the lake, reloaded after a reorg (which may remove some),
         # plus children found in the blocks this follower fetches.
@@ -179,6 +180,7 @@ class Follower:
         new = self.contract_set().add(discover(self.cfg, logs))
         if new.height == 0:
             return logs
+        assert self.contracts is not None  # loaded by contract_set()
         self.addresses = self.contracts.addresses()
         born = dict(zip(new["address"].to_list(), new["block_number"].to_list()))
         parts = [logs.select(list(_RAW_LOG_COLUMNS))]
@@ -248,7 +250,9 @@ class Follower:
                 self.store.put_headers(self.chain, window)
                 self.store.set_cursor(self.chain, CURSOR, window[-1].number, window[-1].hash)
                 self.store.set_cursor(self.chain, ANCHOR, window[-1].number, window[-1].hash)
-        return self.store.tip(self.chain)
+        tip = self.store.tip(self.chain)
+        assert tip is not None  # seeded above (by this follower or a concurrent one)
+        return tip
 
     def remove_stale_segments(self) -> int:
         """Delete live segments above the stored tip (left by a crash between publish and store)."""
@@ -271,6 +275,7 @@ class Follower:
         local = self.local_chain()
         node_head = int(await rpc.call("eth_blockNumber"), 16)
         step = await next_step(local, node_head, lambda n: self._fetch_header(rpc, n), max_batch=200)
+        assert local.tip is not None  # next_step raises on an empty local chain
         if isinstance(step, Wait):
             return TickResult("waiting", tip=local.tip.number, detail=step.reason)
         if isinstance(step, TooDeep):
@@ -310,6 +315,7 @@ class Follower:
             record_head(self.lake, self.cfg.chain.chain_id, tip.number, tip.hash, self.cfg.chain.confirmations)
 
     async def _write(self, rpc: RpcClient, local: LocalChain, headers: list[Header], node_head: int) -> TickResult:
+        assert local.tip is not None  # called by tick() after next_step, which needs a tip
         try:
             blocks, logs = await self.fetch_blocks(rpc, headers)
         except ForkChanged as e:
@@ -374,7 +380,7 @@ class Follower:
                 async with rpc_client(self.cfg, self.stats) as rpc:
                     tip = await self.seed(rpc)
                     self.remove_stale_segments()
-                    log.info("following the head from block %d via %s", tip.number, redact_to_host(self.cfg.chain.rpc_url))
+                    log.info("following the head from block %d via %s", tip.number, redact_to_host(self.cfg.chain.endpoints[0]))
                     while not should_stop():
                         res = await self.tick(rpc)
                         stats.ticks += 1

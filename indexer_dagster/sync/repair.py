@@ -22,7 +22,6 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 
 import polars as pl
 
@@ -32,7 +31,7 @@ from indexer_dagster.persist.datasets import BLOCK_SCHEMA, LIVE, LOG_SCHEMA, MET
 from indexer_dagster.chain.rpc import call_sync
 from indexer_dagster.block_range import BlockRange, parse_key
 from indexer_dagster.persist.heads import record_head
-from indexer_dagster.persist.files import read_parquet, scan_parquet
+from indexer_dagster.persist.files import LakePath, read_parquet, scan_parquet
 from indexer_dagster.persist.lake import Lake, open_lake
 from indexer_dagster.sync.range_checks import CheckResult, verify_and_record
 from indexer_dagster.reorg.detect import LocalChain, find_ancestor
@@ -63,7 +62,7 @@ def _number_col(dataset: str) -> str:
     return "number" if dataset.endswith("blocks") else "block_number"
 
 
-def _files_above(lake: Lake, dataset: str, ancestor: int) -> list[tuple[str, Path]]:
+def _files_above(lake: Lake, dataset: str, ancestor: int) -> list[tuple[str, LakePath]]:
     """(archive name, path) of every range file and live segment of `dataset` holding blocks > ancestor."""
     out = []
     for prefix in ("", f"{LIVE}/"):
@@ -80,7 +79,7 @@ def orphan_key(reorg_id: int, ancestor: int, name: str) -> str:
     return f"r{reorg_id:06d}-a{ancestor:012d}-{name}"
 
 
-def _source_name(archive: Path) -> str:
+def _source_name(archive: LakePath) -> str:
     return archive.stem.split("-", 2)[2]
 
 
@@ -178,6 +177,7 @@ async def _fetch_new_fork(cfg: IndexerConfig, store: StateStore, reorg: Reorg, l
 async def _rewalk(cfg: IndexerConfig, store: StateStore, reorg: Reorg) -> Reorg:
     """The fork moved below the recorded ancestor (a second reorg): find the new ancestor, merge it in."""
     follower = Follower(cfg, store)
+    assert cfg.chain.reorg_window is not None  # ChainConfig sets its default
     window = store.headers(cfg.chain.name, reorg.common_ancestor - cfg.chain.reorg_window, reorg.common_ancestor)
     local = LocalChain(window)
     async with rpc_client(cfg) as rpc:
@@ -292,7 +292,10 @@ def repair(
     started = time.perf_counter()
     chain = cfg.chain.name
     notify = on_phase or (lambda _p: None)
-    result = RepairResult(reorg=store.get_reorg(reorg_id))
+    first = store.get_reorg(reorg_id)
+    if first is None:
+        raise ValueError(f"no reorg {reorg_id} in the ledger")
+    result = RepairResult(reorg=first)
     for _attempt in range(5):
         reorg = store.get_reorg(reorg_id)
         if reorg is None:
@@ -323,7 +326,9 @@ def repair(
             reorg = store.set_phase(reorg_id, Phase.DONE, expect=Phase.RESTORING)
             export_ledger(cfg, store)
         break
-    result.reorg = store.get_reorg(reorg_id)
+    final = store.get_reorg(reorg_id)
+    assert final is not None  # the ledger never drops a reorg
+    result.reorg = final
     if result.reorg.phase is Phase.DONE:
         # The same checks a range run makes: a restored range that fails stays unconfirmed and is synced
         # again by the sensor, like any other failed range.

@@ -47,7 +47,7 @@ def _span(lake: Lake, key: str) -> tuple[int, int] | None:
     if not path.is_file():
         return None
     lo, hi = block_span(path)
-    return None if lo is None else (lo, hi)
+    return None if lo is None or hi is None else (lo, hi)
 
 
 def missing_tables(cfg: IndexerConfig, r: BlockRange, files: list | None = None) -> list[str]:
@@ -145,6 +145,7 @@ def supplement_range(cfg: IndexerConfig, r: BlockRange, stats: RpcStats | None =
         result = asyncio.run(_supplement(cfg, r, stats or RpcStats()))
         result.mode = SUPPLEMENT
     else:
+        assert span is not None  # plan_range is FULL for a range without stored blocks
         result = RangeResult(range=r, from_block=span[0], to_block=span[1], mode=DECODE)
     tables = missing_tables(cfg, r)
     if tables:
@@ -162,7 +163,9 @@ def supplement_range(cfg: IndexerConfig, r: BlockRange, stats: RpcStats | None =
 
 async def _supplement(cfg: IndexerConfig, r: BlockRange, stats: RpcStats) -> RangeResult:
     lake = open_lake(cfg)
-    lo, hi = _span(lake, r.key)
+    span = _span(lake, r.key)
+    assert span is not None  # supplement_range: plan_range found the range's blocks stored
+    lo, hi = span
     stored = stored_coverage(cfg, r.key)
     missing = range_missing(cfg, r)
     name = f"{r.key}+{fingerprint(missing)}"
