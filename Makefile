@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP_PY := $(VENV)/.installed
 STAMP_NODE := node_modules/.installed
 
-.PHONY: setup test test-fast demo bench clean
+.PHONY: setup lint test test-fast demo bench clean
 
 setup: $(STAMP_PY) $(STAMP_NODE)
 
@@ -20,10 +20,16 @@ $(STAMP_NODE): package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
-test: setup
+# Lint and type-check the whole package (configured in pyproject.toml); `make test` runs them first.
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+test: lint
 	$(PY) -m pytest -q -ra
 
-test-fast: setup
+# The inner loop (about a minute): the unit tests, no anvil, no Dagster daemon.
+test-fast: lint
 	$(PY) -m pytest -q -m "not slow"
 
 demo: setup

@@ -67,8 +67,9 @@ async def raw_client(url: str, addresses: list[str], first: int, last: int, span
 
 def _pg_database(pg_url: str):
     """A fresh database on the server for one Dagster instance; returns (DAGSTER_PG_* env, drop function)."""
-    import psycopg2
     from urllib.parse import urlsplit
+
+    import psycopg2
 
     name = f"indexer_bench_{os.getpid()}_{time.monotonic_ns()}"
     conn = psycopg2.connect(pg_url)

@@ -36,7 +36,7 @@ from indexer_dagster.persist.catalog import build_catalog  # noqa: E402
 
 def pct(values: list[float], p: float) -> float:
     values = sorted(values)
-    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
+    return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
 
 
 class ViewPoller:

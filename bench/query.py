@@ -49,7 +49,7 @@ CHAIN_ID = 1
 CHAIN = "bench"
 FIRST_BLOCK = 18_000_000
 BLOCK_SECONDS = 12
-T0 = dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)
+T0 = dt.datetime(2024, 1, 1, tzinfo=dt.UTC)
 CONFIRMATIONS = 12
 
 

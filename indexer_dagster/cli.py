@@ -67,7 +67,6 @@ def main() -> None:
 def check(config_path: str | None, chain: str | None) -> None:
     """Validate the config, then check it against the node (reachable, chain id, start block)."""
     from indexer_dagster.chain.node import check_against_node
-
     from indexer_dagster.persist.lake import check_lake
 
     for cfg in _selected_chains(_load(config_path), chain):
@@ -111,7 +110,6 @@ def backfill(config_path: str | None, chain: str | None, from_block: int | None,
 def _plan_chain(cfg, from_block: int | None, to_block: int | None) -> tuple[int, int, int]:
     """(head, first, last) of a chain's backfill, after every check that needs no write."""
     from indexer_dagster.chain.node import check_against_node
-
     from indexer_dagster.persist.lake import check_lake
 
     try:
@@ -140,8 +138,8 @@ def _plan_chain(cfg, from_block: int | None, to_block: int | None) -> tuple[int,
 def _backfill_chain(cfg, config_path: str | None, head: int, first: int, last: int, workers: int) -> None:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from indexer_dagster.launch import ensure_dagster_home, register_ranges, run_backfill
     from indexer_dagster.block_range import ranges_between
+    from indexer_dagster.launch import ensure_dagster_home, register_ranges, run_backfill
     from indexer_dagster.persist.catalog import build_catalog
 
     ranges = ranges_between(first, last, cfg.chain.blocks_per_partition)

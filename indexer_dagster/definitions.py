@@ -6,10 +6,10 @@ exists and in which partitions, resources say where the config lives.
 
 import dagster as dg
 
-from indexer_dagster.dex.assets import build_dex_assets
-from indexer_dagster.assets.ranges import build_historical_assets, raw_keys
-from indexer_dagster.assets.ranges import block_ranges
+from indexer_dagster.assets.ranges import block_ranges, build_historical_assets, raw_keys
 from indexer_dagster.config import IndexerConfig, load_config
+from indexer_dagster.dex.assets import build_dex_assets
+from indexer_dagster.dex.build import enabled as dex_enabled
 from indexer_dagster.health.logs import configure_logging
 from indexer_dagster.jobs.live import build_live_jobs
 from indexer_dagster.jobs.names import dex_job_name, historical_job_name
@@ -17,7 +17,6 @@ from indexer_dagster.resources import default_resources
 from indexer_dagster.sensors.alerts import build_alert_sensors
 from indexer_dagster.sensors.chain_head import build_chain_head_sensor
 from indexer_dagster.sensors.freshness import build_freshness_sensor
-from indexer_dagster.dex.build import enabled as dex_enabled
 
 
 def build_definitions(cfg: IndexerConfig) -> dg.Definitions:

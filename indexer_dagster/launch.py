@@ -17,11 +17,9 @@ from pathlib import Path
 import dagster as dg
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
-from indexer_dagster.assets.ranges import RANGES_PER_RUN
-from indexer_dagster.assets.ranges import block_ranges
-from indexer_dagster.config import CHAIN_ENV_VAR, CONFIG_ENV_VAR, IndexerConfig, load_config
+from indexer_dagster.assets.ranges import RANGES_PER_RUN, block_ranges
 from indexer_dagster.block_range import BlockRange, ranges_between
-
+from indexer_dagster.config import CHAIN_ENV_VAR, CONFIG_ENV_VAR, IndexerConfig, load_config
 
 DEPLOY_DIR = Path(__file__).resolve().parents[1] / "deploy"
 DEFAULT_INSTANCE_YAML = DEPLOY_DIR / "dagster.yaml"

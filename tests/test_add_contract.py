@@ -18,12 +18,12 @@ import polars as pl
 import pytest
 import yaml
 
+from indexer_dagster.block_range import parse_key, ranges_between
 from indexer_dagster.config import load_config
 from indexer_dagster.devnet import Anvil, build_devnet, write_config
 from indexer_dagster.devnet.uniswap import event_topics, generate_traffic
 from indexer_dagster.persist.catalog import build_catalog
 from indexer_dagster.persist.files import data_files
-from indexer_dagster.block_range import parse_key, ranges_between
 from indexer_dagster.query import query
 from indexer_dagster.state import open_state
 from indexer_dagster.sync.historical import sync_range

@@ -7,12 +7,15 @@ import http.server
 import json
 import logging
 import threading
+from datetime import UTC
 from pathlib import Path
 
 import dagster as dg
 import pytest
 import yaml
 
+from indexer_dagster.block_range import ranges_between
+from indexer_dagster.chain.rpc import rpc_client
 from indexer_dagster.config import AlertsConfig, load_config
 from indexer_dagster.devnet import Anvil, build_devnet, write_config
 from indexer_dagster.devnet.anvil import free_port
@@ -20,14 +23,12 @@ from indexer_dagster.devnet.uniswap import reorg as anvil_reorg
 from indexer_dagster.health import alerts as A
 from indexer_dagster.health.metrics import render
 from indexer_dagster.health.status import ChainStatus, gather_status
-from indexer_dagster.block_range import ranges_between
-from indexer_dagster.sync.range_checks import CHECKS
-from indexer_dagster.state import Phase, Reorg, open_state
 from indexer_dagster.resources import IndexerConfigResource
 from indexer_dagster.sensors.alerts import CHECK_FAILURE_SENSOR, RUN_FAILURE_SENSOR, build_alert_sensors
 from indexer_dagster.sensors.freshness import build_freshness_sensor
-from indexer_dagster.chain.rpc import rpc_client
+from indexer_dagster.state import Phase, Reorg, open_state
 from indexer_dagster.sync.historical import sync_range
+from indexer_dagster.sync.range_checks import CHECKS
 from indexer_dagster.sync.realtime import Follower
 
 KEY = "SECRETKEY123"
@@ -189,10 +190,10 @@ def test_watch_alerts_once_per_breach_and_once_when_it_clears(tmp_path):
 
 
 def test_deep_reorg_decision(tmp_path):
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     cfg = load_config(tiny_config(tmp_path, "http://127.0.0.1:1", "http://127.0.0.1:2/x"))  # confirmations 2
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
 
     def reorg(depth):
         return Reorg(7, "devnet", now, 100, "0xa", depth, 100 + depth, "0xb", 100 + depth, "0xc", [], Phase.DETECTED,

@@ -12,7 +12,7 @@ import string
 import subprocess
 import sys
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import polars as pl
@@ -253,7 +253,7 @@ LOG_SCHEMA = {
     "transaction_index": pl.Int64, "log_index": pl.Int64, "address": pl.Utf8,
     "topic0": pl.Utf8, "topic1": pl.Utf8, "topic2": pl.Utf8, "topic3": pl.Utf8, "data": pl.Utf8,
 }
-T0 = datetime(2024, 1, 1, tzinfo=timezone.utc)
+T0 = datetime(2024, 1, 1, tzinfo=UTC)
 
 
 def _ev(name, inputs, anonymous=False):

@@ -140,7 +140,7 @@ def _mount_tmpfs(where: Path, size_kib: int) -> bool:
 def test_disk_full_fails_clearly_and_keeps_what_was_written(devnet, make_config, sqlite_home, tmp_path):
     """The data directory on a small filesystem that fills up: the backfill stops with a message that
     names the directory and the cause, and the ranges written before stay readable and unchanged."""
-    node, _ = devnet
+    _node, _ = devnet
     path = make_config()
     cfg = load_config(path)
     data = cfg.data_dir
@@ -232,7 +232,8 @@ def test_webserver_and_run_worker_killed_during_live_sync_with_reorgs(tmp_path):
     (tests/test_live_daemon.py kills the daemon itself.)"""
     from indexer_dagster.devnet import Anvil, build_devnet, write_config
     from indexer_dagster.devnet.anvil import free_port
-    from indexer_dagster.devnet.uniswap import generate_traffic, reorg as anvil_reorg
+    from indexer_dagster.devnet.uniswap import generate_traffic
+    from indexer_dagster.devnet.uniswap import reorg as anvil_reorg
     from indexer_dagster.state import open_state
     from tests.test_live_daemon import kill_tree, start_daemon, wait_until_consistent
 

@@ -130,7 +130,7 @@ def test_reserves_match_tracking(chain):
 def test_write_config(chain, tmp_path):
     import yaml
 
-    node, dep = chain
+    _node, dep = chain
     cfg = write_config(tmp_path / "cfg" / "indexer.yaml", "DEVNET_RPC_URL", 31337, dep, data_dir=tmp_path / "data")
     doc = yaml.safe_load(cfg.read_text())
     assert doc["chain"]["rpc_url"] == "${DEVNET_RPC_URL}" and doc["chain"]["chain_id"] == 31337

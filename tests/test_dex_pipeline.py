@@ -1,15 +1,17 @@
 """DEX tables on anvil: derived from the canonical events, equal to the chain, and after a reorg equal
 to a recomputation from scratch on the new fork."""
 
+from datetime import UTC
+
 import polars as pl
 import pytest
 
 from indexer_dagster.config import load_config
 from indexer_dagster.devnet import write_config
 from indexer_dagster.devnet.uniswap import reorg as anvil_reorg
+from indexer_dagster.dex.build import build_dex
 from indexer_dagster.query import query
 from indexer_dagster.sync.repair import repair
-from indexer_dagster.dex.build import build_dex
 from tests.test_reorg import backfill_plain, chain, follow_until_synced, indexed_live  # noqa: F401
 
 pytestmark = pytest.mark.slow
@@ -61,7 +63,7 @@ def test_volumes_and_candles_equal_an_independent_computation_from_raw_logs(tmp_
     """Blocks 5 minutes apart, so hourly candles and volumes cross hour boundaries; pools differ in token
     order (the same token is token0 in some pools and token1 in others)."""
     from collections import defaultdict
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     from indexer_dagster.devnet import Anvil, build_devnet, rpc
 
@@ -85,7 +87,7 @@ def test_volumes_and_candles_equal_an_independent_computation_from_raw_logs(tmp_
                 ts[n] = int(rpc(node.url, "eth_getBlockByNumber", [hex(n), False])["timestamp"], 16)
             words = [int(log["data"][2 + 64 * i: 66 + 64 * i], 16) for i in range(4)]  # in0, in1, out0, out1
             a0, a1 = words[0] + words[2], words[1] + words[3]
-            hour = datetime.fromtimestamp(ts[n] - ts[n] % 3600, tz=timezone.utc)
+            hour = datetime.fromtimestamp(ts[n] - ts[n] % 3600, tz=UTC)
             key = (log["address"].lower(), hour)
             volume[key][0] += a0
             volume[key][1] += a1

@@ -13,19 +13,34 @@ import yaml
 from eth_abi import encode
 from eth_utils import to_checksum_address
 
+from indexer_dagster.block_range import ranges_between
 from indexer_dagster.config import ConfigError, load_config
 from indexer_dagster.devnet import Anvil, write_config
 from indexer_dagster.devnet.uniswap import (
-    GAS, SEL, Deployment, PairInfo, _addr_key, _Automine, _receipts, _send_block, _tx, deploy_uniswap, event_topics,
-    generate_traffic, mint_call_tx, reorg as anvil_reorg, transfer_tx,
+    GAS,
+    SEL,
+    Deployment,
+    PairInfo,
+    _addr_key,
+    _Automine,
+    _receipts,
+    _send_block,
+    _tx,
+    deploy_uniswap,
+    event_topics,
+    generate_traffic,
+    mint_call_tx,
+    transfer_tx,
 )
-from indexer_dagster.block_range import ranges_between
+from indexer_dagster.devnet.uniswap import (
+    reorg as anvil_reorg,
+)
 from indexer_dagster.persist.catalog import build_catalog
 from indexer_dagster.query import query
-from indexer_dagster.sync.repair import repair
 from indexer_dagster.state import Phase, open_state
 from indexer_dagster.sync.contracts import ContractSet, discover, gaps, stored_children
 from indexer_dagster.sync.historical import sync_range
+from indexer_dagster.sync.repair import repair
 from tests.test_historical import node_logs
 from tests.test_reorg import follow_until_synced as follow
 
@@ -320,8 +335,8 @@ def test_thousands_of_children_decode_and_show_in_the_views(tmp_path):
     """3,000 children sharing the pair ABI: the registry is derived from the factory's logs, decoding
     keeps each child's events, the views show exactly the registered children (a log of an
     unregistered address is hidden)."""
-    from indexer_dagster.persist.datasets import LOG_SCHEMA
     from indexer_dagster.block_range import parse_key
+    from indexer_dagster.persist.datasets import LOG_SCHEMA
     from indexer_dagster.persist.lake import Lake
     from indexer_dagster.sync.historical import decode_range
 

@@ -7,8 +7,8 @@ import socket
 import pytest
 import yaml
 
-from indexer_dagster.config import ConfigError, parse_config
 from indexer_dagster.chain.rpc import RetryPolicy, RpcClient, RpcStats
+from indexer_dagster.config import ConfigError, parse_config
 from tests.conftest import cfg_of
 from tests.test_budget import CountingProxy
 from tests.test_historical import backfill, node_logs, view

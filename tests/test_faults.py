@@ -13,15 +13,14 @@ from collections import Counter
 import polars as pl
 import pytest
 
+from indexer_dagster.block_range import ranges_between
+from indexer_dagster.chain.errors import RpcError
+from indexer_dagster.chain.rpc import RpcStats, rpc_client
 from indexer_dagster.config import load_config
 from indexer_dagster.devnet.uniswap import generate_traffic
-from indexer_dagster.chain.errors import RpcError
-from indexer_dagster.chain.rpc import RpcStats
-from indexer_dagster.block_range import ranges_between
 from indexer_dagster.persist.catalog import build_catalog
 from indexer_dagster.query import query
 from indexer_dagster.state import open_state
-from indexer_dagster.chain.rpc import rpc_client
 from indexer_dagster.sync.historical import sync_range
 from indexer_dagster.sync.realtime import Follower
 from indexer_dagster.sync.supervise import history_due

@@ -104,7 +104,7 @@ def _independent_decode(abi_path, event_name, logs: pl.DataFrame) -> list[dict]:
 # the SQLite instance only (the others run on both profiles, see conftest.dagster_home).
 @pytest.mark.parametrize("instance_profile", ["sqlite"])
 def test_decoded_views_match_an_independent_decode(devnet, make_config, dagster_home):
-    node, dep = devnet
+    node, _dep = devnet
     path = make_config()
     cfg = cfg_of(path)
     backfill(path, dagster_home)

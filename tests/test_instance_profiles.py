@@ -214,10 +214,10 @@ def _instance_yaml_from_values(v: dict, tag_limits_in_coordinator: bool = False)
 
 
 def test_helm_concurrency_is_accepted_by_dagster_and_matches_the_profile(tmp_path):
+    from dagster._config import validate_config
     from dagster._core.errors import DagsterInvalidConfigError
     from dagster._core.instance.config import dagster_instance_config
     from dagster._core.run_coordinator import QueuedRunCoordinator
-    from dagster._config import validate_config
 
     v = yaml.safe_load(HELM_VALUES.read_text())
     rendered = _instance_yaml_from_values(v)

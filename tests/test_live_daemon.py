@@ -13,7 +13,8 @@ import pytest
 
 from indexer_dagster.config import load_config
 from indexer_dagster.devnet import Anvil, build_devnet, write_config
-from indexer_dagster.devnet.uniswap import generate_traffic, reorg as anvil_reorg
+from indexer_dagster.devnet.uniswap import generate_traffic
+from indexer_dagster.devnet.uniswap import reorg as anvil_reorg
 from indexer_dagster.persist.catalog import build_catalog
 from indexer_dagster.query import query
 from indexer_dagster.state import open_state
@@ -109,7 +110,7 @@ def test_daemon_follows_live_chain_with_random_reorgs(tmp_path, dagster_home):
                 killed = True
             time.sleep(1)
         assert reorgs >= 2
-        ok, active, why = wait_until_consistent(cfg, node)
+        ok, _active, why = wait_until_consistent(cfg, node)
         assert ok, why + "\n" + (tmp_path / "daemon.log").read_text()[-3000:]
         ledger = query(cfg.duckdb_path, "select * from reorgs")
         assert ledger.height >= 1 and set(ledger["phase"]) == {"done"}

@@ -115,7 +115,7 @@ def test_readers_never_see_a_partial_object_while_it_is_replaced(s3, tmp_path):
         while not stop.is_set():
             try:
                 seen.add(read_parquet(lake.path("logs", KEY))["x"][0])
-            except BaseException as e:  # a partial or mixed object would fail to parse
+            except BaseException as e:  # noqa: BLE001 - a partial or mixed object would fail to parse
                 errors.append(e)
                 return
 
@@ -229,14 +229,15 @@ def test_a_missing_bucket_is_refused_before_anything_is_written(s3, make_config,
 def test_backfill_live_sync_and_reorg_on_object_storage(s3, tmp_path, monkeypatch):
     """`indexer backfill` (Dagster, multiprocess run workers) writes the lake to the bucket; the live
     follower extends it and repairs a reorg there; the views equal the node each time."""
-    from tests.conftest import cli_env
-    from tests.test_reorg import assert_views_equal_node, follow_until_synced
     from indexer_dagster.devnet import Anvil, build_devnet, write_config
-    from indexer_dagster.devnet.uniswap import generate_traffic, reorg as anvil_reorg
-    from indexer_dagster.sync.repair import repair
-    from indexer_dagster.state import Phase, open_state
+    from indexer_dagster.devnet.uniswap import generate_traffic
+    from indexer_dagster.devnet.uniswap import reorg as anvil_reorg
     from indexer_dagster.dex.build import build_dex
+    from indexer_dagster.state import Phase, open_state
+    from indexer_dagster.sync.repair import repair
+    from tests.conftest import cli_env
     from tests.test_dex_pipeline import check_against_chain
+    from tests.test_reorg import assert_views_equal_node, follow_until_synced
 
     node = Anvil(chain_id=31337).start()
     try:

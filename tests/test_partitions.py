@@ -1,3 +1,5 @@
+import itertools
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -16,7 +18,7 @@ def test_ranges_cover_exactly(first, n_ranges, width, offset):
     last = first + n_ranges * width + offset % width
     rs = ranges_between(first, last, width)
     assert rs[0].start <= first <= rs[0].end and rs[-1].start <= last <= rs[-1].end
-    assert all(b.start == a.end + 1 for a, b in zip(rs, rs[1:]))
+    assert all(b.start == a.end + 1 for a, b in itertools.pairwise(rs))
     assert all(len(r) == width and r.start % width == 0 for r in rs)
     assert all(parse_key(r.key) == r for r in rs)
 

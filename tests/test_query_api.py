@@ -6,11 +6,11 @@ files under <data>/<chain>/..., views over globs of them, and a ``status`` joine
 """
 
 import datetime as dt
-from decimal import Decimal as D
 import os
 import subprocess
 import sys
 import threading
+from decimal import Decimal as D
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,9 +19,9 @@ import polars as pl
 import pytest
 
 import indexer_dagster
+from indexer_dagster.api import connect
 from indexer_dagster.persist.catalog import write_views
 from indexer_dagster.query import QueryError
-from indexer_dagster.api import connect
 
 REPO = Path(__file__).resolve().parents[1]
 PAIR_ABI = REPO / "node_modules/@uniswap/v2-core/build/UniswapV2Pair.json"
@@ -31,7 +31,7 @@ P2 = "0x" + "b2" * 20
 P3 = "0x" + "c3" * 20  # on chain 10
 T0, T1 = "0x" + "01" * 20, "0x" + "02" * 20
 P1_MIXED = "0x" + "A1" * 20
-UTC = dt.timezone.utc
+UTC = dt.UTC
 T_START = dt.datetime(2024, 5, 1, tzinfo=UTC)
 EXACT = pl.Decimal(38, 0)
 CONFIRMED_THROUGH = {1: 150, 10: 10_000}
@@ -451,7 +451,7 @@ def test_catalog_rebuilt_repeatedly_while_reading(lake):
             try:
                 for i in range(20):
                     build_catalog(lake.data, lake.catalog, {f"extra_{i}": "SELECT 1 AS x"})
-            except BaseException as e:  # pragma: no cover - reported below
+            except BaseException as e:  # noqa: BLE001  # pragma: no cover - reported below
                 errors.append(e)
             finally:
                 done.set()
@@ -487,7 +487,7 @@ def test_parquet_replaced_atomically_while_reading(lake):
                 while reads < 4 * v - 3 and not errors:  # interleave with the reader
                     threading.Event().wait(0.0005)
                 write(path, version(v), row_group_size=500)
-        except BaseException as e:  # pragma: no cover - reported below
+        except BaseException as e:  # noqa: BLE001  # pragma: no cover - reported below
             errors.append(e)
 
     seen = []

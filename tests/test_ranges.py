@@ -1,5 +1,7 @@
 """RangeSizer behaviour and split_range properties."""
 
+import itertools
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -29,7 +31,7 @@ def test_split_range_covers_exactly_in_order_without_overlap(start, length, span
     assert parts[0][0] == start and parts[-1][1] == end
     for a, b in parts:
         assert a <= b and b - a + 1 <= span
-    for (_, b1), (a2, _) in zip(parts, parts[1:]):
+    for (_, b1), (a2, _) in itertools.pairwise(parts):
         assert a2 == b1 + 1  # contiguous: no gap, no overlap, ordered
     assert sum(b - a + 1 for a, b in parts) == length
     assert all(b - a + 1 == span for a, b in parts[:-1])  # only the last piece is short
@@ -226,7 +228,7 @@ events = st.lists(
             st.one_of(
                 st.none(),
                 st.integers(1, 50_000).map(lambda n: ("span", n)),
-                st.tuples(st.integers(-100, 100), st.integers(0, 50_000)).map(lambda t: ("suggest",) + t),
+                st.tuples(st.integers(-100, 100), st.integers(0, 50_000)).map(lambda t: ("suggest", *t)),
                 st.integers(1, 50_000).map(lambda n: ("results", n)),
             ),
         ),

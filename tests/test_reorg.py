@@ -13,20 +13,21 @@ import textwrap
 import polars as pl
 import pytest
 
+from indexer_dagster.block_range import ranges_between
+from indexer_dagster.chain.rpc import rpc_client
 from indexer_dagster.config import load_config
 from indexer_dagster.devnet import Anvil, build_devnet, write_config
-from indexer_dagster.devnet.uniswap import generate_traffic, reorg as anvil_reorg
-from indexer_dagster.block_range import ranges_between
+from indexer_dagster.devnet.uniswap import generate_traffic
+from indexer_dagster.devnet.uniswap import reorg as anvil_reorg
 from indexer_dagster.persist.catalog import build_catalog
 from indexer_dagster.persist.lake import open_lake
-from indexer_dagster.sync.range_checks import CHECKS
 from indexer_dagster.query import query
-from indexer_dagster.sync.repair import repair
 from indexer_dagster.state import Phase, open_state
 from indexer_dagster.sync.historical import sync_range
+from indexer_dagster.sync.range_checks import CHECKS
 from indexer_dagster.sync.realtime import ANCHOR, Follower
+from indexer_dagster.sync.repair import repair
 from indexer_dagster.sync.supervise import history_due
-from indexer_dagster.chain.rpc import rpc_client
 from tests.test_historical import node_logs
 
 pytestmark = pytest.mark.slow

@@ -532,7 +532,7 @@ class ClientConnectorCertificateError(Exception):
 
 def test_builtin_exceptions():
     cases = [
-        (asyncio.TimeoutError(), T, True),
+        (TimeoutError(), T, True),
         (TimeoutError("read timeout"), T, True),
         (ConnectionResetError(104, "Connection reset by peer"), T, False),
         (ConnectionRefusedError(111, "Connect call failed ('127.0.0.1', 8545)"), T, False),

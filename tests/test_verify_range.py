@@ -10,15 +10,15 @@ import polars as pl
 import pytest
 
 from indexer_dagster.assets.ranges import raw_keys
+from indexer_dagster.block_range import BlockRange
 from indexer_dagster.config import load_config
 from indexer_dagster.definitions import build_definitions
 from indexer_dagster.devnet import write_config
-from indexer_dagster.block_range import BlockRange
 from indexer_dagster.persist.catalog import build_catalog
 from indexer_dagster.persist.failed_checks import failed_ranges
 from indexer_dagster.persist.lake import Lake
-from indexer_dagster.sync.range_checks import CHECKS, verify_range
 from indexer_dagster.query import query
+from indexer_dagster.sync.range_checks import CHECKS, verify_range
 from indexer_dagster.sync.supervise import Facts, plan
 from tests.conftest import cli_env
 
@@ -234,7 +234,7 @@ def test_a_failing_check_shows_in_dagster_and_keeps_the_range_unconfirmed(indexe
 def test_backfill_cli_reports_failed_checks(indexed, tmp_path):
     """`indexer backfill` exits non-zero and names the ranges whose checks failed, and the re-run of the
     previous range then the same command heal it."""
-    cfg, lake = copy_of(indexed, tmp_path)
+    _cfg, lake = copy_of(indexed, tmp_path)
     bad = "0x" + "ee" * 32
     rewrite(lake, "blocks", R0.key, lambda df: df.with_columns(
         pl.when(pl.col("number") == R0.end).then(pl.lit(bad)).otherwise(pl.col("hash")).alias("hash")))

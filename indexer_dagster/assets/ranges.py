@@ -9,18 +9,18 @@ several ranges per run) and records what it did as per-partition metadata.
 
 import dagster as dg
 
+from indexer_dagster.block_range import parse_key
+from indexer_dagster.chain.rpc import RpcStats
 from indexer_dagster.config import IndexerConfig
 from indexer_dagster.health.logs import bind
-from indexer_dagster.chain.rpc import RpcStats
-from indexer_dagster.block_range import parse_key
 from indexer_dagster.persist.catalog import build_catalog
 from indexer_dagster.persist.lake import storage_problem
-from indexer_dagster.sync.range_checks import CHECKS, CheckResult, verify_and_record
 from indexer_dagster.resources import IndexerConfigResource
 from indexer_dagster.state import open_state
 from indexer_dagster.sync.historical import decode_range
-from indexer_dagster.sync.supplement import fetch_range
+from indexer_dagster.sync.range_checks import CHECKS, CheckResult, verify_and_record
 from indexer_dagster.sync.realtime import range_lease
+from indexer_dagster.sync.supplement import fetch_range
 
 RANGES_PER_RUN = 8
 # Transient failures are retried inside the RPC client; this retries what escapes it (e.g. a node

@@ -46,17 +46,17 @@ import ssl
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import timezone
+from datetime import UTC
 from email.utils import parsedate_to_datetime
 from typing import Any
 
 __all__ = [
-    "RpcErrorKind",
-    "RpcErrorInfo",
     "RpcError",
+    "RpcErrorInfo",
+    "RpcErrorKind",
+    "classify_exception",
     "classify_http",
     "classify_rpc_error",
-    "classify_exception",
     "parse_retry_after",
     "redact",
 ]
@@ -287,7 +287,7 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     if dt is None:
         return None
     if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
+        dt = dt.replace(tzinfo=UTC)
     now = time.time() if now is None else now
     return max(0.0, dt.timestamp() - now)
 

@@ -17,12 +17,10 @@ import orjson
 import polars as pl
 
 from indexer_dagster.chain.errors import RpcError, RpcErrorKind
-from indexer_dagster.chain.spans import RangeSizer
 from indexer_dagster.chain.rpc import RpcClient
+from indexer_dagster.chain.spans import RangeSizer
 from indexer_dagster.chain.verify import LogVerifier, agree, parse_bloom, reconcile
 from indexer_dagster.persist.datasets import BLOCK_SCHEMA, LOG_SCHEMA
-
-
 
 MAX_ADDRESSES_PER_REQUEST = 500
 _CHUNK_ATTEMPTS = 5

@@ -2,10 +2,10 @@
 
 import asyncio
 
-from indexer_dagster.config import ConfigError, IndexerConfig
-from indexer_dagster.urls import redact_to_host
 from indexer_dagster.chain.errors import RpcError
 from indexer_dagster.chain.rpc import RetryPolicy, RpcClient
+from indexer_dagster.config import ConfigError, IndexerConfig
+from indexer_dagster.urls import redact_to_host
 
 
 async def _probe(url: str) -> tuple[int, int]:

@@ -18,7 +18,6 @@ from typing import Any
 import aiohttp
 import orjson
 
-from indexer_dagster.config import IndexerConfig
 from indexer_dagster.chain.budget import RpcBudget, endpoint_key
 from indexer_dagster.chain.errors import (
     RpcError,
@@ -28,6 +27,7 @@ from indexer_dagster.chain.errors import (
     classify_http,
     classify_rpc_error,
 )
+from indexer_dagster.config import IndexerConfig
 
 
 @dataclass

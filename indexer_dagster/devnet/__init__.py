@@ -19,16 +19,16 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from .anvil import Anvil, AnvilNotFoundError, AnvilStartError, RpcClient, RpcError, find_anvil, rpc, rpc_batch
 from .config import write_config
-from .uniswap import _url_client
 from .uniswap import (
     ChainState,
     Deployment,
     PairInfo,
+    _url_client,
     approve_tx,
     burn_call_tx,
     burn_txs,
@@ -48,12 +48,12 @@ from .uniswap import (
 )
 
 __all__ = [
+    "GENERATOR_VERSION",
     "Anvil",
     "AnvilNotFoundError",
     "AnvilStartError",
     "ChainState",
     "Deployment",
-    "GENERATOR_VERSION",
     "PairInfo",
     "RpcClient",
     "RpcError",
@@ -86,7 +86,7 @@ GENERATOR_VERSION = 2
 
 
 def build_devnet(
-    anvil_or_url: "Anvil | str",
+    anvil_or_url: Anvil | str,
     blocks: int = 200,
     txs_per_block: int = 50,
     seed: int = 0,
@@ -327,5 +327,5 @@ def _anvil_version() -> str:
     try:
         out = subprocess.run([find_anvil(), "--version"], capture_output=True, text=True, timeout=30)
         return out.stdout.splitlines()[0].strip() if out.stdout else "unknown"
-    except Exception:
+    except Exception:  # noqa: BLE001 - only a label in the output
         return "unknown"

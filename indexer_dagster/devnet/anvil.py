@@ -25,8 +25,9 @@ import threading
 import time
 import urllib.parse
 import weakref
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import IO, Any, Iterable, Sequence
+from typing import IO, Any
 
 import orjson
 
@@ -162,7 +163,7 @@ class RpcClient:
                 try:
                     orjson.loads(data)
                 except orjson.JSONDecodeError:
-                    raise RpcError("<http>", resp.status, data[:500].decode(errors="replace"))
+                    raise RpcError("<http>", resp.status, data[:500].decode(errors="replace")) from None
             return data
         raise AssertionError("unreachable")
 
@@ -224,7 +225,7 @@ class RpcClient:
             results.append(err)
         return results
 
-    def __enter__(self) -> "RpcClient":
+    def __enter__(self) -> RpcClient:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -258,7 +259,7 @@ def rpc_batch(url: str, calls: Iterable[tuple[str, Sequence[Any] | None]], raise
 # the node
 # ---------------------------------------------------------------------------------------------
 
-_RUNNING: "weakref.WeakSet[Anvil]" = weakref.WeakSet()
+_RUNNING: weakref.WeakSet[Anvil] = weakref.WeakSet()
 
 
 @atexit.register
@@ -266,7 +267,7 @@ def _stop_all() -> None:  # never leave an orphan anvil behind
     for a in list(_RUNNING):
         try:
             a.stop()
-        except Exception:
+        except Exception:  # noqa: BLE001 - best effort at exit: stop the others too
             pass
 
 
@@ -354,7 +355,7 @@ class Anvil:
             raise ValueError("--prune-history breaks anvil_reorg/anvil_rollback; don't use it")
         return cmd
 
-    def start(self) -> "Anvil":
+    def start(self) -> Anvil:
         if self.running:
             return self
         if self.load_state and not os.path.exists(self.load_state):
@@ -421,7 +422,7 @@ class Anvil:
                 size = r.tell()
                 r.seek(max(0, size - n))
                 return r.read().decode(errors="replace")
-        except Exception:
+        except Exception:  # noqa: BLE001 - the log tail only decorates an error message
             return ""
 
     def stop(self, timeout: float = 10.0) -> int | None:
@@ -451,7 +452,7 @@ class Anvil:
             self._log_file = None
         return rc
 
-    def __enter__(self) -> "Anvil":
+    def __enter__(self) -> Anvil:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -13,7 +13,7 @@ from eth_utils import to_checksum_address
 
 from .uniswap import ARTIFACT_NAMES, Deployment, artifact_paths
 
-__all__ = ["write_config", "rpc_url_value", "CONTRACT_EVENTS"]
+__all__ = ["CONTRACT_EVENTS", "rpc_url_value", "write_config"]
 
 #: contract name -> events the config asks the indexer for
 CONTRACT_EVENTS: dict[str, list[str]] = {

@@ -37,10 +37,10 @@ import itertools
 import json
 import random
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
-from typing import Callable, Sequence
 
 from eth_abi import decode, encode
 from eth_utils import keccak, to_checksum_address
@@ -116,7 +116,7 @@ def artifact_paths() -> dict[str, Path]:
     return out
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_artifact(name: str) -> dict:
     with open(artifact_paths()[name], "rb") as f:
         return json.load(f)
@@ -133,7 +133,7 @@ def _canonical_type(inp: dict) -> str:
     return t
 
 
-@lru_cache(maxsize=None)
+@cache
 def event_topics(contract: str) -> dict[str, str]:
     """``{event name: topic0 hex}`` from the artifact's ABI."""
     return {
@@ -271,13 +271,13 @@ class Deployment:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Deployment":
+    def from_dict(cls, d: dict) -> Deployment:
         d = dict(d)
         d["pairs"] = [PairInfo(**p) for p in d["pairs"]]
         return cls(**d)
 
 
-def _url_client(node: "str | Anvil | RpcClient") -> RpcClient:
+def _url_client(node: str | Anvil | RpcClient) -> RpcClient:
     if isinstance(node, RpcClient):
         return node
     if isinstance(node, Anvil):
@@ -324,7 +324,7 @@ class _Automine:
         self.prev_auto = True
         self.prev_interval = 0
 
-    def __enter__(self) -> "_Automine":
+    def __enter__(self) -> _Automine:
         try:
             self.prev_auto = bool(self.c.call("anvil_getAutomine"))
         except RpcError:
@@ -363,7 +363,7 @@ def _chunks_by_gas(txs: Sequence[dict], budget: int) -> list[list[dict]]:
 
 
 def deploy_uniswap(
-    node: "str | Anvil | RpcClient",
+    node: str | Anvil | RpcClient,
     n_tokens: int = 4,
     n_pairs: int | None = None,
     seed: int = 0,
@@ -488,7 +488,7 @@ class ChainState:
     block: int  # the block this state is at
 
     @classmethod
-    def load(cls, node: "str | Anvil | RpcClient", deployment: Deployment, block: int | str = "latest") -> "ChainState":
+    def load(cls, node: str | Anvil | RpcClient, deployment: Deployment, block: int | str = "latest") -> ChainState:
         """Read the state at ``block`` (``"latest"``: the head, nonces include the pool)."""
         c = _url_client(node)
         tag = block if isinstance(block, str) else hex(block)
@@ -522,7 +522,7 @@ class ChainState:
         return cls(pools, balances, nonces, blk)
 
 
-def read_reserves(node: "str | Anvil | RpcClient", deployment: Deployment, block: int | str = "latest") -> list[tuple[int, int]]:
+def read_reserves(node: str | Anvil | RpcClient, deployment: Deployment, block: int | str = "latest") -> list[tuple[int, int]]:
     """``getReserves()`` of every pair via ``eth_call``: ``[(reserve0, reserve1), ...]``."""
     c = _url_client(node)
     tag = block if isinstance(block, str) else hex(block)
@@ -739,7 +739,7 @@ class TrafficGenerator:
 
 
 def generate_traffic(
-    url: "str | Anvil | RpcClient",
+    url: str | Anvil | RpcClient,
     deployment: Deployment,
     blocks: int,
     txs_per_block: int,
@@ -835,7 +835,7 @@ def generate_traffic(
 
 
 def count_logs(
-    node: "str | Anvil | RpcClient",
+    node: str | Anvil | RpcClient,
     deployment: Deployment,
     from_block: int,
     to_block: int,
@@ -868,7 +868,7 @@ def count_logs(
     return counts
 
 
-def verify_traffic(node: "str | Anvil | RpcClient", deployment: Deployment, stats: dict) -> None:
+def verify_traffic(node: str | Anvil | RpcClient, deployment: Deployment, stats: dict) -> None:
     """Assert that the chain holds exactly the logs ``stats`` expects for its block range and
     that every pair's ``getReserves`` equals the tracked reserves."""
     got = count_logs(node, deployment, stats["first_block"], stats["last_block"])
@@ -902,7 +902,7 @@ def verify_traffic(node: "str | Anvil | RpcClient", deployment: Deployment, stat
 
 
 def plan_reorg(
-    node: "str | Anvil | RpcClient",
+    node: str | Anvil | RpcClient,
     deployment: Deployment,
     depth: int,
     txs_per_block: int = 4,
@@ -943,7 +943,7 @@ def plan_reorg(
 
 
 def reorg(
-    node: "str | Anvil | RpcClient",
+    node: str | Anvil | RpcClient,
     deployment: Deployment,
     depth: int,
     txs_per_block: int = 4,

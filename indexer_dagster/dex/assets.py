@@ -7,10 +7,10 @@ chain-head sensor requests it after the indexed tip moves or a reorg is repaired
 import dagster as dg
 
 from indexer_dagster.config import IndexerConfig
-from indexer_dagster.state import open_state
-from indexer_dagster.resources import IndexerConfigResource
 from indexer_dagster.dex.build import build_dex, source_tables
 from indexer_dagster.persist.datasets import DEX_TABLES
+from indexer_dagster.resources import IndexerConfigResource
+from indexer_dagster.state import open_state
 
 DESCRIPTIONS = {
     "pools": "Uniswap V2 pools (PairCreated, or token0()/token1() of configured pairs).",

@@ -13,16 +13,16 @@ from dataclasses import dataclass, field
 
 import polars as pl
 
-from indexer_dagster.config import IndexerConfig
 from indexer_dagster.chain.fetch import ForkChanged
+from indexer_dagster.chain.rpc import rpc_client
+from indexer_dagster.config import IndexerConfig
+from indexer_dagster.dex import derive as dex
 from indexer_dagster.dex.tokens import pair_tokens, token_metadata
-from indexer_dagster.persist.datasets import CANDLE_INTERVALS, DEX, POOL_SCHEMA, TOKEN_SCHEMA, VOLUME_INTERVALS
 from indexer_dagster.persist.catalog import build_catalog, read_views
+from indexer_dagster.persist.datasets import CANDLE_INTERVALS, DEX, POOL_SCHEMA, TOKEN_SCHEMA, VOLUME_INTERVALS
 from indexer_dagster.persist.files import read_parquet
 from indexer_dagster.persist.lake import Lake, open_lake
-from indexer_dagster.dex import derive as dex
 from indexer_dagster.state import open_state
-from indexer_dagster.chain.rpc import rpc_client
 
 # The Uniswap V2 events the DEX tables are derived from, by canonical signature (any contract name).
 UNISWAP_V2 = {

@@ -15,13 +15,13 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from indexer_dagster.config import AlertsConfig, IndexerConfig
-from indexer_dagster.urls import redact_to_host
 from indexer_dagster.health.logs import get_logger, register_url, scrub
 from indexer_dagster.health.rpc_stats import failures
+from indexer_dagster.urls import redact_to_host
 
 log = get_logger(__name__)
 
@@ -54,7 +54,7 @@ class Alert:
             "summary": self.summary,
             "text": f"[indexer{'/' + self.chain if self.chain else ''}] {self.severity.upper()} {self.summary}",
             "details": self.details,
-            "time": datetime.fromtimestamp(self.at, timezone.utc).isoformat(),
+            "time": datetime.fromtimestamp(self.at, UTC).isoformat(),
         })
 
 

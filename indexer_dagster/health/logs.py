@@ -28,7 +28,7 @@ LEVEL_ENV = "INDEXER_LOG_LEVEL"
 CONTEXT_FIELDS = ("run_id", "chain", "range")
 MIN_SECRET_LEN = 8  # shorter URL parts ("v2", "rpc", "mainnet") are not keys
 
-_context: ContextVar[dict] = ContextVar("indexer_log_context", default={})
+_context: ContextVar[dict] = ContextVar("indexer_log_context", default={})  # noqa: B039 - never mutated: bind() sets a new dict
 _secrets: set[str] = set()
 _secrets_lock = threading.Lock()
 _configured = False

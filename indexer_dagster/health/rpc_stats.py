@@ -15,9 +15,9 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from indexer_dagster.health.logs import get_logger
 from indexer_dagster.chain.errors import RpcErrorKind
 from indexer_dagster.chain.rpc import RpcStats
+from indexer_dagster.health.logs import get_logger
 from indexer_dagster.persist.datasets import META, RPC_STATS_FILE
 
 log = get_logger(__name__)

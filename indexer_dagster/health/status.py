@@ -15,15 +15,15 @@ from datetime import datetime
 
 import polars as pl
 
+from indexer_dagster.block_range import ranges_between
+from indexer_dagster.chain.errors import RpcError, classify_exception
+from indexer_dagster.chain.rpc import RetryPolicy, rpc_client
 from indexer_dagster.config import IndexerConfig
 from indexer_dagster.health.logs import get_logger, register_config, scrub
 from indexer_dagster.health.rpc_stats import error_rate, read_rpc_stats
-from indexer_dagster.chain.errors import RpcError, classify_exception
-from indexer_dagster.chain.rpc import RetryPolicy, rpc_client
-from indexer_dagster.block_range import ranges_between
 from indexer_dagster.persist.datasets import BLOCKS, LOGS, events, live, number_column
-from indexer_dagster.persist.heads import read_head
 from indexer_dagster.persist.files import LakePath, column_span, data_files, scan_parquet
+from indexer_dagster.persist.heads import read_head
 from indexer_dagster.persist.lake import Lake, open_lake
 
 log = get_logger(__name__)

@@ -9,13 +9,19 @@ from indexer_dagster.config import IndexerConfig
 from indexer_dagster.health.alerts import deep_reorg_alert, send_alert
 from indexer_dagster.health.logs import bind
 from indexer_dagster.jobs.names import (
-    CHAIN_TAG, LIVE_ROLE, REORG_ROLE, ROLE_TAG, SINGLETON_TAG, live_job_name, reorg_job_name,
+    CHAIN_TAG,
+    LIVE_ROLE,
+    REORG_ROLE,
+    ROLE_TAG,
+    SINGLETON_TAG,
+    live_job_name,
+    reorg_job_name,
 )
 from indexer_dagster.persist.catalog import build_catalog
-from indexer_dagster.sync.repair import repair
-from indexer_dagster.state import Phase, open_state
 from indexer_dagster.resources import IndexerConfigResource
+from indexer_dagster.state import Phase, open_state
 from indexer_dagster.sync.realtime import Follower
+from indexer_dagster.sync.repair import repair
 
 
 class FollowConfig(dg.Config):

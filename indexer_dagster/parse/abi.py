@@ -35,10 +35,10 @@ from eth_abi.grammar import parse as _parse_type
 from eth_utils import keccak
 
 __all__ = [
-    "AbiError",
-    "EventSpec",
     "KEY_COLUMNS",
     "KEY_SCHEMA",
+    "AbiError",
+    "EventSpec",
     "Param",
     "event_specs",
     "load_abi",
@@ -258,7 +258,7 @@ def _canonical_type(inp: dict, where: str) -> str:
         out = base + sub + arr
     try:
         _parse_type(out).validate()
-    except Exception as e:  # eth_abi's ParseError / ABITypeError
+    except Exception as e:  # noqa: BLE001 - eth_abi's ParseError / ABITypeError
         raise AbiError(f"{where}: unsupported type {t!r} ({e})") from None
     return out
 

@@ -444,7 +444,7 @@ def _rowwise(ok: pl.DataFrame, spec: EventSpec, layout: _Layout, bad: set[int]) 
         for i, data in enumerate(ok["data"].to_list()):
             try:
                 decoded = _abi_decode(layout.decode_types, bytes.fromhex(data[2:]))
-            except Exception:  # any malformed encoding: skip the row
+            except Exception:  # noqa: BLE001 - any malformed encoding: skip the row
                 bad.add(i)
                 for _, p, _ in want:
                     cols[p.column].append(None)
@@ -458,7 +458,7 @@ def _rowwise(ok: pl.DataFrame, spec: EventSpec, layout: _Layout, bad: set[int]) 
         for i, topic in enumerate(ok[s.source].to_list()):
             try:
                 vals.append(str(_abi_decode([s.param.type], bytes.fromhex(topic[2:]))[0]))
-            except Exception:
+            except Exception:  # noqa: BLE001 - a malformed indexed value: skip the row
                 bad.add(i)
                 vals.append(None)
         cols[s.param.column] = vals

@@ -25,9 +25,9 @@ from filelock import FileLock
 
 from indexer_dagster.config import IndexerConfig
 from indexer_dagster.persist import datasets as ds
+from indexer_dagster.persist.duck_lock import lock_message
 from indexer_dagster.persist.failed_checks import ensure_ledger
 from indexer_dagster.persist.files import is_remote
-from indexer_dagster.persist.duck_lock import lock_message
 from indexer_dagster.persist.lake import StorageError, open_lake
 
 _DUCK_TYPES = {

@@ -18,7 +18,6 @@ from indexer_dagster.persist.files import LakePath, read_parquet
 from indexer_dagster.persist.lake import Lake
 
 
-
 def ledger_path(lake: Lake) -> LakePath:
     return lake.path(META, FAILED_CHECKS)
 

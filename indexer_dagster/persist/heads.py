@@ -14,7 +14,6 @@ from indexer_dagster.persist.files import LakePath, read_parquet
 from indexer_dagster.persist.lake import Lake
 
 
-
 def head_path(lake: Lake) -> LakePath:
     return lake.path(META, HEAD)
 

@@ -53,7 +53,7 @@ def check_lake(cfg: Any) -> None:
         raise ConfigError(f"storage.lake_url {root}: access denied; check the storage credentials in the "
                           "environment (for S3: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_PROFILE) and the "
                           "bucket's policy; nothing was written") from None
-    except Exception as e:  # no credentials, endpoint unreachable, ...
+    except Exception as e:  # noqa: BLE001 - no credentials, endpoint unreachable, ...
         first = (str(e).splitlines() or [""])[0]
         raise ConfigError(f"storage.lake_url {root}: cannot list the bucket ({type(e).__name__}: {first}); check "
                           "the endpoint (lake_options.endpoint_url or AWS_ENDPOINT_URL) and the credentials in "

@@ -304,16 +304,16 @@ def time_param(value: Any, name: str) -> dt.datetime | None:
     if isinstance(value, bool):
         raise ValueError(f"{name} must be a datetime, date, ISO-8601 string or Unix seconds; got {value!r}")
     if isinstance(value, (int, float)):
-        return dt.datetime.fromtimestamp(value, dt.timezone.utc)
+        return dt.datetime.fromtimestamp(value, dt.UTC)
     if isinstance(value, str):
         try:
             value = dt.datetime.fromisoformat(value.strip())
         except ValueError:
             raise ValueError(f"{name} is not an ISO-8601 date or time: {value!r}") from None
     if isinstance(value, dt.datetime):
-        return value.replace(tzinfo=dt.timezone.utc) if value.tzinfo is None else value.astimezone(dt.timezone.utc)
+        return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
     if isinstance(value, dt.date):
-        return dt.datetime(value.year, value.month, value.day, tzinfo=dt.timezone.utc)
+        return dt.datetime(value.year, value.month, value.day, tzinfo=dt.UTC)
     raise ValueError(f"{name} must be a datetime, date, ISO-8601 string or Unix seconds; got {value!r}")
 
 

@@ -4,20 +4,26 @@ import time
 
 import dagster as dg
 
+from indexer_dagster.block_range import range_for_block
 from indexer_dagster.config import IndexerConfig
 from indexer_dagster.jobs.live import ReorgConfig
 from indexer_dagster.jobs.names import (
-    CHAIN_TAG, LIVE_ROLE, REORG_ID_TAG, REORG_ROLE, ROLE_TAG, live_job_name, reorg_job_name,
+    CHAIN_TAG,
+    LIVE_ROLE,
+    REORG_ID_TAG,
+    REORG_ROLE,
+    ROLE_TAG,
+    live_job_name,
+    reorg_job_name,
 )
-from indexer_dagster.block_range import range_for_block
+from indexer_dagster.persist.datasets import BLOCKS, live_segments
 from indexer_dagster.persist.failed_checks import failed_ranges
 from indexer_dagster.persist.lake import open_lake
-from indexer_dagster.state import open_state
 from indexer_dagster.resources import IndexerConfigResource
-from indexer_dagster.persist.datasets import BLOCKS, live_segments
+from indexer_dagster.state import open_state
 from indexer_dagster.sync.realtime import ANCHOR, follower_alive, lease_held, range_lease
-from indexer_dagster.sync.supplement import ranges_to_supplement
 from indexer_dagster.sync.supervise import Facts, plan, range_coverage
+from indexer_dagster.sync.supplement import ranges_to_supplement
 
 RESYNC_BACKOFF_S = 10.0  # a range whose checks failed is synced again once its failure is this old
 IN_PROGRESS = [

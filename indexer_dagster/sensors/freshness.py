@@ -9,12 +9,12 @@ alerted lives in the sensor's cursor, so a daemon restart does not repeat an ale
 import dagster as dg
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
+from indexer_dagster.block_range import parse_key, ranges_between
 from indexer_dagster.config import IndexerConfig
 from indexer_dagster.health.alerts import WatchState, send_alert, watch
 from indexer_dagster.health.logs import get_logger, log_context, register_config, scrub
 from indexer_dagster.health.status import gather_status
 from indexer_dagster.jobs.names import historical_job_name
-from indexer_dagster.block_range import parse_key, ranges_between
 from indexer_dagster.resources import IndexerConfigResource
 
 log = get_logger(__name__)

@@ -58,7 +58,7 @@ class SqliteStateStore(StateStore):
                     mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
                     break
                 except sqlite3.OperationalError as e:
-                    if "locked" not in str(e) and "busy" not in str(e) or time.monotonic() > deadline:
+                    if ("locked" not in str(e) and "busy" not in str(e)) or time.monotonic() > deadline:
                         raise
                     time.sleep(0.02)
             if str(mode).lower() != "wal":

@@ -24,13 +24,13 @@ from functools import lru_cache
 
 import polars as pl
 
-from indexer_dagster.config import IndexerConfig
 from indexer_dagster.chain.errors import RpcError, RpcErrorKind
 from indexer_dagster.chain.fetch import parse_logs_body
 from indexer_dagster.chain.rpc import RpcClient
+from indexer_dagster.config import IndexerConfig
 from indexer_dagster.parse.decode import decode_logs
-from indexer_dagster.persist.files import data_files, file_state, parquet_metadata, read_parquet, scan_parquet
 from indexer_dagster.persist.datasets import CHILD_SCHEMA, CHILDREN, LIVE
+from indexer_dagster.persist.files import data_files, file_state, parquet_metadata, read_parquet, scan_parquet
 from indexer_dagster.persist.lake import Lake, open_lake
 
 # Blocks per eth_getLogs of a discovery scan (one address + one topic: sparse); halved on "too large".
@@ -247,7 +247,7 @@ async def resolve_range(cfg: IndexerConfig, rpc: RpcClient, start: int, end: int
     if not has_factories(cfg):
         return cs
     covered = covered_intervals(cfg)
-    todo = gaps(cfg.start_block, start - 1, covered) + [(start, end)] if start > cfg.start_block else [(start, end)]
+    todo = [*gaps(cfg.start_block, start - 1, covered), (start, end)] if start > cfg.start_block else [(start, end)]
     for a, b in _merge(todo):
         cs.add(await scan_creations(cfg, rpc, a, b))
     return cs

@@ -14,25 +14,39 @@ from typing import Any
 
 import polars as pl
 
+from indexer_dagster.block_range import BlockRange
+from indexer_dagster.chain.fetch import Chunk, ForkChanged, RangeFetcher
+from indexer_dagster.chain.rpc import RpcClient, RpcStats, rpc_client
+from indexer_dagster.chain.spans import RangeSizer
+from indexer_dagster.chain.verify import verifier_for
 from indexer_dagster.config import IndexerConfig
-from indexer_dagster.urls import redact_to_host
 from indexer_dagster.health.logs import get_logger, log_context, register_config
 from indexer_dagster.health.rpc_stats import RpcStatsRecorder
-from indexer_dagster.chain.fetch import Chunk, ForkChanged, RangeFetcher
-from indexer_dagster.persist.datasets import BLOCK_SCHEMA, CHILD_SCHEMA, CHILDREN, LOG_SCHEMA, live_datasets, live_segments
-from indexer_dagster.chain.spans import RangeSizer
-from indexer_dagster.chain.rpc import RpcClient, RpcStats, rpc_client
-from indexer_dagster.chain.verify import verifier_for
 from indexer_dagster.parse.decode import decode_logs
-from indexer_dagster.block_range import BlockRange
-from indexer_dagster.persist.heads import record_head
+from indexer_dagster.persist.datasets import (
+    BLOCK_SCHEMA,
+    CHILD_SCHEMA,
+    CHILDREN,
+    LOG_SCHEMA,
+    live_datasets,
+    live_segments,
+)
 from indexer_dagster.persist.files import open_parquet
+from indexer_dagster.persist.heads import record_head
 from indexer_dagster.persist.lake import Lake, StreamWriter, Transaction, open_lake
 from indexer_dagster.state import open_state
 from indexer_dagster.sync.contracts import (
-    ContractSet, coverage_metadata, discover, empty_children, has_factories, key_files,
-    resolve_range, stored_children, wanted_coverage,
+    ContractSet,
+    coverage_metadata,
+    discover,
+    empty_children,
+    has_factories,
+    key_files,
+    resolve_range,
+    stored_children,
+    wanted_coverage,
 )
+from indexer_dagster.urls import redact_to_host
 
 log = get_logger(__name__)
 # (blocks, logs) just written; the CLI turns these into a progress bar.
@@ -238,9 +252,9 @@ async def _sync(
                         tx.delete(p)
 
                     def write(chunk: Chunk) -> None:
-                        wb.write(chunk.blocks)
-                        wl.write(chunk.logs)
-                        decoder.write(chunk.logs)
+                        wb.write(chunk.blocks)  # noqa: B023 - called within this iteration
+                        wl.write(chunk.logs)  # noqa: B023 - called within this iteration
+                        decoder.write(chunk.logs)  # noqa: B023 - called within this iteration
 
                     if clipped is not None:
                         assert contracts is not None  # resolved above for a clipped range

@@ -25,8 +25,8 @@ from typing import Any, cast
 
 import polars as pl
 
-from indexer_dagster.config import IndexerConfig
 from indexer_dagster.block_range import BlockRange, range_for_block
+from indexer_dagster.config import IndexerConfig
 from indexer_dagster.persist.files import LakePath, read_parquet
 from indexer_dagster.persist.lake import Lake, open_lake
 
@@ -155,7 +155,6 @@ async def _node_logs(cfg: IndexerConfig, hashes: dict[int, str]) -> dict[int, li
     """Log indexes per sampled block from the node (by block hash), or an error text."""
     from indexer_dagster.chain.errors import RpcError
     from indexer_dagster.chain.rpc import rpc_client
-
     from indexer_dagster.sync.contracts import ContractSet, has_factories, stored_children
 
     # The addresses the range was fetched for: static ones and factory children, each from its start.

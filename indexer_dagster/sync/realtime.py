@@ -14,6 +14,7 @@ in between leaves segments above the stored tip, which the next start deletes.
 """
 
 import asyncio
+import itertools
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -21,27 +22,45 @@ from dataclasses import dataclass, field
 
 import polars as pl
 
+from indexer_dagster.block_range import ranges_between
+from indexer_dagster.chain.fetch import (
+    MAX_ADDRESSES_PER_REQUEST,
+    ForkChanged,
+    RangeFetcher,
+    parse_logs_body,
+)
+from indexer_dagster.chain.rpc import RpcClient, RpcStats, rpc_client
+from indexer_dagster.chain.verify import LogVerifier, verifier_for
 from indexer_dagster.config import IndexerConfig
-from indexer_dagster.urls import redact_to_host
 from indexer_dagster.health.logs import get_logger, log_context, register_config
 from indexer_dagster.health.rpc_stats import RpcStatsRecorder
-from indexer_dagster.chain.fetch import (
-    MAX_ADDRESSES_PER_REQUEST, ForkChanged, RangeFetcher, parse_logs_body,
+from indexer_dagster.persist.datasets import (
+    BLOCK_SCHEMA,
+    BLOCKS,
+    HEAD,
+    LIVE,
+    LOG_SCHEMA,
+    LOGS,
+    META,
+    live,
+    live_datasets,
+    live_segments,
 )
-from indexer_dagster.chain.rpc import RpcClient, RpcStats
-from indexer_dagster.chain.verify import LogVerifier, verifier_for
-from indexer_dagster.block_range import ranges_between
-from indexer_dagster.persist.datasets import BLOCK_SCHEMA, BLOCKS, LIVE, LOG_SCHEMA, LOGS, META, HEAD, live, live_datasets, live_segments
-from indexer_dagster.persist.heads import record_head
 from indexer_dagster.persist.files import read_parquet
+from indexer_dagster.persist.heads import record_head
 from indexer_dagster.persist.lake import open_lake
 from indexer_dagster.reorg.detect import Extend, LocalChain, Reorg, TooDeep, Wait, next_step
 from indexer_dagster.state import Header, StateStore
 from indexer_dagster.sync.contracts import (
-    ContractSet, coverage_metadata, discover, has_factories, stored_children, wanted_coverage,
+    ContractSet,
+    coverage_metadata,
+    discover,
+    has_factories,
+    stored_children,
+    wanted_coverage,
 )
-from indexer_dagster.chain.rpc import rpc_client
 from indexer_dagster.sync.historical import Decoder, new_sizer
+from indexer_dagster.urls import redact_to_host
 
 log = get_logger(__name__)
 _RAW_LOG_COLUMNS = [c for c in LOG_SCHEMA if c != "block_timestamp"]
@@ -243,7 +262,7 @@ class Follower:
         numbers = range(max(anchor - self.window + 1, 0), anchor + 1)
         results = await rpc.batch("eth_getBlockByNumber", [[hex(n), False] for n in numbers])
         window = [header_of(b) for b in results if b]
-        if len(window) != len(numbers) or any(b.parent_hash != a.hash for a, b in zip(window, window[1:])):
+        if len(window) != len(numbers) or any(b.parent_hash != a.hash for a, b in itertools.pairwise(window)):
             raise ForkChanged("the node changed fork while the local chain was seeded; retrying")
         with self.store.writer_lock(self.chain):
             if self.store.tip(self.chain) is None:

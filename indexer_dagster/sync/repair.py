@@ -21,27 +21,34 @@ import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import polars as pl
 
-from indexer_dagster.config import IndexerConfig
-from indexer_dagster.chain.fetch import ForkChanged
-from indexer_dagster.persist.datasets import BLOCK_SCHEMA, LIVE, LOG_SCHEMA, META, ORPHAN_COLUMNS, ORPHANED, REORGS, REORGS_SCHEMA
-from indexer_dagster.chain.rpc import call_sync
 from indexer_dagster.block_range import BlockRange, parse_key
-from indexer_dagster.persist.heads import record_head
+from indexer_dagster.chain.fetch import ForkChanged
+from indexer_dagster.chain.rpc import call_sync, rpc_client
+from indexer_dagster.config import IndexerConfig
+from indexer_dagster.persist.datasets import (
+    BLOCK_SCHEMA,
+    LIVE,
+    LOG_SCHEMA,
+    META,
+    ORPHAN_COLUMNS,
+    ORPHANED,
+    REORGS,
+    REORGS_SCHEMA,
+    live_datasets,
+)
 from indexer_dagster.persist.files import LakePath, read_parquet, scan_parquet
+from indexer_dagster.persist.heads import record_head
 from indexer_dagster.persist.lake import Lake, open_lake
-from indexer_dagster.sync.range_checks import CheckResult, verify_and_record
 from indexer_dagster.reorg.detect import LocalChain, find_ancestor
 from indexer_dagster.state import Header, Phase, Reorg, StateStore
 from indexer_dagster.sync.contracts import coverage_metadata, wanted_coverage
-from indexer_dagster.chain.rpc import rpc_client
 from indexer_dagster.sync.historical import Decoder, sync_range
-from indexer_dagster.persist.datasets import live_datasets
+from indexer_dagster.sync.range_checks import CheckResult, verify_and_record
 from indexer_dagster.sync.realtime import CURSOR, Follower
-
 
 
 class ReorgAborted(RuntimeError):
@@ -87,7 +94,7 @@ def roll_back(cfg: IndexerConfig, store: StateStore, reorg: Reorg) -> dict[str, 
     """Move every row above the common ancestor to the archive; returns rows archived per dataset."""
     lake = open_lake(cfg)
     ancestor = reorg.common_ancestor
-    orphaned_at = datetime.now(timezone.utc)
+    orphaned_at = datetime.now(UTC)
     archived: dict[str, int] = {}
     for dataset in reversed(live_datasets(cfg)):  # events, then logs, then blocks
         col = _number_col(dataset)

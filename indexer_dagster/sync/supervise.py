@@ -7,9 +7,7 @@ unfinished reorg, and fills history below the follower's anchor with range runs.
 """
 
 from dataclasses import dataclass, field
-
 from pathlib import Path
-
 
 from indexer_dagster.block_range import BlockRange, ranges_between
 from indexer_dagster.persist.files import LakePath, column_span, data_files

@@ -22,22 +22,35 @@ from collections.abc import Collection
 
 import polars as pl
 
-from indexer_dagster.config import IndexerConfig
-from indexer_dagster.chain.fetch import ForkChanged, RangeFetcher
-from indexer_dagster.persist.datasets import CHILD_SCHEMA, CHILDREN, LIVE, LOG_SCHEMA, live_segments
-from indexer_dagster.chain.rpc import RpcStats
 from indexer_dagster.block_range import BlockRange
+from indexer_dagster.chain.fetch import ForkChanged, RangeFetcher
+from indexer_dagster.chain.rpc import RpcStats, rpc_client
+from indexer_dagster.config import IndexerConfig
+from indexer_dagster.persist.datasets import CHILD_SCHEMA, CHILDREN, LIVE, LOG_SCHEMA, live_segments
 from indexer_dagster.persist.files import file_state, read_parquet
 from indexer_dagster.persist.lake import Lake, open_lake
-from indexer_dagster.sync.contracts import (
-    block_span, coverage_metadata, discover, file_coverage, fingerprint, has_factories, key_files,
-    missing_coverage, resolve_range, stored_coverage, wanted_coverage,
-)
 from indexer_dagster.sync import historical
-from indexer_dagster.sync.historical import (
-    Decoder, RangeResult, commit_guard, decode_range, new_sizer, sync_range,
+from indexer_dagster.sync.contracts import (
+    block_span,
+    coverage_metadata,
+    discover,
+    file_coverage,
+    fingerprint,
+    has_factories,
+    key_files,
+    missing_coverage,
+    resolve_range,
+    stored_coverage,
+    wanted_coverage,
 )
-from indexer_dagster.chain.rpc import rpc_client
+from indexer_dagster.sync.historical import (
+    Decoder,
+    RangeResult,
+    commit_guard,
+    decode_range,
+    new_sizer,
+    sync_range,
+)
 
 FULL, SUPPLEMENT, DECODE = "full", "supplement", "decode"
 
