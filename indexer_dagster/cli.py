@@ -202,8 +202,8 @@ def _backfill_chain(cfg, config_path: str | None, head: int, first: int, last: i
                                    f"fix the cause and re-run the same command")
     import polars as pl
 
-    from indexer_dagster.persist.failed_checks import read_failed
     from indexer_dagster.persist.lake import open_lake
+    from indexer_dagster.persist.meta import read_failed
 
     bad = read_failed(open_lake(cfg)).filter(
         pl.col("range_key").is_in([r.key for r in ranges]))

@@ -15,8 +15,8 @@ import polars as pl
 import pytest
 
 from indexer_dagster.config import load_config
-from indexer_dagster.persist.failed_checks import failed_ranges
 from indexer_dagster.persist.lake import Lake
+from indexer_dagster.persist.meta import failed_ranges
 from indexer_dagster.query import query
 from tests.conftest import REPO, cli_env
 from tests.test_historical import node_logs

@@ -35,8 +35,8 @@ from indexer_dagster.devnet.anvil import free_port
 from indexer_dagster.health import metrics
 from indexer_dagster.health.logs import JsonFormatter, log_context, scrub, url_secrets
 from indexer_dagster.health.status import classify_partitions, gather_status
-from indexer_dagster.persist.heads import read_head
 from indexer_dagster.persist.lake import Lake
+from indexer_dagster.persist.meta import read_head
 from indexer_dagster.state import open_state
 from indexer_dagster.sync.historical import sync_range
 from indexer_dagster.sync.realtime import Follower

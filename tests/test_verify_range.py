@@ -15,8 +15,8 @@ from indexer_dagster.config import load_config
 from indexer_dagster.definitions import build_definitions
 from indexer_dagster.devnet import write_config
 from indexer_dagster.persist.catalog import build_catalog
-from indexer_dagster.persist.failed_checks import failed_ranges
 from indexer_dagster.persist.lake import Lake
+from indexer_dagster.persist.meta import failed_ranges
 from indexer_dagster.query import query
 from indexer_dagster.sync.range_checks import CHECKS, verify_range
 from indexer_dagster.sync.supervise import Facts, plan

@@ -23,8 +23,8 @@ from indexer_dagster.health.logs import get_logger, register_config, scrub
 from indexer_dagster.health.rpc_stats import error_rate, read_rpc_stats
 from indexer_dagster.persist.datasets import BLOCKS, LOGS, events, live, number_column
 from indexer_dagster.persist.files import LakePath, column_span, data_files, scan_parquet
-from indexer_dagster.persist.heads import read_head
 from indexer_dagster.persist.lake import Lake, open_lake
+from indexer_dagster.persist.meta import read_head
 
 log = get_logger(__name__)
 STATES = ("done", "partial", "live", "missing", "failed")

@@ -26,9 +26,9 @@ from filelock import FileLock
 from indexer_dagster.config import IndexerConfig
 from indexer_dagster.persist import datasets as ds
 from indexer_dagster.persist.duck_lock import lock_message
-from indexer_dagster.persist.failed_checks import ensure_ledger
 from indexer_dagster.persist.files import is_remote
 from indexer_dagster.persist.lake import StorageError, open_lake
+from indexer_dagster.persist.meta import ensure_failed_checks
 
 _DUCK_TYPES = {
     pl.Int64: "BIGINT",
@@ -92,7 +92,7 @@ def view_statements(cfg: IndexerConfig) -> dict[str, str]:
 
     # Ranges whose last checks failed (sync.range_checks): their rows stay unconfirmed.
     for lake in lakes:
-        ensure_ledger(lake)
+        ensure_failed_checks(lake)
     views["chain_heads"] = meta(ds.HEAD, ds.HEAD_SCHEMA)
     views["failed_checks"] = meta(ds.FAILED_CHECKS, ds.FAILED_CHECKS_SCHEMA)
     views["_range_blocks"] = src(ds.BLOCKS, ds.BLOCK_SCHEMA)

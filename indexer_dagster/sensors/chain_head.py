@@ -17,8 +17,8 @@ from indexer_dagster.jobs.names import (
     reorg_job_name,
 )
 from indexer_dagster.persist.datasets import BLOCKS, live_segments
-from indexer_dagster.persist.failed_checks import failed_ranges
 from indexer_dagster.persist.lake import open_lake
+from indexer_dagster.persist.meta import failed_ranges
 from indexer_dagster.resources import IndexerConfigResource
 from indexer_dagster.state import open_state
 from indexer_dagster.sync.realtime import ANCHOR, follower_alive, lease_held, range_lease

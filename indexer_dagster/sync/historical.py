@@ -32,8 +32,8 @@ from indexer_dagster.persist.datasets import (
     live_segments,
 )
 from indexer_dagster.persist.files import open_parquet
-from indexer_dagster.persist.heads import record_head
 from indexer_dagster.persist.lake import Lake, StreamWriter, Transaction, open_lake
+from indexer_dagster.persist.meta import record_head
 from indexer_dagster.state import open_state
 from indexer_dagster.sync.contracts import (
     ContractSet,

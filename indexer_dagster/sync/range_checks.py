@@ -3,7 +3,7 @@
 Run after a range is written (the Dagster skin attaches them as asset checks on `blocks` and
 `logs`), or on any stored range by hand. Each check reads the range's Parquet files with polars
 and returns a `CheckResult` with a one-line description and metadata a person can act on. A
-failing range is recorded in `persist.failed_checks`, which keeps its rows `unconfirmed` and makes
+failing range is recorded in `persist.meta`, which keeps its rows `unconfirmed` and makes
 the sensor sync it again; a later passing run clears it.
 
 The checks:
@@ -280,7 +280,7 @@ def verify_and_record(cfg: IndexerConfig, r: BlockRange, *, to_block: int | None
     """`verify_range`, then the durable verdict: a failed range stays unconfirmed and is synced again.
 
     A broken link to the previous range marks that range too: either side may be on the wrong fork."""
-    from indexer_dagster.persist.failed_checks import record_range_checks
+    from indexer_dagster.persist.meta import record_range_checks
 
     results = verify_range(cfg, r, to_block=to_block)
     lake = open_lake(cfg)

@@ -47,8 +47,8 @@ from indexer_dagster.persist.datasets import (
     live_segments,
 )
 from indexer_dagster.persist.files import read_parquet
-from indexer_dagster.persist.heads import record_head
 from indexer_dagster.persist.lake import open_lake
+from indexer_dagster.persist.meta import record_head
 from indexer_dagster.reorg.detect import Extend, LocalChain, Reorg, TooDeep, Wait, next_step
 from indexer_dagster.state import Header, StateStore
 from indexer_dagster.sync.contracts import (

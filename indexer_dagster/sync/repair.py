@@ -41,8 +41,8 @@ from indexer_dagster.persist.datasets import (
     live_datasets,
 )
 from indexer_dagster.persist.files import LakePath, read_parquet, scan_parquet
-from indexer_dagster.persist.heads import record_head
 from indexer_dagster.persist.lake import Lake, open_lake
+from indexer_dagster.persist.meta import record_head
 from indexer_dagster.reorg.detect import LocalChain, find_ancestor
 from indexer_dagster.state import Header, Phase, Reorg, StateStore
 from indexer_dagster.sync.contracts import coverage_metadata, wanted_coverage

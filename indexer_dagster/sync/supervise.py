@@ -71,7 +71,7 @@ def plan(f: Facts) -> Plan:
             if r.key in f.live_segment_ranges and r.end <= f.live_tip - f.reorg_window
             and r.key not in f.range_keys_running and r not in todo
         ]
-    # A range whose checks failed (persist.failed_checks) is synced again; a passing run clears it.
+    # A range whose checks failed (persist.meta) is synced again; a passing run clears it.
     todo += [
         r for r in all_ranges
         if r.key in f.failed_check_ranges and r.key not in f.range_keys_running and r not in todo
