@@ -47,7 +47,7 @@ def instance_profile(request):
 def dagster_home(instance_profile, tmp_path, monkeypatch):
     """A fresh $DAGSTER_HOME with the profile's dagster.yaml. `postgres`: a database of its own on the
     server of $INDEXER_TEST_POSTGRES_URL (skipped when unset, failed when set but unreachable)."""
-    from tests.pg_instance import dagster_pg_env, database_for_test
+    from tests.support.pg_instance import dagster_pg_env, database_for_test
 
     home = tmp_path / "dagster_home"
     home.mkdir()

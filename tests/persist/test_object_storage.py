@@ -236,8 +236,8 @@ def test_backfill_live_sync_and_reorg_on_object_storage(s3, tmp_path, monkeypatc
     from indexer_dagster.state import Phase, open_state
     from indexer_dagster.sync.repair import repair
     from tests.conftest import cli_env
-    from tests.test_dex_pipeline import check_against_chain
-    from tests.test_reorg import assert_views_equal_node, follow_until_synced
+    from tests.dex.test_build import check_against_chain
+    from tests.sync.test_reorg import assert_views_equal_node, follow_until_synced
 
     node = Anvil(chain_id=31337).start()
     try:

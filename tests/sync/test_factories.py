@@ -41,8 +41,8 @@ from indexer_dagster.state import Phase, open_state
 from indexer_dagster.sync.contracts import ContractSet, discover, gaps, stored_children
 from indexer_dagster.sync.historical import sync_range
 from indexer_dagster.sync.repair import repair
-from tests.test_historical import node_logs
-from tests.test_reorg import follow_until_synced as follow
+from tests.sync.test_historical import node_logs
+from tests.sync.test_reorg import follow_until_synced as follow
 
 FACTORY = {"contract": "UniswapV2Factory", "event": "PairCreated", "parameter": "pair"}
 

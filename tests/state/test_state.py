@@ -43,7 +43,7 @@ from indexer_dagster.urls import redact_password
 
 PG_ENV = "INDEXER_TEST_POSTGRES_URL"
 PG_URL = os.environ.get(PG_ENV) or None
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -28,7 +28,7 @@ from indexer_dagster.sync.range_checks import CHECKS
 from indexer_dagster.sync.realtime import ANCHOR, Follower
 from indexer_dagster.sync.repair import repair
 from indexer_dagster.sync.supervise import history_due
-from tests.test_historical import node_logs
+from tests.sync.test_historical import node_logs
 
 pytestmark = pytest.mark.slow
 

@@ -9,9 +9,9 @@ import yaml
 
 from indexer_dagster.chain.rpc import RetryPolicy, RpcClient, RpcStats
 from indexer_dagster.config import ConfigError, parse_config
+from tests.chain.test_budget import CountingProxy
 from tests.conftest import cfg_of
-from tests.test_budget import CountingProxy
-from tests.test_historical import backfill, node_logs, view
+from tests.sync.test_historical import backfill, node_logs, view
 
 
 def dead_url() -> str:

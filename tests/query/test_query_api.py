@@ -23,7 +23,7 @@ from indexer_dagster.api import connect
 from indexer_dagster.persist.catalog import write_views
 from indexer_dagster.query import QueryError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PAIR_ABI = REPO / "node_modules/@uniswap/v2-core/build/UniswapV2Pair.json"
 
 P1 = "0x" + "a1" * 20

@@ -41,7 +41,7 @@ from indexer_dagster.state import open_state
 from indexer_dagster.sync.historical import sync_range
 from indexer_dagster.sync.realtime import Follower
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 KEY = "SECRETKEY123"
 INDEXER = [sys.executable, "-m", "indexer_dagster.cli"]
 

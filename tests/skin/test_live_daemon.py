@@ -18,10 +18,10 @@ from indexer_dagster.devnet.uniswap import reorg as anvil_reorg
 from indexer_dagster.persist.catalog import build_catalog
 from indexer_dagster.query import query
 from indexer_dagster.state import open_state
-from tests.test_historical import node_logs
+from tests.sync.test_historical import node_logs
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def start_daemon(env, log):

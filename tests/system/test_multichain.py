@@ -10,7 +10,7 @@ from indexer_dagster.cli import main
 from indexer_dagster.config import ConfigError, load_config, parse_configs
 from indexer_dagster.devnet import Anvil, build_devnet, write_config
 from indexer_dagster.query import query
-from tests.test_historical import node_logs
+from tests.sync.test_historical import node_logs
 
 pytestmark = pytest.mark.slow
 

@@ -29,8 +29,8 @@ from indexer_dagster.state import open_state
 from indexer_dagster.sync.historical import sync_range
 from indexer_dagster.sync.supervise import Facts, plan
 from indexer_dagster.sync.supplement import fetch_range, plan_range, ranges_to_supplement
-from tests.test_factories import follow
-from tests.test_historical import backfill, node_logs
+from tests.sync.test_factories import follow
+from tests.sync.test_historical import backfill, node_logs
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,7 @@ import pytest
 try:
     import indexer_dagster  # noqa: F401
 except ImportError:  # running from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from eth_abi import decode
 from eth_utils import is_checksum_address, to_checksum_address

@@ -13,9 +13,9 @@ import yaml
 
 from indexer_dagster.launch import PROFILES, ProfileError, ensure_dagster_home, profile_of
 from tests.conftest import cli_env
-from tests.pg_instance import dagster_pg_env, database_for_test, fresh_database
+from tests.support.pg_instance import dagster_pg_env, database_for_test, fresh_database
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 INDEXER = [sys.executable, "-m", "indexer_dagster.cli"]
 PG_YAML = REPO / "deploy" / "dagster-postgres.yaml"
 HELM_VALUES = REPO / "deploy" / "helm" / "values.yaml"

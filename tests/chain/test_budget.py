@@ -15,9 +15,9 @@ import yaml
 from aiohttp import web
 
 from indexer_dagster.chain.budget import RpcBudget, default_block, endpoint_key
-from tests.pg_instance import database_for_test
+from tests.support.pg_instance import database_for_test
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 class CountingProxy:

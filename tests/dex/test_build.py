@@ -12,7 +12,7 @@ from indexer_dagster.devnet.uniswap import reorg as anvil_reorg
 from indexer_dagster.dex.build import build_dex
 from indexer_dagster.query import query
 from indexer_dagster.sync.repair import repair
-from tests.test_reorg import backfill_plain, chain, follow_until_synced, indexed_live  # noqa: F401
+from tests.sync.test_reorg import backfill_plain, chain, follow_until_synced, indexed_live  # noqa: F401
 
 pytestmark = pytest.mark.slow
 

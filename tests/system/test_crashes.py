@@ -19,7 +19,7 @@ from indexer_dagster.persist.lake import Lake
 from indexer_dagster.persist.meta import failed_ranges
 from indexer_dagster.query import query
 from tests.conftest import REPO, cli_env
-from tests.test_historical import node_logs
+from tests.sync.test_historical import node_logs
 
 pytestmark = pytest.mark.slow
 
@@ -229,13 +229,13 @@ def test_webserver_and_run_worker_killed_during_live_sync_with_reorgs(tmp_path):
     the webserver is killed with SIGKILL and restarted, and run workers (the live follower, and any
     reorg or range run alive at that moment) are killed at seeded random moments. The views end equal
     to the node, every reorg is `done`, and the restarted webserver serves the instance again.
-    (tests/test_live_daemon.py kills the daemon itself.)"""
+    (tests/skin/test_live_daemon.py kills the daemon itself.)"""
     from indexer_dagster.devnet import Anvil, build_devnet, write_config
     from indexer_dagster.devnet.anvil import free_port
     from indexer_dagster.devnet.uniswap import generate_traffic
     from indexer_dagster.devnet.uniswap import reorg as anvil_reorg
     from indexer_dagster.state import open_state
-    from tests.test_live_daemon import kill_tree, start_daemon, wait_until_consistent
+    from tests.skin.test_live_daemon import kill_tree, start_daemon, wait_until_consistent
 
     node = Anvil(chain_id=31337).start()
     procs: dict[str, subprocess.Popen] = {}

@@ -32,9 +32,9 @@ from indexer_dagster.parse.abi import event_specs, load_abi
 from indexer_dagster.parse.decode import decode_logs
 from indexer_dagster.query import QueryError
 from indexer_dagster.query import query as run_query
-from tests.test_decode import _json_value
+from tests.parse.test_decode import _json_value
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BUILD = REPO / "node_modules/@uniswap/v2-core/build"
 
 # One profile for these fuzzers: no per-example deadline (CI machines are shared and slow), a fixed

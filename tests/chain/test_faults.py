@@ -1,4 +1,4 @@
-"""Availability on a real anvil behind a fault-injecting proxy (tests/faultproxy.py).
+"""Availability on a real anvil behind a fault-injecting proxy (tests/support/faultproxy.py).
 
 What a user must see: a backfill and live sync through a flaky RPC end with exactly the node's data;
 an RPC that stays down fails the run with a clear message, and the re-run continues where it stopped;
@@ -24,8 +24,8 @@ from indexer_dagster.state import open_state
 from indexer_dagster.sync.historical import sync_range
 from indexer_dagster.sync.realtime import Follower
 from indexer_dagster.sync.supervise import history_due
-from tests.faultproxy import KINDS, TRANSPORT_KINDS, FaultProxy
-from tests.test_historical import node_logs
+from tests.support.faultproxy import KINDS, TRANSPORT_KINDS, FaultProxy
+from tests.sync.test_historical import node_logs
 
 pytestmark = pytest.mark.slow
 
