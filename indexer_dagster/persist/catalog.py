@@ -378,7 +378,9 @@ def open_catalog(path: Path) -> duckdb.DuckDBPyConnection:
                 ) from None
             if "lock" in msg.lower():
                 raise CatalogUnavailable(lock_message(path, msg)) from None
-            raise CatalogUnavailable(f"cannot open {path}: {msg}") from None
+            first = msg.splitlines()[0] if msg else type(e).__name__
+            raise CatalogUnavailable(
+                f"cannot open the catalog {path} ({first}); rebuild it with `indexer catalog`") from None
     raise AssertionError("unreachable")
 
 
