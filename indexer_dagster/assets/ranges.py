@@ -15,8 +15,7 @@ from indexer_dagster.config import IndexerConfig
 from indexer_dagster.health.logs import bind
 from indexer_dagster.persist.catalog import build_catalog
 from indexer_dagster.persist.lake import storage_problem
-from indexer_dagster.resources import IndexerConfigResource
-from indexer_dagster.state import open_state
+from indexer_dagster.resources import IndexerConfigResource, StateStoreResource
 from indexer_dagster.sync.historical import decode_range
 from indexer_dagster.sync.range_checks import CHECKS, CheckResult, verify_and_record
 from indexer_dagster.sync.realtime import range_lease
@@ -72,7 +71,7 @@ def build_historical_assets(cfg: IndexerConfig, partitions_def: dg.PartitionsDef
         can_subset=True,
         pool=f"rpc_{chain}",
     )
-    def historical(context: dg.AssetExecutionContext, indexer: IndexerConfigResource):
+    def historical(context: dg.AssetExecutionContext, indexer: IndexerConfigResource, state: StateStoreResource):
         cfg = indexer.for_chain(chain)
         bind(run_id=context.run.run_id, chain=chain)  # the indexer's own log lines name the run
         selected = context.selected_asset_keys
@@ -80,7 +79,7 @@ def build_historical_assets(cfg: IndexerConfig, partitions_def: dg.PartitionsDef
         fetch = blocks_key in selected or logs_key in selected
         stats = RpcStats()
         try:
-            store = open_state(cfg.state_url)
+            store = state.store
         except Exception as e:
             _fail_fast_on_storage(cfg, e)
             raise
@@ -93,7 +92,8 @@ def build_historical_assets(cfg: IndexerConfig, partitions_def: dg.PartitionsDef
                 if fetch or tables:
                     # A stored range lacking only added contracts/events gets a supplement / a decode.
                     try:
-                        res = fetch_range(cfg, r, tables, stats=stats) if fetch else decode_range(cfg, r, tables)
+                        res = (fetch_range(cfg, r, tables, stats=stats, store=store) if fetch
+                               else decode_range(cfg, r, tables, store=store))
                     except Exception as e:
                         _fail_fast_on_storage(cfg, e)
                         raise
@@ -130,7 +130,6 @@ def build_historical_assets(cfg: IndexerConfig, partitions_def: dg.PartitionsDef
                 f"{chain} {key}: {res.blocks} blocks, {res.logs} logs, {sum(res.events.values())} events "
                 f"in {res.seconds:.1f}s ({stats.total_requests} requests, {stats.total_retries} retries)"
             )
-        store.close()
         # New tables appear in the catalog; existing views pick up new files by themselves.
         try:
             build_catalog(cfg)

@@ -9,8 +9,7 @@ import dagster as dg
 from indexer_dagster.config import IndexerConfig
 from indexer_dagster.dex.build import build_dex, source_tables
 from indexer_dagster.persist.datasets import DEX_TABLES
-from indexer_dagster.resources import IndexerConfigResource
-from indexer_dagster.state import open_state
+from indexer_dagster.resources import IndexerConfigResource, StateStoreResource
 
 DESCRIPTIONS = {
     "pools": "Uniswap V2 pools (PairCreated, or token0()/token1() of configured pairs).",
@@ -40,15 +39,11 @@ def build_dex_assets(cfg: IndexerConfig) -> list:
 
     @dg.multi_asset(name=f"{chain}_dex_tables", specs=specs,
                     retry_policy=dg.RetryPolicy(max_retries=3, delay=2))
-    def dex_tables(context: dg.AssetExecutionContext, indexer: IndexerConfigResource):
+    def dex_tables(context: dg.AssetExecutionContext, indexer: IndexerConfigResource, state: StateStoreResource):
         cfg = indexer.for_chain(chain)
-        store = open_state(cfg.state_url)
-        try:
-            # The lease tells the sensor this run is alive (a run killed with its daemon is replaced).
-            with store.writer_lock(dex_lease(chain), timeout_s=600):
-                res = build_dex(cfg)
-        finally:
-            store.close()
+        # The lease tells the sensor this run is alive (a run killed with its daemon is replaced).
+        with state.store.writer_lock(dex_lease(chain), timeout_s=600):
+            res = build_dex(cfg, store=state.store)
         preview = _markdown(res.top_pools)
         for spec in specs:
             table = spec.key.path[-1]

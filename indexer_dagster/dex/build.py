@@ -22,7 +22,7 @@ from indexer_dagster.persist.catalog import build_catalog, read_views
 from indexer_dagster.persist.datasets import CANDLE_INTERVALS, DEX, POOL_SCHEMA, TOKEN_SCHEMA, VOLUME_INTERVALS
 from indexer_dagster.persist.files import read_parquet
 from indexer_dagster.persist.lake import Lake, open_lake
-from indexer_dagster.state import open_state
+from indexer_dagster.state import StateStore, store_or_open
 
 # The Uniswap V2 events the DEX tables are derived from, by canonical signature (any contract name).
 UNISWAP_V2 = {
@@ -124,27 +124,27 @@ def compute(cfg: IndexerConfig) -> dict[str, pl.DataFrame]:
     return out
 
 
-def build_dex(cfg: IndexerConfig) -> DexResult:
-    """Recompute and publish the DEX tables; refused (ForkChanged) if a reorg began meanwhile."""
+def build_dex(cfg: IndexerConfig, *, store: StateStore | None = None) -> DexResult:
+    """Recompute and publish the DEX tables; refused (ForkChanged) if a reorg began meanwhile.
+    `store`: the run's state store (None: one opened for this call)."""
+    with store_or_open(cfg.state_url, store) as s:
+        return _build(cfg, s)
+
+
+def _build(cfg: IndexerConfig, store: StateStore) -> DexResult:
     started = time.perf_counter()
-    store = open_state(cfg.state_url)
     chain = cfg.chain.name
     epoch = store.reorg_epoch(chain)
-    store.close()
     build_catalog(cfg)
     tables = compute(cfg)
     lake = open_lake(cfg, chain)
 
     @contextmanager
     def guard():
-        s = open_state(cfg.state_url)
-        try:
-            with s.writer_lock(chain):
-                if s.reorg_epoch(chain) != epoch or s.active_reorg(chain) is not None:
-                    raise ForkChanged("a reorg happened while the DEX tables were computed; recompute")
-                yield
-        finally:
-            s.close()
+        with store.writer_lock(chain):
+            if store.reorg_epoch(chain) != epoch or store.active_reorg(chain) is not None:
+                raise ForkChanged("a reorg happened while the DEX tables were computed; recompute")
+            yield
 
     with lake.transaction(guard) as tx:
         for name, frame in tables.items():

@@ -18,8 +18,8 @@ from indexer_dagster.jobs.names import (
     reorg_job_name,
 )
 from indexer_dagster.persist.catalog import build_catalog
-from indexer_dagster.resources import IndexerConfigResource
-from indexer_dagster.state import Phase, open_state
+from indexer_dagster.resources import IndexerConfigResource, StateStoreResource
+from indexer_dagster.state import Phase
 from indexer_dagster.sync.realtime import Follower
 from indexer_dagster.sync.repair import repair
 
@@ -37,13 +37,13 @@ def build_live_jobs(cfg: IndexerConfig, historical_keys: list[dg.AssetKey]) -> l
     chain = cfg.chain.name
 
     @dg.op(name=f"{chain}_follow_head", description="Write each new block within a second; pause during reorgs.")
-    def follow_head(context: dg.OpExecutionContext, config: FollowConfig, indexer: IndexerConfigResource):
+    def follow_head(context: dg.OpExecutionContext, config: FollowConfig, indexer: IndexerConfigResource,
+                    state: StateStoreResource):
         import asyncio
 
         cfg = indexer.for_chain(chain)
         bind(run_id=context.run_id, chain=chain)
-        store = open_state(cfg.state_url)
-        follower = Follower(cfg, store)
+        follower = Follower(cfg, state.store)
         deadline = time.monotonic() + config.minutes * 60
         last_log = [0.0]
         catalog_built = [False]
@@ -56,31 +56,26 @@ def build_live_jobs(cfg: IndexerConfig, historical_keys: list[dg.AssetKey]) -> l
                 last_log[0] = time.monotonic()
                 context.log.info(f"{chain}: {res.action} tip={res.tip} {res.detail}")
 
-        try:
-            stats = asyncio.run(follower.run(lambda: time.monotonic() > deadline, config.poll_seconds, on_tick))
-        finally:
-            store.close()
+        stats = asyncio.run(follower.run(lambda: time.monotonic() > deadline, config.poll_seconds, on_tick))
         context.add_output_metadata({"blocks": stats.blocks, "logs": stats.logs, "ticks": stats.ticks,
                                      "reorgs_detected": ",".join(map(str, stats.reorgs))})
 
     @dg.op(name=f"{chain}_repair_reorg", retry_policy=dg.RetryPolicy(max_retries=3, delay=2),
            description="Suspend, roll back (archive orphaned rows), restore from the new fork.")
-    def repair_reorg(context: dg.OpExecutionContext, config: ReorgConfig, indexer: IndexerConfigResource):
+    def repair_reorg(context: dg.OpExecutionContext, config: ReorgConfig, indexer: IndexerConfigResource,
+                     state: StateStoreResource):
         cfg = indexer.for_chain(chain)
         bind(run_id=context.run_id, chain=chain)
-        store = open_state(cfg.state_url)
+        store = state.store
         restored: list[str] = []
-        try:
-            before = store.get_reorg(config.reorg_id)
-            # Alert once, when the repair starts (a retried run finds the reorg past `detected`).
-            deep = deep_reorg_alert(cfg, before) if before is not None and before.phase is Phase.DETECTED else None
-            if deep is not None:
-                send_alert(cfg.alerts, deep)
-            res = repair(cfg, store, config.reorg_id,
-                         on_phase=lambda p: context.log.info(f"reorg {config.reorg_id}: {p.value}"),
-                         on_partition=restored.append)
-        finally:
-            store.close()
+        before = store.get_reorg(config.reorg_id)
+        # Alert once, when the repair starts (a retried run finds the reorg past `detected`).
+        deep = deep_reorg_alert(cfg, before) if before is not None and before.phase is Phase.DETECTED else None
+        if deep is not None:
+            send_alert(cfg.alerts, deep)
+        res = repair(cfg, store, config.reorg_id,
+                     on_phase=lambda p: context.log.info(f"reorg {config.reorg_id}: {p.value}"),
+                     on_partition=restored.append)
         build_catalog(cfg)
         r = res.reorg
         if before is not None and before.depth <= cfg.chain.confirmations and (late := deep_reorg_alert(cfg, r)):

@@ -22,6 +22,8 @@ created on open, idempotently; `indexer_schema_version` records the layout versi
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from indexer_dagster.state.models import (
@@ -54,6 +56,7 @@ __all__ = [
     "StateStore",
     "open_state",
     "reorgs_frame",
+    "store_or_open",
 ]
 
 
@@ -68,6 +71,20 @@ def open_state(url_or_path: str | os.PathLike[str], *, schema: str | None = None
     if is_postgres_url(s):
         return PostgresStateStore(s, schema=schema)
     return SqliteStateStore(s)
+
+
+@contextmanager
+def store_or_open(url_or_path: str | os.PathLike[str], store: StateStore | None) -> Iterator[StateStore]:
+    """`store` as it is, or (None) one opened from `url_or_path` for the block and closed after it: a run
+    passes the store it holds for all its steps, a one-off call (the CLI, a test) opens its own."""
+    if store is not None:
+        yield store
+        return
+    opened = open_state(url_or_path)
+    try:
+        yield opened
+    finally:
+        opened.close()
 
 
 def reorgs_frame(store: StateStore, chain: str | None = None) -> list[dict[str, Any]]:

@@ -34,7 +34,7 @@ from indexer_dagster.persist.datasets import (
 from indexer_dagster.persist.files import open_parquet
 from indexer_dagster.persist.lake import Lake, StreamWriter, Transaction, open_lake
 from indexer_dagster.persist.meta import record_head
-from indexer_dagster.state import open_state
+from indexer_dagster.state import StateStore, store_or_open
 from indexer_dagster.sync.contracts import (
     ContractSet,
     coverage_metadata,
@@ -117,28 +117,20 @@ async def _head(rpc: RpcClient) -> tuple[int, str]:
     return int(block["number"], 16), block["hash"].lower()
 
 
-def commit_guard(cfg: IndexerConfig, covered: BlockRange | None = None):
+def commit_guard(cfg: IndexerConfig, store: StateStore, covered: BlockRange | None = None):
     """Publish a range's files only under the chain's writer lock, if no reorg began since the fetch
     started (else its rows could be of the old fork); also drop live segments the range now covers."""
     chain = cfg.chain.name
-    store = open_state(cfg.state_url)
-    try:
-        epoch = store.reorg_epoch(chain)
-    finally:
-        store.close()
+    epoch = store.reorg_epoch(chain)
 
     @contextmanager
     def guard():
-        store = open_state(cfg.state_url)
-        try:
-            with store.writer_lock(chain):
-                if store.reorg_epoch(chain) != epoch or store.active_reorg(chain) is not None:
-                    raise ForkChanged("a reorg was detected while the range was fetched; fetching it again")
-                yield
-                if covered is not None:
-                    _drop_covered_live_segments(cfg, covered)
-        finally:
-            store.close()
+        with store.writer_lock(chain):
+            if store.reorg_epoch(chain) != epoch or store.active_reorg(chain) is not None:
+                raise ForkChanged("a reorg was detected while the range was fetched; fetching it again")
+            yield
+            if covered is not None:
+                _drop_covered_live_segments(cfg, covered)
 
     return guard
 
@@ -222,7 +214,7 @@ class Decoder:
 
 async def _sync(
     cfg: IndexerConfig, r: BlockRange, tables: Collection[str] | None, progress: ProgressFn, stats: RpcStats,
-    guard_factory: Callable | None,
+    guard_factory: Callable | None, store: StateStore,
 ) -> RangeResult:
     lake = open_lake(cfg)
     started = time.perf_counter()
@@ -235,7 +227,7 @@ async def _sync(
             )
         sizer = new_sizer(cfg)
         for attempt in range(_FORK_RESTARTS + 1):
-            guard = guard_factory or commit_guard(cfg, clipped)
+            guard = guard_factory or commit_guard(cfg, store, clipped)
             result = RangeResult(range=r, from_block=clipped.start if clipped is not None else None,
                                  to_block=clipped.end if clipped is not None else None, head=head)
             # Factory children created up to the range's end (registry + a scan of uncovered blocks).
@@ -291,17 +283,21 @@ def sync_range(
     progress: ProgressFn | None = None,
     stats: RpcStats | None = None,
     guard: Callable | None = None,
+    *,
+    store: StateStore | None = None,
 ) -> RangeResult:
     """Fetch range `r` (clipped to [start_block, head]) into its `blocks` and `logs` files and decode it
     into the event tables named in `tables` (default: all), in one pass. `guard` replaces the default
-    commit guard (the reorg job passes its own, as it is the chain's writer while it restores)."""
+    commit guard (the reorg job passes its own, as it is the chain's writer while it restores); `store`:
+    the run's state store (None: one opened for this call)."""
     stats = stats or RpcStats()
     recorder = RpcStatsRecorder(cfg.data_dir, cfg.chain.name, stats)  # durable RPC counters (`indexer status`)
     register_config(cfg)
     with log_context(chain=cfg.chain.name, range=r.key):
         log.info("range %s: syncing via %s", r.key, redact_to_host(cfg.chain.endpoints[0]))
         try:
-            res = asyncio.run(_sync(cfg, r, tables, progress or _reporter, stats, guard))
+            with store_or_open(cfg.state_url, store) as s:
+                res = asyncio.run(_sync(cfg, r, tables, progress or _reporter, stats, guard, s))
         except Exception as e:
             log.warning("range %s failed: %s: %s", r.key, type(e).__name__, e)
             raise
@@ -313,14 +309,16 @@ def sync_range(
     return res
 
 
-def decode_range(cfg: IndexerConfig, r: BlockRange, tables: Collection[str] | None = None) -> RangeResult:
+def decode_range(
+    cfg: IndexerConfig, r: BlockRange, tables: Collection[str] | None = None, *, store: StateStore | None = None
+) -> RangeResult:
     """Decode the range's existing `logs` files again (e.g. for an event added to the config): no RPC.
     Each logs file (the range's and its supplements) is decoded into event files of the same name."""
     lake = open_lake(cfg)
     started = time.perf_counter()
     result = RangeResult(range=r)
     files = key_files(lake, "logs", r.key) or [lake.path("logs", r.key)]  # (a missing file: the usual error)
-    with lake.transaction(commit_guard(cfg)) as tx:
+    with store_or_open(cfg.state_url, store) as s, lake.transaction(commit_guard(cfg, s)) as tx:
         for path in files:
             # A supplement's children file was written from all the range's logs: keep it.
             decoder = Decoder(cfg, tables, write_children="+" not in path.stem)

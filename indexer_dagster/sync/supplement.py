@@ -29,6 +29,7 @@ from indexer_dagster.config import IndexerConfig
 from indexer_dagster.persist.datasets import CHILD_SCHEMA, CHILDREN, LIVE, LOG_SCHEMA, live_segments
 from indexer_dagster.persist.files import file_state, read_parquet
 from indexer_dagster.persist.lake import Lake, open_lake
+from indexer_dagster.state import StateStore, store_or_open
 from indexer_dagster.sync import historical
 from indexer_dagster.sync.contracts import (
     block_span,
@@ -147,22 +148,30 @@ def ranges_to_supplement(cfg: IndexerConfig) -> list[str]:
     return sorted(out)
 
 
-def supplement_range(cfg: IndexerConfig, r: BlockRange, stats: RpcStats | None = None) -> RangeResult:
+def supplement_range(
+    cfg: IndexerConfig, r: BlockRange, stats: RpcStats | None = None, *, store: StateStore | None = None
+) -> RangeResult:
     """Fetch the logs of what range `r` lacks (see the module docstring); then decode the range's
-    other logs files into tables they lack (no RPC). Falls back to a full sync if `r` is not stored."""
+    other logs files into tables they lack (no RPC). Falls back to a full sync if `r` is not stored.
+    `store`: the run's state store (None: one opened for this call)."""
     if plan_range(cfg, r) == FULL:
-        return sync_range(cfg, r, stats=stats)
+        return sync_range(cfg, r, stats=stats, store=store)
+    with store_or_open(cfg.state_url, store) as s:
+        return _supplement_stored(cfg, r, stats, s)
+
+
+def _supplement_stored(cfg: IndexerConfig, r: BlockRange, stats: RpcStats | None, store: StateStore) -> RangeResult:
     started = time.perf_counter()
     span = _span(open_lake(cfg), r.key)
     if _any(range_missing(cfg, r)):
-        result = asyncio.run(_supplement(cfg, r, stats or RpcStats()))
+        result = asyncio.run(_supplement(cfg, r, stats or RpcStats(), store))
         result.mode = SUPPLEMENT
     else:
         assert span is not None  # plan_range is FULL for a range without stored blocks
         result = RangeResult(range=r, from_block=span[0], to_block=span[1], mode=DECODE)
     tables = missing_tables(cfg, r)
     if tables:
-        decoded = decode_range(cfg, r, tables)
+        decoded = decode_range(cfg, r, tables, store=store)
         for t, n in decoded.events.items():
             result.events[t] = result.events.get(t, 0) + n
         for t, n in decoded.skipped.items():
@@ -174,7 +183,7 @@ def supplement_range(cfg: IndexerConfig, r: BlockRange, stats: RpcStats | None =
     return result
 
 
-async def _supplement(cfg: IndexerConfig, r: BlockRange, stats: RpcStats) -> RangeResult:
+async def _supplement(cfg: IndexerConfig, r: BlockRange, stats: RpcStats, store: StateStore) -> RangeResult:
     lake = open_lake(cfg)
     span = _span(lake, r.key)
     assert span is not None  # supplement_range: plan_range found the range's blocks stored
@@ -212,7 +221,7 @@ async def _supplement(cfg: IndexerConfig, r: BlockRange, stats: RpcStats) -> Ran
         stored_logs = [read_parquet(p) for p in key_files(lake, "logs", r.key)]
         children = discover(cfg, pl.concat([*stored_logs, logs], how="vertical_relaxed"))
     decoder = Decoder(cfg, None, contracts, write_children=False)
-    with lake.transaction(commit_guard(cfg)) as tx:
+    with lake.transaction(commit_guard(cfg, store)) as tx:
         tx.writer("logs", name, LOG_SCHEMA, coverage_metadata(missing)).write(logs)
         if has_factories(cfg):
             rules = {"addresses": {}, "factories": wanted_coverage(cfg)["factories"]}
@@ -243,11 +252,13 @@ def _same_fork(blocks: pl.DataFrame, stored: pl.DataFrame, key: str) -> None:
 
 
 def fetch_range(
-    cfg: IndexerConfig, r: BlockRange, tables: Collection[str] | None = None, stats: RpcStats | None = None
+    cfg: IndexerConfig, r: BlockRange, tables: Collection[str] | None = None, stats: RpcStats | None = None,
+    *, store: StateStore | None = None,
 ) -> RangeResult:
     """What a historical run does for range `r`: a supplement (or a decode) when the stored range
-    lacks only added contracts (or events), else a full sync of the selected tables."""
+    lacks only added contracts (or events), else a full sync of the selected tables. `store`: the
+    run's state store (None: one opened for this call)."""
     every = {s.table for _, s in cfg.all_specs()}
     if (tables is None or set(tables) >= every) and plan_range(cfg, r) in (SUPPLEMENT, DECODE):
-        return supplement_range(cfg, r, stats)
-    return sync_range(cfg, r, tables, stats=stats)
+        return supplement_range(cfg, r, stats, store=store)
+    return sync_range(cfg, r, tables, stats=stats, store=store)

@@ -56,3 +56,34 @@ def test_materialize_partitions_on_a_fresh_instance(make_config, monkeypatch):
     build_catalog(cfg)
     got = query(cfg.duckdb_path, "select min(block_number) lo, max(block_number) hi from logs")
     assert got["lo"][0] >= 25 and got["hi"][0] <= 49
+
+
+def test_a_run_opens_the_state_store_once(make_config, monkeypatch):
+    """The state store is a run's resource: one connection for all its ranges (each range's commit guard
+    and range lease included), closed when the run ends."""
+    from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
+
+    from indexer_dagster.state.sqlite import SqliteStateStore
+
+    path = make_config()
+    monkeypatch.setenv("INDEXER_CONFIG", str(path))
+    cfg = cfg_of(path)
+    opened: list[SqliteStateStore] = []
+    init = SqliteStateStore.__init__
+
+    def counting_init(self, *a, **kw):
+        opened.append(self)
+        init(self, *a, **kw)
+
+    monkeypatch.setattr(SqliteStateStore, "__init__", counting_init)
+    job = build_definitions(cfg).resolve_job_def("devnet_historical_sync")
+    keys = ["000000000000-000000000024", "000000000025-000000000049"]
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("devnet_block_ranges", keys)
+        result = job.execute_in_process(
+            instance=instance, tags={ASSET_PARTITION_RANGE_START_TAG: keys[0], ASSET_PARTITION_RANGE_END_TAG: keys[1]})
+        assert result.success
+        mats = instance.fetch_materializations(dg.AssetKey(["devnet", "logs"]), limit=10).records
+        assert sorted(m.partition_key for m in mats) == keys
+    assert len(opened) == 1, f"{len(opened)} state stores opened by one run"
+    assert opened[0]._closed
