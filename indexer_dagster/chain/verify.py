@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 import polars as pl
 from eth_hash.auto import keccak
 
+from indexer_dagster.parse.abi import event_specs, load_abi
+
 _TOPICS = ("topic0", "topic1", "topic2", "topic3")
 REFETCH_ATTEMPTS = 3
 BLOCK_REFETCH_LIMIT = 2  # more suspects in a chunk: one chunk refetch first
@@ -160,8 +162,6 @@ def verifier_for(cfg, addresses: Iterable[str] | None = None) -> LogVerifier:
     """The verifier for `addresses` (default: the config's): every non-anonymous event of its contract's
     ABI (the `logs` dataset keeps all events of an address, not only the decoded ones). An address no
     contract lists is a factory child: it gets the events of the factory-created contracts."""
-    from indexer_dagster.parse.abi import event_specs, load_abi
-
     static: dict[str, set[str]] = {}
     children: set[str] = set()
     for c in cfg.contracts:

@@ -25,6 +25,7 @@ from indexer_dagster.persist.datasets import BLOCKS, LOGS, events, live, number_
 from indexer_dagster.persist.files import LakePath, column_span, data_files, scan_parquet
 from indexer_dagster.persist.lake import Lake, open_lake
 from indexer_dagster.persist.meta import read_head
+from indexer_dagster.state import open_state
 
 log = get_logger(__name__)
 STATES = ("done", "partial", "live", "missing", "failed")
@@ -237,8 +238,6 @@ def gather_status(
 
 
 def _reorgs(cfg: IndexerConfig, st: ChainStatus) -> None:
-    from indexer_dagster.state import open_state
-
     store = open_state(cfg.state_url)
     try:
         reorgs = store.list_reorgs(cfg.chain.name)

@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from filelock import FileLock
 
+from indexer_dagster.config import ConfigError
 from indexer_dagster.persist.files import LakePath, data_files, is_remote, read_parquet
 
 COMPRESSION = "zstd"
@@ -38,8 +39,6 @@ _ARROW = pl.CompatLevel.newest()
 def check_lake(cfg: Any) -> None:
     """Fail early, with the fix, when a remote lake cannot be listed (missing bucket, no access, no
     endpoint); nothing to check for a local lake (its directory is created on the first write)."""
-    from indexer_dagster.config import ConfigError
-
     root = cfg.lake_root
     if not is_remote(root):
         return

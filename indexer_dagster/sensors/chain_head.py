@@ -5,6 +5,7 @@ import time
 import dagster as dg
 
 from indexer_dagster.block_range import range_for_block
+from indexer_dagster.chain.rpc import rpc_client
 from indexer_dagster.config import IndexerConfig
 from indexer_dagster.jobs.live import ReorgConfig
 from indexer_dagster.jobs.names import (
@@ -67,7 +68,6 @@ def build_chain_head_sensor(
     def chain_head(context: dg.SensorEvaluationContext, indexer: IndexerConfigResource):
         import asyncio
 
-        from indexer_dagster.chain.rpc import rpc_client
 
         cfg = indexer.for_chain(chain)
         instance = context.instance

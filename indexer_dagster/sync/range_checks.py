@@ -26,9 +26,13 @@ from typing import Any, cast
 import polars as pl
 
 from indexer_dagster.block_range import BlockRange, range_for_block
+from indexer_dagster.chain.errors import RpcError
+from indexer_dagster.chain.rpc import rpc_client
 from indexer_dagster.config import IndexerConfig
 from indexer_dagster.persist.files import LakePath, read_parquet
 from indexer_dagster.persist.lake import Lake, open_lake
+from indexer_dagster.persist.meta import record_range_checks
+from indexer_dagster.sync.contracts import ContractSet, has_factories, key_files, stored_children
 
 BLOCKS_ASSET = "blocks"
 LOGS_ASSET = "logs"
@@ -153,10 +157,6 @@ def check_parent_chain(blocks: pl.DataFrame, previous: dict | None) -> CheckResu
 
 async def _node_logs(cfg: IndexerConfig, hashes: dict[int, str]) -> dict[int, list[int] | str]:
     """Log indexes per sampled block from the node (by block hash), or an error text."""
-    from indexer_dagster.chain.errors import RpcError
-    from indexer_dagster.chain.rpc import rpc_client
-    from indexer_dagster.sync.contracts import ContractSet, has_factories, stored_children
-
     # The addresses the range was fetched for: static ones and factory children, each from its start.
     contracts = ContractSet(cfg, stored_children(cfg)) if has_factories(cfg) else ContractSet(cfg)
     out: dict[int, list[int] | str] = {}
@@ -243,7 +243,6 @@ def verify_range(
     lake = open_lake(cfg)
     blocks_path, logs_path = lake.path("blocks", r.key), lake.path("logs", r.key)
     blocks = _read(blocks_path, ["number", "hash", "parent_hash"])
-    from indexer_dagster.sync.contracts import key_files
 
     # The range's logs file and its supplements (`<range>+<fingerprint>`: contracts added later).
     parts = [read_parquet(p, columns=["block_number", "log_index", "block_hash"]) for p in key_files(lake, "logs", r.key)]
@@ -280,8 +279,6 @@ def verify_and_record(cfg: IndexerConfig, r: BlockRange, *, to_block: int | None
     """`verify_range`, then the durable verdict: a failed range stays unconfirmed and is synced again.
 
     A broken link to the previous range marks that range too: either side may be on the wrong fork."""
-    from indexer_dagster.persist.meta import record_range_checks
-
     results = verify_range(cfg, r, to_block=to_block)
     lake = open_lake(cfg)
     record_range_checks(lake, cfg.chain.chain_id, r, [(c.name, c.description) for c in results if not c.passed])

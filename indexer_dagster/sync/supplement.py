@@ -22,7 +22,7 @@ from collections.abc import Collection
 
 import polars as pl
 
-from indexer_dagster.block_range import BlockRange
+from indexer_dagster.block_range import BlockRange, parse_key, range_for_block
 from indexer_dagster.chain.fetch import ForkChanged, RangeFetcher
 from indexer_dagster.chain.rpc import RpcStats, rpc_client
 from indexer_dagster.config import IndexerConfig
@@ -41,6 +41,7 @@ from indexer_dagster.sync.contracts import (
     key_files,
     missing_coverage,
     resolve_range,
+    rule_id,
     stored_coverage,
     wanted_coverage,
 )
@@ -106,8 +107,6 @@ def ranges_to_supplement(cfg: IndexerConfig) -> list[str]:
     for): stored ranges lacking them (a run supplements or re-decodes them), and ranges holding live
     segments written before (a run replaces those by a range file fetched with the new config).
     Verdicts are kept per file state, so a sensor tick costs a directory listing once all are known."""
-    from indexer_dagster.block_range import parse_key, range_for_block
-
     lake = open_lake(cfg)
     wanted = wanted_coverage(cfg)
     config_fp = (fingerprint(wanted), tuple(sorted(s.table for _, s in cfg.all_specs())))
@@ -236,8 +235,6 @@ async def _supplement(cfg: IndexerConfig, r: BlockRange, stats: RpcStats, store:
 
 
 def _children_of_rules(cfg: IndexerConfig, contracts, rules: set[str]) -> list[str]:
-    from indexer_dagster.sync.contracts import rule_id
-
     out = []
     for c in cfg.contracts:
         if c.factory is not None and rule_id(cfg, c) in rules:
