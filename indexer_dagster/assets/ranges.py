@@ -18,7 +18,7 @@ from indexer_dagster.persist.lake import storage_problem
 from indexer_dagster.resources import IndexerConfigResource, StateStoreResource
 from indexer_dagster.sync.historical import decode_range
 from indexer_dagster.sync.range_checks import CHECKS, CheckResult, verify_and_record
-from indexer_dagster.sync.realtime import range_lease
+from indexer_dagster.sync.realtime import range_lease, run_lease
 from indexer_dagster.sync.supplement import fetch_range
 
 RANGES_PER_RUN = 8
@@ -83,67 +83,70 @@ def build_historical_assets(cfg: IndexerConfig, partitions_def: dg.PartitionsDef
         except Exception as e:
             _fail_fast_on_storage(cfg, e)
             raise
-        checks = {k.name for k in context.selected_asset_check_keys}
-        checked: dict[str, list[CheckResult]] = {name: [] for name in checks}
-        for key in context.partition_keys:
-            r = parse_key(key)
-            # One writer per range at a time; the lease also tells the sensor this run is alive.
-            with store.writer_lock(range_lease(chain, key), timeout_s=3600):
-                if fetch or tables:
-                    # A stored range lacking only added contracts/events gets a supplement / a decode.
-                    try:
-                        res = (fetch_range(cfg, r, tables, stats=stats, store=store) if fetch
-                               else decode_range(cfg, r, tables, store=store))
-                    except Exception as e:
-                        _fail_fast_on_storage(cfg, e)
-                        raise
-                if checks:
-                    # A failed range stays unconfirmed and the sensor syncs it again (recorded durably).
-                    results = verify_and_record(cfg, r, to_block=res.to_block if fetch else None)
-                    for c in results:
-                        if c.name in checks:
-                            checked[c.name].append(c)
-                        if not c.passed:
-                            context.log.error(f"{chain} {key}: check {c.name} failed: {c.description}")
-            if not (fetch or tables):
-                continue
-            common = {"block_range": f"{res.from_block}-{res.to_block}" if res.from_block is not None else "empty",
-                      "seconds": round(res.seconds, 3)}
-            if fetch:
-                common |= {
-                    "complete": res.complete,
-                    "chain_head": res.head,
-                    "last_block_hash": res.last_block_hash or "",
-                    "rpc_requests": stats.total_requests,
-                    "rpc_retries": stats.total_retries,
-                    "sync_mode": res.mode,  # full, or supplement/decode (only added contracts/events)
-                }
-                context.add_asset_metadata({**common, "rows": res.blocks}, asset_key=blocks_key, partition_key=key)
-                context.add_asset_metadata({**common, "rows": res.logs}, asset_key=logs_key, partition_key=key)
-            for asset_key, table in table_of.items():
-                if asset_key in selected:
-                    context.add_asset_metadata(
-                        {**common, "rows": res.events[table], "skipped_malformed": res.skipped[table]},
-                        asset_key=asset_key, partition_key=key,
-                    )
-            context.log.info(
-                f"{chain} {key}: {res.blocks} blocks, {res.logs} logs, {sum(res.events.values())} events "
-                f"in {res.seconds:.1f}s ({stats.total_requests} requests, {stats.total_retries} retries)"
-            )
-        # New tables appear in the catalog; existing views pick up new files by themselves.
-        try:
-            build_catalog(cfg)
-        except Exception as e:
-            _fail_fast_on_storage(cfg, e)
-            raise
-        spec: dg.AssetSpec | dg.AssetCheckSpec  # the loops below go over both kinds
-        for spec in specs:  # in spec order, which is topological (raw before decoded)
-            if spec.key in selected:
-                yield dg.MaterializeResult(asset_key=spec.key)
-        # One result per check and run (a check may not be yielded twice in a step), over all its ranges.
-        for spec in check_specs:
-            if spec.name in checks:
-                yield check_result(spec, checked[spec.name])
+        # The run's lease, held from here to its last result: the chain-head sensor fails a started run
+        # whose lease it does not see (its process died), so it must see it for the whole step.
+        with store.writer_lock(run_lease(context.run.run_id), timeout_s=60):
+            checks = {k.name for k in context.selected_asset_check_keys}
+            checked: dict[str, list[CheckResult]] = {name: [] for name in checks}
+            for key in context.partition_keys:
+                r = parse_key(key)
+                # One writer per range at a time.
+                with store.writer_lock(range_lease(chain, key), timeout_s=3600):
+                    if fetch or tables:
+                        # A stored range lacking only added contracts/events gets a supplement / a decode.
+                        try:
+                            res = (fetch_range(cfg, r, tables, stats=stats, store=store) if fetch
+                                   else decode_range(cfg, r, tables, store=store))
+                        except Exception as e:
+                            _fail_fast_on_storage(cfg, e)
+                            raise
+                    if checks:
+                        # A failed range stays unconfirmed and the sensor syncs it again (recorded durably).
+                        results = verify_and_record(cfg, r, to_block=res.to_block if fetch else None)
+                        for c in results:
+                            if c.name in checks:
+                                checked[c.name].append(c)
+                            if not c.passed:
+                                context.log.error(f"{chain} {key}: check {c.name} failed: {c.description}")
+                if not (fetch or tables):
+                    continue
+                common = {"block_range": f"{res.from_block}-{res.to_block}" if res.from_block is not None else "empty",
+                          "seconds": round(res.seconds, 3)}
+                if fetch:
+                    common |= {
+                        "complete": res.complete,
+                        "chain_head": res.head,
+                        "last_block_hash": res.last_block_hash or "",
+                        "rpc_requests": stats.total_requests,
+                        "rpc_retries": stats.total_retries,
+                        "sync_mode": res.mode,  # full, or supplement/decode (only added contracts/events)
+                    }
+                    context.add_asset_metadata({**common, "rows": res.blocks}, asset_key=blocks_key, partition_key=key)
+                    context.add_asset_metadata({**common, "rows": res.logs}, asset_key=logs_key, partition_key=key)
+                for asset_key, table in table_of.items():
+                    if asset_key in selected:
+                        context.add_asset_metadata(
+                            {**common, "rows": res.events[table], "skipped_malformed": res.skipped[table]},
+                            asset_key=asset_key, partition_key=key,
+                        )
+                context.log.info(
+                    f"{chain} {key}: {res.blocks} blocks, {res.logs} logs, {sum(res.events.values())} events "
+                    f"in {res.seconds:.1f}s ({stats.total_requests} requests, {stats.total_retries} retries)"
+                )
+            # New tables appear in the catalog; existing views pick up new files by themselves.
+            try:
+                build_catalog(cfg)
+            except Exception as e:
+                _fail_fast_on_storage(cfg, e)
+                raise
+            spec: dg.AssetSpec | dg.AssetCheckSpec  # the loops below go over both kinds
+            for spec in specs:  # in spec order, which is topological (raw before decoded)
+                if spec.key in selected:
+                    yield dg.MaterializeResult(asset_key=spec.key)
+            # One result per check and run (a check may not be yielded twice in a step), over all its ranges.
+            for spec in check_specs:
+                if spec.name in checks:
+                    yield check_result(spec, checked[spec.name])
 
     return [historical]
 

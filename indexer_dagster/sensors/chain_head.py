@@ -22,7 +22,7 @@ from indexer_dagster.persist.lake import open_lake
 from indexer_dagster.persist.meta import failed_ranges
 from indexer_dagster.resources import IndexerConfigResource
 from indexer_dagster.state import open_state
-from indexer_dagster.sync.realtime import ANCHOR, follower_alive, lease_held, range_lease
+from indexer_dagster.sync.realtime import ANCHOR, follower_alive, lease_held, run_lease
 from indexer_dagster.sync.supervise import Facts, plan, range_coverage
 from indexer_dagster.sync.supplement import ranges_to_supplement
 
@@ -36,6 +36,12 @@ IN_PROGRESS = [
 def _runs(instance: dg.DagsterInstance, chain: str, role: str, statuses=None, extra: dict | None = None):
     tags = {CHAIN_TAG: chain, ROLE_TAG: role, **(extra or {})}
     return instance.get_runs(dg.RunsFilter(tags=tags, statuses=statuses or []), limit=200)
+
+
+def history_run_alive(store, chain: str, run: dg.DagsterRun) -> bool:
+    """Whether a historical run's process is alive, as the sensor judges it (a dead one is failed): its
+    step holds the run's lease from its start to its last result."""
+    return lease_held(store, run_lease(run.run_id))
 
 
 def _fail_dead(instance: dg.DagsterInstance, runs, why: str, grace_s: float = 15.0) -> None:
@@ -90,8 +96,7 @@ def build_chain_head_sensor(
                 _fail_dead(instance, live_runs, "the live follower process is gone (no lease held)")
                 live_runs = _runs(instance, chain, LIVE_ROLE, IN_PROGRESS)
             history_runs = instance.get_runs(dg.RunsFilter(job_name=historical_job, statuses=IN_PROGRESS), limit=100)
-            dead = [r for r in history_runs if r.tags.get("dagster/partition")
-                    and not lease_held(store, range_lease(chain, r.tags["dagster/partition"]))]
+            dead = [r for r in history_runs if not history_run_alive(store, chain, r)]
             _fail_dead(instance, dead, "the range run's process is gone (no lease held)")
             if dex_job and not lease_held(store, f"{chain}:dex"):
                 dex_runs = instance.get_runs(dg.RunsFilter(job_name=dex_job, statuses=IN_PROGRESS), limit=10)

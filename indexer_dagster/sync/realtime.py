@@ -100,6 +100,11 @@ def range_lease(chain: str, key: str) -> str:
     return f"{chain}:range:{key}"
 
 
+def run_lease(run_id: str) -> str:
+    """Held by a Dagster run's step for as long as it runs (the sensor's sign of life)."""
+    return f"run:{run_id}"
+
+
 def lease_held(store: StateStore, name: str) -> bool:
     """True when some live process holds the lease `name` (leases die with their process)."""
     try:

@@ -87,3 +87,34 @@ def test_a_run_opens_the_state_store_once(make_config, monkeypatch):
         assert sorted(m.partition_key for m in mats) == keys
     assert len(opened) == 1, f"{len(opened)} state stores opened by one run"
     assert opened[0]._closed
+
+
+def test_a_range_run_stays_alive_for_the_sensor_while_it_builds_its_catalog(make_config, monkeypatch):
+    """Issue 13, finding 7: the chain-head sensor fails a started range run whose lease it does not see.
+    The run must show itself alive for its whole life, not only while it fetches a range: here, while it
+    builds the catalog after its ranges."""
+    from indexer_dagster.assets import ranges as ranges_asset
+    from indexer_dagster.sensors.chain_head import history_run_alive
+    from indexer_dagster.state import open_state
+
+    path = make_config()
+    monkeypatch.setenv("INDEXER_CONFIG", str(path))
+    cfg = cfg_of(path)
+    job = build_definitions(cfg).resolve_job_def("devnet_historical_sync")
+    seen: list[bool] = []
+    build = ranges_asset.build_catalog
+
+    with dg.instance_for_test() as instance:
+        def slow_catalog(c):
+            [run] = instance.get_runs(dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED]))
+            store = open_state(c.state_url)  # the sensor's own store, another connection
+            try:
+                seen.append(history_run_alive(store, c.chain.name, run))
+            finally:
+                store.close()
+            return build(c)
+
+        monkeypatch.setattr(ranges_asset, "build_catalog", slow_catalog)
+        instance.add_dynamic_partitions("devnet_block_ranges", ["000000000000-000000000024"])
+        assert job.execute_in_process(instance=instance, partition_key="000000000000-000000000024").success
+    assert seen == [True], "the sensor would fail this run while it builds its catalog"
