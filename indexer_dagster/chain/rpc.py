@@ -256,16 +256,51 @@ class RpcClient:
         return await self._with_retries(method, payload, check)
 
     async def batch(self, method: str, params_list: Sequence[Sequence[Any]]) -> list[Any]:
-        """One JSON-RPC batch of calls to the same method; results in order. Any error fails the batch."""
-        if not params_list:
-            return []
+        """One JSON-RPC batch of calls to the same method; results in order.
+
+        A batch that fails as a whole (HTTP error, reset, a body that is not JSON) is retried as a whole;
+        calls that fail inside an answered batch (a load-balanced node whose replica lags answers a few
+        with `header not found`) are asked again alone, in a smaller batch, keeping the answers already
+        had. A permanent error of any call fails the batch."""
+        results: list[Any] = [None] * len(params_list)
+        pending = list(range(len(params_list)))
+        attempt = 0
+        while pending:
+            answers = await self._batch_once(method, [params_list[i] for i in pending])
+            failed: list[int] = []
+            last: RpcErrorInfo | None = None
+            for i, (ok, value) in zip(pending, answers, strict=True):
+                if ok:
+                    results[i] = value
+                    continue
+                if value.kind not in (RpcErrorKind.TRANSIENT, RpcErrorKind.RATE_LIMITED):
+                    raise RpcError(value, method=method)
+                failed.append(i)
+                last = value
+            if not failed:
+                break
+            assert last is not None
+            self.stats.errors[f"{method}:{last.kind.value}"] += len(failed)
+            if attempt >= self.retry.max_retries:
+                raise RpcError(replace(last, kind=RpcErrorKind.PERMANENT, message=(
+                    f"gave up after {attempt + 1} attempts ({len(failed)} of {len(params_list)} calls "
+                    f"still failing): {last.message}")), method=method)
+            self.stats.retries[method] += 1
+            await asyncio.sleep(self.retry.delay(attempt, last))
+            attempt += 1
+            pending = failed
+        return results
+
+    async def _batch_once(self, method: str, params_list: Sequence[Sequence[Any]]) -> list[tuple[bool, Any]]:
+        """(True, result) or (False, error info) per call of one batch; a batch that fails as a whole is
+        retried here like any request."""
         first = self._next_id()
         self._ids += len(params_list)
         payload = orjson.dumps(
             [{"jsonrpc": "2.0", "id": first + i, "method": method, "params": list(p)} for i, p in enumerate(params_list)]
         )
 
-        def check(body: bytes) -> list[Any]:
+        def check(body: bytes) -> list[tuple[bool, Any]]:
             try:
                 msgs = orjson.loads(body)
             except orjson.JSONDecodeError as e:
@@ -275,14 +310,15 @@ class RpcClient:
                     raise RpcError(classify_rpc_error(msgs["error"]))
                 raise RpcError(classify_exception(ValueError("batch answered with a single object")))
             by_id = {m.get("id"): m for m in msgs if isinstance(m, dict)}
-            out = []
+            out: list[tuple[bool, Any]] = []
             for i in range(len(params_list)):
                 m = by_id.get(first + i)
-                if m is None:
-                    raise RpcError(classify_exception(ValueError("batch response is missing an item")))
-                if m.get("error") is not None:
-                    raise RpcError(classify_rpc_error(m["error"]))
-                out.append(m.get("result"))
+                if m is None:  # an answer without this call: ask for it again
+                    out.append((False, classify_exception(ValueError("batch response is missing an item"))))
+                elif m.get("error") is not None:
+                    out.append((False, classify_rpc_error(m["error"])))
+                else:
+                    out.append((True, m.get("result")))
             return out
 
         return await self._with_retries(method, payload, check)

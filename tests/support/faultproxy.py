@@ -18,6 +18,9 @@ Kinds (`KINDS`):
   `shadowed` (other logs of the block carry its address and its topic0: invisible to the bloom), `any`.
   With `drop_once_per_query` a given query (method + params) loses a log at most once (a flaky replica).
 
+`item_error_rate`: each call of a batch is answered, with that chance, by `-32000 header not found` (a node
+behind a load balancer whose replicas lag), independently of the others (kind `item_error`).
+
 Rules that are not random: `max_logs_span` answers "query returned more than 10000 results" to
 `eth_getLogs` over more blocks than that (kind `range_too_large`); `outage` = "503" or "reset" fails
 every request (kind `outage_503` / `outage_reset`).
@@ -59,6 +62,7 @@ class FaultProxy:
         head_lag_rate: float = 0.0,
         drop_pick: str = "visible",
         drop_once_per_query: bool = False,
+        item_error_rate: float = 0.0,
     ) -> None:
         unknown = set(kinds) - set(KINDS)
         assert not unknown, f"unknown fault kinds {unknown}"
@@ -73,6 +77,7 @@ class FaultProxy:
         self.head_lag_rate = head_lag_rate
         self.drop_pick = drop_pick
         self.drop_once_per_query = drop_once_per_query
+        self.item_error_rate = item_error_rate
         self.outage: str | None = None
         self.injected: Counter = Counter()
         self.requests: Counter = Counter()
@@ -227,6 +232,14 @@ class FaultProxy:
             return self._json({"jsonrpc": "2.0", "id": msg.get("id"), "error": err})
 
         status, body = await self._forward(raw)
+        if batch and self.item_error_rate > 0:
+            items = orjson.loads(body)
+            for i, item in enumerate(items):
+                if self.rng.random() < self.item_error_rate:
+                    self.injected["item_error"] += 1
+                    items[i] = {"jsonrpc": "2.0", "id": item.get("id"),
+                                "error": {"code": -32000, "message": "header not found"}}
+            body = orjson.dumps(items)
         if kind == "truncated":
             self.injected[kind] += 1
             return web.Response(status=status, body=body[: len(body) // 2], content_type="application/json")
