@@ -20,7 +20,7 @@ from indexer_dagster.jobs.names import (
 from indexer_dagster.persist.catalog import build_catalog
 from indexer_dagster.resources import IndexerConfigResource, StateStoreResource
 from indexer_dagster.state import Phase
-from indexer_dagster.sync.realtime import Follower
+from indexer_dagster.sync.realtime import Follower, run_lease
 from indexer_dagster.sync.repair import repair
 
 
@@ -68,15 +68,18 @@ def build_live_jobs(cfg: IndexerConfig, historical_keys: list[dg.AssetKey]) -> l
         bind(run_id=context.run_id, chain=chain)
         store = state.store
         restored: list[str] = []
-        before = store.get_reorg(config.reorg_id)
-        # Alert once, when the repair starts (a retried run finds the reorg past `detected`).
-        deep = deep_reorg_alert(cfg, before) if before is not None and before.phase is Phase.DETECTED else None
-        if deep is not None:
-            send_alert(cfg.alerts, deep)
-        res = repair(cfg, store, config.reorg_id,
-                     on_phase=lambda p: context.log.info(f"reorg {config.reorg_id}: {p.value}"),
-                     on_partition=restored.append)
-        build_catalog(cfg)
+        # The run's lease for the whole repair: the chain-head sensor fails a started reorg run whose
+        # lease it does not see (its process died with the daemon) and launches the next attempt.
+        with store.writer_lock(run_lease(context.run_id), timeout_s=60):
+            before = store.get_reorg(config.reorg_id)
+            # Alert once, when the repair starts (a retried run finds the reorg past `detected`).
+            deep = deep_reorg_alert(cfg, before) if before is not None and before.phase is Phase.DETECTED else None
+            if deep is not None:
+                send_alert(cfg.alerts, deep)
+            res = repair(cfg, store, config.reorg_id,
+                         on_phase=lambda p: context.log.info(f"reorg {config.reorg_id}: {p.value}"),
+                         on_partition=restored.append)
+            build_catalog(cfg)
         r = res.reorg
         if before is not None and before.depth <= cfg.chain.confirmations and (late := deep_reorg_alert(cfg, r)):
             send_alert(cfg.alerts, late)  # a deeper reorg merged into this one during the repair

@@ -39,9 +39,30 @@ def _runs(instance: dg.DagsterInstance, chain: str, role: str, statuses=None, ex
 
 
 def history_run_alive(store, chain: str, run: dg.DagsterRun) -> bool:
-    """Whether a historical run's process is alive, as the sensor judges it (a dead one is failed): its
-    step holds the run's lease from its start to its last result."""
+    """Whether a historical (or reorg) run's process is alive, as the sensor judges it (a dead one is
+    failed): its step holds the run's lease from its start to its last result."""
     return lease_held(store, run_lease(run.run_id))
+
+
+def fail_dead_runs(
+    instance: dg.DagsterInstance, store, chain: str, historical_job: str, dex_job: str | None, grace_s: float = 15.0
+) -> None:
+    """A run whose process died (killed with its daemon, OOM, ...) stays "started" in the instance
+    forever; its lease died with it, so mark it failed and let it be replaced. Each kind of run shows
+    it is alive by a lease: the follower's, the run's own (range and reorg runs), the DEX build's."""
+    if not follower_alive(store, chain):
+        _fail_dead(instance, _runs(instance, chain, LIVE_ROLE, IN_PROGRESS),
+                   "the live follower process is gone (no lease held)", grace_s)
+    history_runs = instance.get_runs(dg.RunsFilter(job_name=historical_job, statuses=IN_PROGRESS), limit=100)
+    _fail_dead(instance, [r for r in history_runs if not history_run_alive(store, chain, r)],
+               "the range run's process is gone (no lease held)", grace_s)
+    # A reorg run left "started" would keep every writer of the chain waiting for good.
+    reorg_runs = _runs(instance, chain, REORG_ROLE, IN_PROGRESS)
+    _fail_dead(instance, [r for r in reorg_runs if not history_run_alive(store, chain, r)],
+               "the reorg run's process is gone (no lease held)", grace_s)
+    if dex_job and not lease_held(store, f"{chain}:dex"):
+        dex_runs = instance.get_runs(dg.RunsFilter(job_name=dex_job, statuses=IN_PROGRESS), limit=10)
+        _fail_dead(instance, dex_runs, "the DEX run's process is gone (no lease held)", grace_s)
 
 
 def _fail_dead(instance: dg.DagsterInstance, runs, why: str, grace_s: float = 15.0) -> None:
@@ -89,18 +110,8 @@ def build_chain_head_sensor(
             anchor = store.get_cursor(chain, ANCHOR)
             tip = store.tip(chain)
             epoch = store.reorg_epoch(chain)
-            # A run whose process died (killed with its daemon, OOM, ...) stays "started" in the
-            # instance forever; its lease died with it, so mark it failed and let it be replaced.
+            fail_dead_runs(instance, store, chain, historical_job, dex_job)
             live_runs = _runs(instance, chain, LIVE_ROLE, IN_PROGRESS)
-            if not follower_alive(store, chain):
-                _fail_dead(instance, live_runs, "the live follower process is gone (no lease held)")
-                live_runs = _runs(instance, chain, LIVE_ROLE, IN_PROGRESS)
-            history_runs = instance.get_runs(dg.RunsFilter(job_name=historical_job, statuses=IN_PROGRESS), limit=100)
-            dead = [r for r in history_runs if not history_run_alive(store, chain, r)]
-            _fail_dead(instance, dead, "the range run's process is gone (no lease held)")
-            if dex_job and not lease_held(store, f"{chain}:dex"):
-                dex_runs = instance.get_runs(dg.RunsFilter(job_name=dex_job, statuses=IN_PROGRESS), limit=10)
-                _fail_dead(instance, dex_runs, "the DEX run's process is gone (no lease held)")
         finally:
             store.close()
         reorg_runs = _runs(instance, chain, REORG_ROLE, extra={REORG_ID_TAG: str(active.id)}) if active else []
