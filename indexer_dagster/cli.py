@@ -362,5 +362,61 @@ def metrics(config_path: str | None, textfile: str | None, port: int | None, hos
         click.echo(m.render(cfg, failed), nl=False)
 
 
+@main.command()
+@config_option
+@chain_option
+@click.option("--json", "as_json", is_flag=True, help="The ledger and halt of each chain as JSON.")
+def reorgs(config_path: str | None, chain: str | None, as_json: bool) -> None:
+    """The reorg ledger of each chain (newest first) and whether the chain is halted, with why."""
+    import json
+
+    from indexer_dagster.state import open_state, reorgs_frame
+
+    cfg = _load(config_path)
+    out = []
+    store = open_state(cfg.state_url)
+    try:
+        for c in _selected_chains(cfg, chain):
+            name = c.chain.name
+            halt = store.halted(name)
+            ledger = sorted(reorgs_frame(store, name), key=lambda r: r["id"], reverse=True)
+            out.append({"chain": name, "halted": None if halt is None else {
+                "reason": halt.reason, "reorg_id": halt.reorg_id, "since": halt.halted_at.isoformat()},
+                "reorgs": ledger})
+    finally:
+        store.close()
+    if as_json:
+        click.echo(json.dumps(out, indent=2, default=str))
+        return
+    for c in out:
+        halted = c["halted"]
+        click.echo(f"{c['chain']}: " + (f"HALTED since {halted['since']}: {halted['reason']} "
+                                         f"(then `indexer resume --chain {c['chain']}`)" if halted else "running"))
+        for r in c["reorgs"][:20]:
+            click.echo(f"  reorg {r['id']}: {r['phase']}, fork at {r['common_ancestor']}, depth {r['depth']}, "
+                       f"{r['rows_archived_total']} rows archived, detected {r['detected_at']:%Y-%m-%d %H:%M:%S}"
+                       + (f" — {r['note']}" if r["note"] else ""))
+
+
+@main.command()
+@config_option
+@click.option("--chain", "chain", required=True, help="The halted chain to resume.")
+def resume(config_path: str | None, chain: str) -> None:
+    """Lift a chain's halt (after raising chain.reorg_window or re-running the backfill of the affected
+    ranges): the sensor starts its follower and range runs again."""
+    from indexer_dagster.state import open_state
+
+    cfg = _load(config_path)
+    if chain not in {c.chain.name for c in cfg.chains}:
+        raise click.ClickException(f"chain {chain!r} is not in the config")
+    store = open_state(cfg.state_url)
+    try:
+        halt = store.resume(chain)
+    finally:
+        store.close()
+    click.echo(f"{chain}: resumed (it was halted since {halt.halted_at:%Y-%m-%d %H:%M:%S} UTC: {halt.reason})"
+               if halt else f"{chain} was not halted")
+
+
 if __name__ == "__main__":
     sys.exit(main())

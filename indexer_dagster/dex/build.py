@@ -142,6 +142,7 @@ def _build(cfg: IndexerConfig, store: StateStore) -> DexResult:
     @contextmanager
     def guard():
         with store.writer_lock(chain):
+            store.check_not_halted(chain)
             if store.reorg_epoch(chain) != epoch or store.active_reorg(chain) is not None:
                 raise ForkChanged("a reorg happened while the DEX tables were computed; recompute")
             yield

@@ -110,6 +110,7 @@ def build_chain_head_sensor(
             anchor = store.get_cursor(chain, ANCHOR)
             tip = store.tip(chain)
             epoch = store.reorg_epoch(chain)
+            halt = store.halted(chain)
             fail_dead_runs(instance, store, chain, historical_job, dex_job)
             live_runs = _runs(instance, chain, LIVE_ROLE, IN_PROGRESS)
         finally:
@@ -136,6 +137,7 @@ def build_chain_head_sensor(
             reorg_window=cfg.chain.reorg_window,
             failed_check_ranges=frozenset(failed_ranges(lake, older_than_s=RESYNC_BACKOFF_S)),
             supplement_ranges=frozenset(ranges_to_supplement(cfg)),  # contracts/events added to the config
+            halted=halt.reason if halt is not None else None,
         )
         p = plan(facts)
         known = set(instance.get_dynamic_partitions(partitions_name))
@@ -150,7 +152,7 @@ def build_chain_head_sensor(
             ))
         if p.launch_live:
             requests.append(dg.RunRequest(job_name=live_job_name(chain), run_key=f"live-{time.time_ns()}"))
-        if dex_job and active is None and tip is not None and not instance.get_runs(
+        if dex_job and active is None and halt is None and tip is not None and not instance.get_runs(
             dg.RunsFilter(job_name=dex_job, statuses=IN_PROGRESS), limit=1
         ):
             # Derived tables follow the canonical events: rebuilt when the tip moved or a reorg was repaired.
@@ -159,7 +161,8 @@ def build_chain_head_sensor(
             # No run key: a range that failed is asked for again (one run per range at a time).
             requests.append(dg.RunRequest(job_name=historical_job, partition_key=key))
         if not requests and not new_keys:
-            return dg.SkipReason(f"{chain}: head {node_head}, follower tip {facts.live_tip}, nothing to launch")
+            why = p.reason if halt is not None else "nothing to launch"
+            return dg.SkipReason(f"{chain}: head {node_head}, follower tip {facts.live_tip}, {why}")
         return dg.SensorResult(
             run_requests=requests,
             dynamic_partitions_requests=[dg.AddDynamicPartitionsRequest(partitions_name, new_keys)] if new_keys else [],

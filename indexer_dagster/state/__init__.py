@@ -27,6 +27,8 @@ from contextlib import contextmanager
 from typing import Any
 
 from indexer_dagster.state.models import (
+    ChainHalted,
+    Halt,
     Header,
     Phase,
     Reorg,
@@ -43,6 +45,8 @@ from indexer_dagster.urls import is_postgres_url
 
 __all__ = [
     "SCHEMA_VERSION",
+    "ChainHalted",
+    "Halt",
     "Header",
     "Phase",
     "PostgresStateStore",

@@ -80,8 +80,29 @@ class Reorg:
         return self.phase.finished
 
 
+@dataclass(frozen=True)
+class Halt:
+    """A chain stopped for an operator: no writer touches its files until `indexer resume`."""
+
+    chain: str
+    reason: str  # what happened and the way out
+    reorg_id: int | None
+    halted_at: datetime
+
+
 class StateError(Exception):
     """Base class of the state store's errors."""
+
+
+class ChainHalted(StateError):
+    """A writer refused: the chain is halted for an operator (see `Halt`)."""
+
+    def __init__(self, halt: Halt) -> None:
+        super().__init__(
+            f"chain {halt.chain!r} is halted since {halt.halted_at:%Y-%m-%d %H:%M:%S} UTC: {halt.reason} "
+            f"(nothing is written until `indexer resume --chain {halt.chain}`)"
+        )
+        self.halt = halt
 
 
 class StateConnectionError(StateError):

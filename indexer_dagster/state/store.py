@@ -14,6 +14,8 @@ from typing import Any
 
 from indexer_dagster.state.models import (
     FINISHED_SQL,
+    ChainHalted,
+    Halt,
     Header,
     Phase,
     Reorg,
@@ -87,6 +89,13 @@ _SCHEMA = [
     f"""CREATE UNIQUE INDEX IF NOT EXISTS indexer_reorgs_one_active
         ON indexer_reorgs (chain) WHERE phase NOT IN {FINISHED_SQL}""",
     "CREATE INDEX IF NOT EXISTS indexer_reorgs_by_chain ON indexer_reorgs (chain, id)",
+    # A chain stopped for an operator (a fork below the stored window, a reorg that cannot be repaired).
+    """CREATE TABLE IF NOT EXISTS indexer_halts (
+        chain TEXT PRIMARY KEY,
+        reason TEXT NOT NULL,
+        reorg_id {INT},
+        halted_at {TS} NOT NULL
+    )""",
     """CREATE TABLE IF NOT EXISTS indexer_reorg_epochs (
         chain TEXT PRIMARY KEY,
         epoch {INT} NOT NULL
@@ -280,6 +289,43 @@ class StateStore:
                 "block_hash = excluded.block_hash, updated_at = excluded.updated_at",
                 (chain, name, int(block), str(block_hash).lower(), self._ts_in(utc_now())),
             )
+
+    # --- halts -----------------------------------------------------------------------------------------
+
+    def halt(self, chain: str, reason: str, reorg_id: int | None = None) -> Halt:
+        """Stop every writer of `chain` durably (the first reason is kept) until `resume`."""
+        with self._tx(write=True) as cur:
+            self._exec(
+                cur,
+                "INSERT INTO indexer_halts (chain, reason, reorg_id, halted_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (chain) DO NOTHING",
+                (chain, str(reason), None if reorg_id is None else int(reorg_id), self._ts_in(utc_now())),
+            )
+        halt = self.halted(chain)
+        assert halt is not None
+        return halt
+
+    def halted(self, chain: str) -> Halt | None:
+        with self._tx(write=False) as cur:
+            row = self._exec(
+                cur, "SELECT chain, reason, reorg_id, halted_at FROM indexer_halts WHERE chain = ?", (chain,)
+            ).fetchone()
+        if row is None:
+            return None
+        return Halt(row[0], row[1], None if row[2] is None else int(row[2]), self._ts_required(row[3]))
+
+    def check_not_halted(self, chain: str) -> None:
+        """ChainHalted if `chain` is halted: every writer asks before it publishes."""
+        halt = self.halted(chain)
+        if halt is not None:
+            raise ChainHalted(halt)
+
+    def resume(self, chain: str) -> Halt | None:
+        """Lift `chain`'s halt; returns the halt lifted (None: it was not halted)."""
+        halt = self.halted(chain)
+        with self._tx(write=True) as cur:
+            self._exec(cur, "DELETE FROM indexer_halts WHERE chain = ?", (chain,))
+        return halt
 
     # --- reorg ledger --------------------------------------------------------------------------------
 

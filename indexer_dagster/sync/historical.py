@@ -126,6 +126,7 @@ def commit_guard(cfg: IndexerConfig, store: StateStore, covered: BlockRange | No
     @contextmanager
     def guard():
         with store.writer_lock(chain):
+            store.check_not_halted(chain)
             if store.reorg_epoch(chain) != epoch or store.active_reorg(chain) is not None:
                 raise ForkChanged("a reorg was detected while the range was fetched; fetching it again")
             yield

@@ -50,7 +50,7 @@ from indexer_dagster.persist.files import read_parquet
 from indexer_dagster.persist.lake import open_lake
 from indexer_dagster.persist.meta import record_head
 from indexer_dagster.reorg.detect import Extend, LocalChain, Reorg, TooDeep, Wait, next_step
-from indexer_dagster.state import Header, StateStore
+from indexer_dagster.state import ChainHalted, Header, StateStore
 from indexer_dagster.sync.contracts import (
     ContractSet,
     coverage_metadata,
@@ -294,6 +294,8 @@ class Follower:
 
     # -- one step ----------------------------------------------------------------------------
     async def tick(self, rpc: RpcClient) -> TickResult:
+        if (halt := self.store.halted(self.chain)) is not None:
+            return TickResult("halted", detail=halt.reason)
         if self.store.active_reorg(self.chain) is not None:
             return TickResult("suspended", detail="a reorg is being repaired")
         local = self.local_chain()
@@ -303,11 +305,14 @@ class Follower:
         if isinstance(step, Wait):
             return TickResult("waiting", tip=local.tip.number, detail=step.reason)
         if isinstance(step, TooDeep):
-            raise ReorgTooDeep(
-                f"{self.chain}: the node's chain differs from the indexed one down to block {step.lowest_checked}, "
-                f"the bottom of the stored window ({self.window} blocks); live sync stopped. Raise "
-                "chain.reorg_window or re-run the backfill of the affected ranges, then restart."
-            )
+            why = (f"the node's chain differs from the indexed one down to block {step.lowest_checked}, the "
+                   f"bottom of the stored window ({self.window} blocks): raise chain.reorg_window or re-run the "
+                   "backfill of the affected ranges")
+            # Durably: no writer of this chain (follower, range runs, compaction, DEX) publishes until
+            # an operator resumes it, so the two forks are never mixed in the files.
+            self.store.halt(self.chain, why)
+            raise ReorgTooDeep(f"{self.chain}: {why}; live sync stopped, the chain is halted until "
+                               f"`indexer resume --chain {self.chain}`.")
         if isinstance(step, Reorg):
             reorg = self.open_reorg(step, node_head)
             return TickResult("reorg", tip=local.tip.number, reorg_id=reorg.id,
@@ -351,6 +356,7 @@ class Follower:
         @contextmanager
         def guard():
             with self.store.writer_lock(self.chain):
+                self.store.check_not_halted(self.chain)
                 tip = self.store.tip(self.chain)
                 if self.store.active_reorg(self.chain) is not None or tip is None or tip.hash != parent.hash:
                     raise ForkChanged("the local chain changed while the new blocks were fetched")
@@ -392,6 +398,10 @@ class Follower:
             stats.note = "another follower holds the lease; this one exits"
             return stats
         try:
+            if (halt := self.store.halted(self.chain)) is not None:
+                stats.note = str(ChainHalted(halt))  # nothing seeded, nothing removed: it waits for an operator
+                log.error("%s", stats.note)
+                return stats
             return await self._run(stats, should_stop, poll_s, on_tick)
         finally:
             lease.__exit__(None, None, None)
@@ -418,6 +428,9 @@ class Follower:
                                       res.logs, res.detail)
                         if on_tick:
                             on_tick(res)
+                        if res.action == "halted":
+                            log.error("chain %s is halted: %s; the follower exits", self.chain, res.detail)
+                            break
                         recorder.maybe_flush()
                         if res.action != "extended":
                             await asyncio.sleep(poll_s)

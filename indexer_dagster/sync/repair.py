@@ -295,7 +295,28 @@ def repair(
     on_phase: Callable[[Phase], None] | None = None,
     on_partition: Callable[[str], None] | None = None,
 ) -> RepairResult:
-    """Carry reorg `reorg_id` from its recorded phase to done."""
+    """Carry reorg `reorg_id` from its recorded phase to done. One that cannot be repaired automatically
+    (ReorgAborted: the new fork does not meet the stored window) is marked failed and halts the chain:
+    relaunching it would only repeat the failure over rolled-back data."""
+    try:
+        return _repair(cfg, store, reorg_id, on_phase, on_partition)
+    except ReorgAborted as e:
+        reason = f"reorg {reorg_id} cannot be repaired: {e}; raise chain.reorg_window or re-run the backfill of the affected ranges"
+        store.halt(cfg.chain.name, reason, reorg_id=reorg_id)
+        current = store.get_reorg(reorg_id)
+        if current is not None and not current.finished:
+            store.set_phase(reorg_id, Phase.FAILED, note=str(e))
+        export_ledger(cfg, store)
+        raise
+
+
+def _repair(
+    cfg: IndexerConfig,
+    store: StateStore,
+    reorg_id: int,
+    on_phase: Callable[[Phase], None] | None,
+    on_partition: Callable[[str], None] | None,
+) -> RepairResult:
     started = time.perf_counter()
     chain = cfg.chain.name
     notify = on_phase or (lambda _p: None)

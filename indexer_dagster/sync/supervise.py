@@ -32,6 +32,7 @@ class Facts:
     failed_check_ranges: frozenset[str] = frozenset()  # ranges whose last checks failed: sync them again
     # Stored ranges (or ranges with live segments) lacking contracts/events added to the config.
     supplement_ranges: frozenset[str] = frozenset()
+    halted: str | None = None  # why the chain is halted for an operator (nothing is launched)
 
 
 @dataclass
@@ -48,6 +49,10 @@ def plan(f: Facts) -> Plan:
     p = Plan()
     all_ranges = ranges_between(f.start_block, max(f.node_head, f.start_block), f.blocks_per_partition)
     p.register_keys = [r.key for r in all_ranges]
+    if f.halted is not None:
+        # Halted for an operator (a fork below the stored window, a reorg that failed): no writer runs.
+        p.reason = f"halted: {f.halted}"
+        return p
     if f.active_reorg_id is not None:
         # Everything waits for the reorg: the follower pauses itself, range runs would be refused.
         if not f.reorg_run_active:

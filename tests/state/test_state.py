@@ -231,6 +231,23 @@ def test_header_hashes_are_lower_case(store):
     assert Header(1, "0xAA", "0xBB", 0).hash == "0xaa"
 
 
+def test_a_halt_is_durable_keeps_its_first_reason_and_is_lifted_by_resume(store, target):
+    assert store.halted("eth") is None
+    first = store.halt("eth", "fork below the window", reorg_id=3)
+    store.halt("eth", "a later reason")  # the first one explains the stop
+    store.halt("other", "another chain")
+    reopened = target.open()  # another process sees it
+    try:
+        got = reopened.halted("eth")
+        assert got is not None and (got.reason, got.reorg_id) == ("fork below the window", 3)
+        assert got.halted_at == first.halted_at
+    finally:
+        reopened.close()
+    assert store.resume("eth") == first
+    assert store.halted("eth") is None and store.resume("eth") is None
+    assert store.halted("other") is not None
+
+
 def test_cursors(store):
     assert store.get_cursor("eth", "live") is None
     store.set_cursor("eth", "live", 100, h(100))

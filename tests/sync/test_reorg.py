@@ -5,6 +5,7 @@ in the archive under its reorg id, and the ledger must list the reorg with its p
 """
 
 import asyncio
+import os
 import signal
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from indexer_dagster.devnet.uniswap import reorg as anvil_reorg
 from indexer_dagster.persist.catalog import build_catalog
 from indexer_dagster.persist.lake import open_lake
 from indexer_dagster.query import query
-from indexer_dagster.state import Phase, open_state
+from indexer_dagster.state import ChainHalted, Phase, open_state
 from indexer_dagster.sync.historical import sync_range
 from indexer_dagster.sync.range_checks import CHECKS
 from indexer_dagster.sync.realtime import ANCHOR, Follower
@@ -357,3 +358,62 @@ def test_reorg_below_the_window_stops_live_sync(chain, tmp_path):
     anvil_reorg(node.url, dep, depth=6, txs_per_block=3, seed=62)
     with pytest.raises(ReorgTooDeep, match="reorg_window"):
         follow_until_synced(cfg, store)
+    # Issue 13, finding 6: the stop is durable. The chain is halted, and no writer of it touches a file
+    # until an operator resumes it: not a relaunched follower, not a range run (a compaction, a re-sync).
+    halt = store.halted(cfg.chain.name)
+    assert halt is not None and "reorg_window" in halt.reason
+    lake = open_lake(cfg)
+
+    def files():
+        return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(lake.root.rglob("*.parquet"))}
+
+    before = files()
+    stats = asyncio.run(Follower(cfg, store).run(lambda: False, poll_s=0.05))
+    assert "halted" in stats.note and stats.ticks == 0
+    last = ranges_between(cfg.start_block, node.block_number(), cfg.chain.blocks_per_partition)[-1]
+    with pytest.raises(ChainHalted, match="indexer resume --chain"):
+        sync_range(cfg, last, store=store)
+    assert files() == before
+    # The operator sees why (`indexer reorgs`), then resumes the chain (`indexer resume`).
+    env = {**os.environ, "INDEXER_CONFIG": str(path)}
+    shown = subprocess.run([sys.executable, "-m", "indexer_dagster.cli", "reorgs"], env=env, capture_output=True,
+                           text=True, timeout=120)
+    assert shown.returncode == 0 and "HALTED" in shown.stdout and "reorg_window" in shown.stdout, shown
+    resumed = subprocess.run([sys.executable, "-m", "indexer_dagster.cli", "resume", "--chain", cfg.chain.name],
+                             env=env, capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0 and "resumed" in resumed.stdout, resumed
+    assert store.halted(cfg.chain.name) is None
+
+
+def test_a_reorg_that_cannot_be_repaired_fails_and_halts_the_chain(chain, tmp_path):
+    """Issue 13, finding 2: a repair that meets a fork below the stored window (ReorgAborted) was
+    relaunched forever over rolled-back data with its phase never `failed`. It is marked failed with
+    why, the chain is halted (no writer publishes), and the ledger says so."""
+    from indexer_dagster.sync.repair import ReorgAborted
+
+    node, dep, _ = chain
+    path = write_config(tmp_path / "small.yaml", node.url, 31337, dep, "data_abort",
+                        blocks_per_partition=10, confirmations=2)
+    path.write_text(path.read_text().replace("confirmations: 2", "confirmations: 2\n  reorg_window: 3"))
+    cfg = load_config(path)
+    store = indexed_live(cfg, node, dep, blocks=5, txs_per_block=4, seed=63)
+    tip = store.tip(cfg.chain.name)
+    assert tip is not None
+    anvil_reorg(node.url, dep, depth=6, txs_per_block=3, seed=64)
+    # A reorg recorded with too shallow an ancestor (as a follower with a 2-block view would): the real
+    # fork is 6 deep, below the 3-block window, so the repair cannot find where the forks meet.
+    ancestor = store.header(cfg.chain.name, tip.number - 2)
+    assert ancestor is not None
+    reorg = store.open_reorg(cfg.chain.name, ancestor.number, ancestor.hash, tip.number, tip.hash,
+                             node.block_number(), "0x" + "00" * 32, [], [], False)
+    with pytest.raises(ReorgAborted):
+        repair(cfg, store, reorg.id)
+    failed = store.get_reorg(reorg.id)
+    assert failed is not None and failed.phase is Phase.FAILED and failed.note
+    assert store.active_reorg(cfg.chain.name) is None
+    halt = store.halted(cfg.chain.name)
+    assert halt is not None and halt.reorg_id == reorg.id and "cannot be repaired" in halt.reason
+    build_catalog(cfg)
+    ledger = query(cfg.duckdb_path, f"select phase from reorgs where reorg_id = {reorg.id}")
+    assert ledger["phase"].to_list() == ["failed"]
+    store.close()

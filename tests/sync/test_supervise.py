@@ -1,0 +1,23 @@
+"""What the chain-head sensor launches, decided from plain facts."""
+
+from indexer_dagster.sync.supervise import Facts, plan
+
+
+def _facts(**kw) -> Facts:
+    base = dict(node_head=95, start_block=0, blocks_per_partition=10, live_anchor=60, live_tip=90,
+                active_reorg_id=None, reorg_run_active=False, reorg_runs_before=0, live_run_active=False,
+                range_coverage={}, range_keys_running=frozenset(), reorg_window=20)
+    return Facts(**{**base, **kw})
+
+
+def test_a_halted_chain_launches_nothing():
+    """Issue 13, finding 6: halted for an operator, nothing writes the chain: no follower, no range run
+    (history, compaction, re-sync), no reorg run."""
+    busy = dict(active_reorg_id=4, failed_check_ranges=frozenset({"000000000000-000000000009"}),
+                live_segment_ranges=frozenset({"000000000060-000000000069"}))
+    p = plan(_facts(halted="fork below the window", **busy))
+    assert (p.launch_live, p.launch_reorg, p.range_runs) == (False, None, [])
+    assert "halted" in p.reason
+    resumed = plan(_facts(**busy))
+    assert resumed.launch_reorg == 4  # the same facts, not halted: the reorg is repaired first
+    assert plan(_facts()).launch_live and plan(_facts()).range_runs
