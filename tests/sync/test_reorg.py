@@ -346,15 +346,20 @@ def _catch(errors, fn, *args):
         errors.append(e)
 
 
+def indexed_with_a_small_window(chain, tmp_path, data: str, seed: int):
+    """A chain keeping only 3 headers (`reorg_window: 3`), indexed live: (config path, config, store)."""
+    node, dep, _ = chain
+    path = write_config(tmp_path / "small.yaml", node.url, 31337, dep, data, blocks_per_partition=10, confirmations=2)
+    path.write_text(path.read_text().replace("confirmations: 2", "confirmations: 2\n  reorg_window: 3"))
+    cfg = load_config(path)
+    return path, cfg, indexed_live(cfg, node, dep, blocks=5, txs_per_block=4, seed=seed)
+
+
 def test_reorg_below_the_window_stops_live_sync(chain, tmp_path):
     from indexer_dagster.sync.realtime import ReorgTooDeep
 
     node, dep, _ = chain
-    path = write_config(tmp_path / "small.yaml", node.url, 31337, dep, "data_small",
-                        blocks_per_partition=10, confirmations=2)
-    path.write_text(path.read_text().replace("confirmations: 2", "confirmations: 2\n  reorg_window: 3"))
-    cfg = load_config(path)
-    store = indexed_live(cfg, node, dep, blocks=5, txs_per_block=4, seed=61)
+    path, cfg, store = indexed_with_a_small_window(chain, tmp_path, "data_small", seed=61)
     anvil_reorg(node.url, dep, depth=6, txs_per_block=3, seed=62)
     with pytest.raises(ReorgTooDeep, match="reorg_window"):
         follow_until_synced(cfg, store)
@@ -392,11 +397,7 @@ def test_a_reorg_that_cannot_be_repaired_fails_and_halts_the_chain(chain, tmp_pa
     from indexer_dagster.sync.repair import ReorgAborted
 
     node, dep, _ = chain
-    path = write_config(tmp_path / "small.yaml", node.url, 31337, dep, "data_abort",
-                        blocks_per_partition=10, confirmations=2)
-    path.write_text(path.read_text().replace("confirmations: 2", "confirmations: 2\n  reorg_window: 3"))
-    cfg = load_config(path)
-    store = indexed_live(cfg, node, dep, blocks=5, txs_per_block=4, seed=63)
+    _path, cfg, store = indexed_with_a_small_window(chain, tmp_path, "data_abort", seed=63)
     tip = store.tip(cfg.chain.name)
     assert tip is not None
     anvil_reorg(node.url, dep, depth=6, txs_per_block=3, seed=64)
