@@ -8,6 +8,7 @@ import pytest
 
 from indexer_dagster.config import load_config
 from indexer_dagster.devnet import Anvil, build_devnet, write_config
+from tests.support.webhook import Receiver
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -73,3 +74,12 @@ def cli_env(config_path: Path, dagster_home: Path) -> dict:
     env["INDEXER_CONFIG"] = str(config_path)
     env["DAGSTER_HOME"] = str(dagster_home)
     return env
+
+
+@pytest.fixture
+def receiver():
+    """A webhook receiver on a local port (`.url`, `.alerts`, `.kinds()`)."""
+    r = Receiver()
+    yield r
+    r.server.shutdown()
+    r.server.server_close()

@@ -32,6 +32,7 @@ RPC_FAILING = "rpc_failing"
 RPC_RECOVERED = "rpc_recovered"
 FRESHNESS = "freshness"
 FRESHNESS_RECOVERED = "freshness_recovered"
+CHAIN_HALTED = "chain_halted"
 MAX_TEXT = 2000
 RPC_MIN_ERRORS = 10     # errors since the last check before the error share counts
 RPC_ERROR_SHARE = 0.5
@@ -131,6 +132,16 @@ def deep_reorg_alert(cfg: IndexerConfig, reorg) -> Alert | None:
             "phase": getattr(reorg.phase, "value", str(reorg.phase)), "touched_confirmed": reorg.touched_confirmed,
             "affected_partitions": list(reorg.affected_partitions), "confirmations": cfg.chain.confirmations,
         },
+    )
+
+
+def halted_alert(chain: str, reason: str, reorg_id: int | None = None) -> Alert:
+    """A chain halted for an operator: nothing of it is written until `indexer resume`."""
+    return Alert(
+        CHAIN_HALTED,
+        f"chain halted: {reason}; nothing is written until `indexer resume --chain {chain}`",
+        chain=chain,
+        details={"reason": reason, "reorg_id": reorg_id, "resume": f"indexer resume --chain {chain}"},
     )
 
 

@@ -42,6 +42,7 @@ def status_metrics(statuses: Iterable[ChainStatus]) -> list[Metric]:
     reorg_max = _gauge("reorg_max_depth", "The deepest reorg in the ledger, in blocks.", ch)
     reorg_last = _gauge("reorg_last_depth", "The depth of the most recent reorg.", ch)
     reorg_active = _gauge("reorg_active", "1 while a reorg is being repaired.", ch)
+    halted = _gauge("halted", "1 while the chain is halted for an operator (`indexer reorgs` says why).", ch)
     requests = CounterMetricFamily(f"{PREFIX}_rpc_requests", "JSON-RPC requests sent (every attempt).",
                                    labels=["chain", "method"])
     errors = CounterMetricFamily(f"{PREFIX}_rpc_errors", "JSON-RPC requests that failed, by error kind.",
@@ -62,6 +63,7 @@ def status_metrics(statuses: Iterable[ChainStatus]) -> list[Metric]:
         reorg_max.add_metric(c, float(st.reorg_max_depth))
         reorg_last.add_metric(c, float(st.last_reorg.depth if st.last_reorg else 0))
         reorg_active.add_metric(c, 1.0 if st.active_reorg_id is not None else 0.0)
+        halted.add_metric(c, 1.0 if st.halted else 0.0)
         for method, n in sorted(st.rpc_requests.items()):
             requests.add_metric([st.chain, method], float(n))
         for key, n in sorted(st.rpc_errors.items()):
@@ -72,7 +74,7 @@ def status_metrics(statuses: Iterable[ChainStatus]) -> list[Metric]:
         for table, n in sorted(st.rows.items()):
             rows.add_metric([st.chain, table], float(n))
     return [up, node_head, indexed, confirmed, behind, behind_s, parts, expected, reorgs, reorg_max, reorg_last,
-            reorg_active, requests, errors, retries, rows]
+            reorg_active, halted, requests, errors, retries, rows]
 
 
 class StatusCollector(Collector):

@@ -72,5 +72,7 @@ def print_status(statuses: list[ChainStatus], console: Console | None = None) ->
                           "(see their runs in the Dagster UI; re-run the backfill)")
         if st.active_reorg_id is not None:
             console.print(f"{st.chain}: reorg {st.active_reorg_id} is being repaired")
+        if st.halted:
+            console.print(f"{st.chain}: [red]HALTED[/red]: {st.halted} (then `indexer resume --chain {st.chain}`)")
         if st.state_error:
             console.print(f"{st.chain}: [red]state store unavailable[/red]: {st.state_error}")

@@ -67,6 +67,7 @@ class ChainStatus:
     reorg_max_depth: int = 0
     active_reorg_id: int | None = None
     last_reorg: ReorgSummary | None = None
+    halted: str | None = None  # why the chain is halted for an operator (`indexer resume`)
     rpc_requests: dict[str, int] = field(default_factory=dict)   # by method
     rpc_retries: dict[str, int] = field(default_factory=dict)    # by method
     rpc_errors: dict[str, int] = field(default_factory=dict)     # by "method:kind"
@@ -241,8 +242,10 @@ def _reorgs(cfg: IndexerConfig, st: ChainStatus) -> None:
     store = open_state(cfg.state_url)
     try:
         reorgs = store.list_reorgs(cfg.chain.name)
+        halt = store.halted(cfg.chain.name)
     finally:
         store.close()
+    st.halted = halt.reason if halt is not None else None
     st.reorgs_total = len(reorgs)
     st.reorg_max_depth = max((r.depth for r in reorgs), default=0)
     active = [r for r in reorgs if not r.finished]

@@ -32,6 +32,7 @@ from indexer_dagster.chain.fetch import (
 from indexer_dagster.chain.rpc import RpcClient, RpcStats, rpc_client
 from indexer_dagster.chain.verify import LogVerifier, verifier_for
 from indexer_dagster.config import IndexerConfig
+from indexer_dagster.health.alerts import halted_alert, send_alert
 from indexer_dagster.health.logs import get_logger, log_context, register_config
 from indexer_dagster.health.rpc_stats import RpcStatsRecorder
 from indexer_dagster.persist.datasets import (
@@ -90,6 +91,13 @@ class FollowStats:
     logs: int = 0
     reorgs: list[int] = field(default_factory=list)
     note: str = ""
+
+
+def halt_chain(cfg: IndexerConfig, store: StateStore, reason: str, reorg_id: int | None = None) -> None:
+    """Halt the chain durably (see `state.Halt`) and alert the operator, once: the first halt's reason stays."""
+    if store.halted(cfg.chain.name) is None:
+        halt = store.halt(cfg.chain.name, reason, reorg_id=reorg_id)
+        send_alert(cfg.alerts, halted_alert(cfg.chain.name, halt.reason, halt.reorg_id))
 
 
 def follower_lease(chain: str) -> str:
@@ -310,7 +318,7 @@ class Follower:
                    "backfill of the affected ranges")
             # Durably: no writer of this chain (follower, range runs, compaction, DEX) publishes until
             # an operator resumes it, so the two forks are never mixed in the files.
-            self.store.halt(self.chain, why)
+            halt_chain(self.cfg, self.store, why)
             raise ReorgTooDeep(f"{self.chain}: {why}; live sync stopped, the chain is halted until "
                                f"`indexer resume --chain {self.chain}`.")
         if isinstance(step, Reorg):

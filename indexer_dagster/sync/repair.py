@@ -48,7 +48,7 @@ from indexer_dagster.state import Header, Phase, Reorg, StateStore
 from indexer_dagster.sync.contracts import coverage_metadata, wanted_coverage
 from indexer_dagster.sync.historical import Decoder, sync_range
 from indexer_dagster.sync.range_checks import CheckResult, verify_and_record
-from indexer_dagster.sync.realtime import CURSOR, Follower
+from indexer_dagster.sync.realtime import CURSOR, Follower, halt_chain
 
 
 class ReorgAborted(RuntimeError):
@@ -302,7 +302,7 @@ def repair(
         return _repair(cfg, store, reorg_id, on_phase, on_partition)
     except ReorgAborted as e:
         reason = f"reorg {reorg_id} cannot be repaired: {e}; raise chain.reorg_window or re-run the backfill of the affected ranges"
-        store.halt(cfg.chain.name, reason, reorg_id=reorg_id)
+        halt_chain(cfg, store, reason, reorg_id=reorg_id)
         current = store.get_reorg(reorg_id)
         if current is not None and not current.finished:
             store.set_phase(reorg_id, Phase.FAILED, note=str(e))

@@ -3,10 +3,8 @@ Dagster sensors for a failed run, a failed asset check, a freshness breach, a fa
 No secret (RPC key, webhook token) ever reaches a payload or a log line."""
 
 import asyncio
-import http.server
 import json
 import logging
-import threading
 from datetime import UTC
 from pathlib import Path
 
@@ -30,52 +28,9 @@ from indexer_dagster.state import Phase, Reorg, open_state
 from indexer_dagster.sync.historical import sync_range
 from indexer_dagster.sync.range_checks import CHECKS
 from indexer_dagster.sync.realtime import Follower
+from tests.support.webhook import TOKEN, Receiver
 
 KEY = "SECRETKEY123"
-TOKEN = "WEBHOOKTOKEN999"
-
-
-class Receiver:
-    """A webhook endpoint: records every POST; the first `fail_first` get `fail_status`."""
-
-    def __init__(self, fail_first: int = 0, fail_status: int = 503) -> None:
-        self.attempts: list[dict] = []
-        self.fail_first, self.fail_status = fail_first, fail_status
-        receiver = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
-                receiver.attempts.append({"path": self.path, "body": body})
-                failing = len(receiver.attempts) <= receiver.fail_first
-                self.send_response(receiver.fail_status if failing else 200)
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_port}/hooks/{TOKEN}"
-
-    @property
-    def alerts(self) -> list[dict]:
-        n = self.fail_first
-        return [a["body"] for a in self.attempts[n:]]
-
-    def kinds(self) -> list[str]:
-        return [a["kind"] for a in self.alerts]
-
-
-@pytest.fixture
-def receiver():
-    r = Receiver()
-    yield r
-    r.server.shutdown()
-    r.server.server_close()
 
 
 def add_alerts(path: Path, webhook: str, chain: dict | None = None, **alerts) -> Path:

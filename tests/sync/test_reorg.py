@@ -5,6 +5,7 @@ in the archive under its reorg id, and the ledger must list the reorg with its p
 """
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -29,6 +30,7 @@ from indexer_dagster.sync.range_checks import CHECKS
 from indexer_dagster.sync.realtime import ANCHOR, Follower
 from indexer_dagster.sync.repair import repair
 from indexer_dagster.sync.supervise import history_due
+from tests.health.test_alerts import add_alerts
 from tests.sync.test_historical import node_logs
 
 pytestmark = pytest.mark.slow
@@ -346,20 +348,22 @@ def _catch(errors, fn, *args):
         errors.append(e)
 
 
-def indexed_with_a_small_window(chain, tmp_path, data: str, seed: int):
+def indexed_with_a_small_window(chain, tmp_path, data: str, seed: int, webhook: str | None = None):
     """A chain keeping only 3 headers (`reorg_window: 3`), indexed live: (config path, config, store)."""
     node, dep, _ = chain
     path = write_config(tmp_path / "small.yaml", node.url, 31337, dep, data, blocks_per_partition=10, confirmations=2)
     path.write_text(path.read_text().replace("confirmations: 2", "confirmations: 2\n  reorg_window: 3"))
+    if webhook:
+        add_alerts(path, webhook)
     cfg = load_config(path)
     return path, cfg, indexed_live(cfg, node, dep, blocks=5, txs_per_block=4, seed=seed)
 
 
-def test_reorg_below_the_window_stops_live_sync(chain, tmp_path):
+def test_reorg_below_the_window_stops_live_sync(chain, tmp_path, receiver):
     from indexer_dagster.sync.realtime import ReorgTooDeep
 
     node, dep, _ = chain
-    path, cfg, store = indexed_with_a_small_window(chain, tmp_path, "data_small", seed=61)
+    path, cfg, store = indexed_with_a_small_window(chain, tmp_path, "data_small", seed=61, webhook=receiver.url)
     anvil_reorg(node.url, dep, depth=6, txs_per_block=3, seed=62)
     with pytest.raises(ReorgTooDeep, match="reorg_window"):
         follow_until_synced(cfg, store)
@@ -367,6 +371,9 @@ def test_reorg_below_the_window_stops_live_sync(chain, tmp_path):
     # until an operator resumes it: not a relaunched follower, not a range run (a compaction, a re-sync).
     halt = store.halted(cfg.chain.name)
     assert halt is not None and "reorg_window" in halt.reason
+    # The operator is told once, with the way out.
+    assert receiver.kinds() == ["chain_halted"]
+    assert "indexer resume --chain" in receiver.alerts[0]["summary"]
     lake = open_lake(cfg)
 
     def files():
@@ -384,6 +391,9 @@ def test_reorg_below_the_window_stops_live_sync(chain, tmp_path):
     shown = subprocess.run([sys.executable, "-m", "indexer_dagster.cli", "reorgs"], env=env, capture_output=True,
                            text=True, timeout=120)
     assert shown.returncode == 0 and "HALTED" in shown.stdout and "reorg_window" in shown.stdout, shown
+    status = subprocess.run([sys.executable, "-m", "indexer_dagster.cli", "status", "--json"], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert "reorg_window" in json.loads(status.stdout)[0]["halted"], status
     resumed = subprocess.run([sys.executable, "-m", "indexer_dagster.cli", "resume", "--chain", cfg.chain.name],
                              env=env, capture_output=True, text=True, timeout=120)
     assert resumed.returncode == 0 and "resumed" in resumed.stdout, resumed
