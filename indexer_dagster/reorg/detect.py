@@ -125,13 +125,31 @@ async def next_step(local: LocalChain, node_head: int, fetch: FetchHeader, max_b
                 break  # the node's head moved back while we read: take what chains, re-check later
             if h.parent_hash != parent.hash:
                 if n == tip.number + 1:
-                    return await _reorg(local, fetch, tip.number, tip)
+                    step = await _reorg(local, fetch, tip.number, tip)
+                    if isinstance(step, Reorg):
+                        # The new fork goes on above the old tip's height: record it up to the node's head.
+                        above = await _headers_after(fetch, step.new_chain[-1] if step.new_chain else step.ancestor,
+                                                     min(node_head, tip.number + max_batch))
+                        step = Reorg(ancestor=step.ancestor, old_tip=step.old_tip, new_chain=[*step.new_chain, *above])
+                    return step
                 break  # the node reorganised above our tip while we read: re-check next time
             new.append(h)
             parent = h
         return Extend(new)
     except _Missing as m:
         return Wait(f"block {m.number} is momentarily missing on the node")
+
+
+async def _headers_after(fetch: FetchHeader, parent: Header, last: int) -> list[Header]:
+    """The node's headers after `parent` up to block `last`, as far as they chain from it."""
+    out: list[Header] = []
+    for n in range(parent.number + 1, last + 1):
+        h = await fetch(n)
+        if h is None or h.parent_hash != parent.hash:
+            break  # gone, or the node moved again: what chains is recorded, the rest is seen next time
+        out.append(h)
+        parent = h
+    return out
 
 
 async def _reorg(local: LocalChain, fetch: FetchHeader, start: int, tip: Header) -> Step:

@@ -66,7 +66,7 @@ def test_reorg_at_the_tip_finds_the_ancestor():
     s = step(local, node)
     assert isinstance(s, Reorg)
     assert s.ancestor.number == 7 and s.depth == 3 and s.old_tip.number == 10
-    assert [h.hash for h in s.new_chain] == ["0xb8", "0xb9", "0xb10"]
+    assert [h.hash for h in s.new_chain] == ["0xb8", "0xb9", "0xb10", "0xb11", "0xb12"]  # up to the node's head
 
 
 def test_same_height_reorg():
@@ -93,3 +93,19 @@ def test_reorg_below_the_window_is_too_deep():
 def test_empty_local_chain_is_an_error():
     with pytest.raises(ValueError, match="empty"):
         step([], Node(chain(0, 1)))
+
+
+def test_a_reorg_seen_ahead_of_the_tip_records_the_new_fork_up_to_the_node_head():
+    """Issue 13, finding 10: with the node ahead of the indexed tip, the new fork was recorded only up to
+    the old tip's height (blocks b8..b10 of b8..b13): the ledger's new head and the restore's target fell
+    short. The contract: `new_chain` runs from the ancestor + 1 to the node's head."""
+    local = chain(0, 10)
+    node = Node(chain(0, 7) + chain(8, 13, fork="b", parent_of_start="0xa7"))
+    s = step(local, node)
+    assert isinstance(s, Reorg) and s.ancestor.number == 7 and s.depth == 3
+    assert [h.number for h in s.new_chain] == list(range(8, 14))
+    assert all(h.hash.startswith("0xb") for h in s.new_chain)
+    # Capped like an extension (max_batch): never an unbounded walk up a long new fork.
+    long = Node(chain(0, 7) + chain(8, 400, fork="b", parent_of_start="0xa7"))
+    capped = asyncio.run(next_step(LocalChain(local), long.head, long.fetch, max_batch=50))
+    assert isinstance(capped, Reorg) and capped.new_chain[-1].number == 10 + 50
