@@ -16,13 +16,17 @@ from dataclasses import dataclass
 import orjson
 import polars as pl
 
-from indexer_dagster.chain.errors import RpcError, RpcErrorKind
+from indexer_dagster.chain.errors import RpcError, RpcErrorInfo, RpcErrorKind
 from indexer_dagster.chain.rpc import RpcClient
 from indexer_dagster.chain.spans import RangeSizer
 from indexer_dagster.chain.verify import LogVerifier, agree, parse_bloom, reconcile
 from indexer_dagster.persist.datasets import BLOCK_SCHEMA, LOG_SCHEMA
 
 MAX_ADDRESSES_PER_REQUEST = 500
+# How often a logs-by-hash answer of "unknown block" is asked again (a load-balanced replica may lag by a
+# block) before it counts as a changed fork: the block was reorganised away.
+UNKNOWN_BLOCK_RETRIES = 2
+_UNKNOWN_BLOCK = ("unknown block", "block not found", "header not found")
 _CHUNK_ATTEMPTS = 5
 
 
@@ -85,6 +89,35 @@ def parse_headers(results: Sequence[Mapping | None], numbers: Sequence[int], cha
     ).with_columns(pl.col("timestamp").cast(pl.Datetime("us", "UTC")))
 
 
+def _unknown_block(info: RpcErrorInfo) -> bool:
+    return any(m in info.message.lower() for m in _UNKNOWN_BLOCK)
+
+
+def _unknown_block_retries(info: RpcErrorInfo) -> int | None:
+    return UNKNOWN_BLOCK_RETRIES if _unknown_block(info) else None
+
+
+async def logs_by_hash(rpc: RpcClient, block_hash: str, addresses: Sequence[str], chain_id: int) -> pl.DataFrame:
+    """The logs of `addresses` in one block, by its hash (EIP-234), parsed inside the client's retries (a
+    truncated 200 body is fetched again). ForkChanged when the node does not know the block (any more) or
+    answers logs of another block: a fork to re-check, not a failure."""
+    groups = [addresses[i : i + MAX_ADDRESSES_PER_REQUEST] for i in range(0, len(addresses), MAX_ADDRESSES_PER_REQUEST)]
+    try:
+        frames = await asyncio.gather(*[
+            rpc.call_raw("eth_getLogs", [{"blockHash": block_hash, "address": list(g)}],
+                         parse=lambda b: parse_logs_body(b, chain_id), retries_for=_unknown_block_retries)
+            for g in groups
+        ])
+    except RpcError as e:
+        if _unknown_block(e.info):
+            raise ForkChanged(f"block {block_hash} is not on the node's chain (any more): {e.info.message}") from None
+        raise
+    out = pl.concat(frames, how="vertical") if frames else parse_logs_body(b'{"result":[]}', chain_id)
+    if out.height and not (out["block_hash"] == block_hash).all():
+        raise ForkChanged("the node answered logs of another block")
+    return out
+
+
 class RangeFetcher:
     """Fetches headers and the logs of `addresses` for block ranges; see the module docstring."""
 
@@ -138,18 +171,7 @@ class RangeFetcher:
 
     async def logs_by_hash(self, block_hash: str) -> pl.DataFrame:
         """All logs of the addresses in one block, by its hash (EIP-234): of that block's fork only."""
-        groups = [
-            self.addresses[i : i + MAX_ADDRESSES_PER_REQUEST]
-            for i in range(0, len(self.addresses), MAX_ADDRESSES_PER_REQUEST)
-        ]
-        frames = await asyncio.gather(*[
-            self.rpc.call_raw("eth_getLogs", [{"blockHash": block_hash, "address": g}], parse=self._parse)
-            for g in groups
-        ])
-        out = pl.concat(frames, how="vertical") if frames else parse_logs_body(b'{"result":[]}', self.chain_id)
-        if out.height and not (out["block_hash"] == block_hash).all():
-            raise ForkChanged("the node answered logs of another block")
-        return out.sort("log_index")
+        return (await logs_by_hash(self.rpc, block_hash, self.addresses, self.chain_id)).sort("log_index")
 
     async def verified(self, blocks: pl.DataFrame, logs: pl.DataFrame, again) -> pl.DataFrame:
         """`logs` of `blocks` (with `logs_bloom`) after missing-log detection; `again()` fetches them anew

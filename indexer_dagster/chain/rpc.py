@@ -174,8 +174,11 @@ class RpcClient:
                     raise RpcError(classify_http(resp.status, resp.headers, body[:2000].decode("utf-8", "replace")))
                 return body
 
-    async def _with_retries(self, method: str, payload: bytes, check) -> Any:
-        """POST `payload` and run `check(body)`; retry what is transient, re-raise the rest."""
+    async def _with_retries(
+        self, method: str, payload: bytes, check, retries_for: Callable[[RpcErrorInfo], int | None] | None = None,
+    ) -> Any:
+        """POST `payload` and run `check(body)`; retry what is transient, re-raise the rest.
+        `retries_for(error)`: how many retries that error gets (None: the policy's)."""
         attempt = 0
         free_moves = len(self._urls) - 1  # a move to another endpoint is not counted as a retry
         while True:
@@ -203,7 +206,8 @@ class RpcClient:
                 free_moves -= 1
                 self.stats.retries[method] += 1
                 continue  # at once, on the endpoint requests moved to
-            if not retriable or attempt >= self.retry.max_retries:
+            limit = retries_for(info) if retries_for is not None else None
+            if not retriable or attempt >= (self.retry.max_retries if limit is None else limit):
                 if retriable:
                     info = replace(
                         info,
@@ -231,10 +235,14 @@ class RpcClient:
         payload = orjson.dumps({"jsonrpc": "2.0", "id": self._next_id(), "method": method, "params": list(params)})
         return await self._with_retries(method, payload, self._result)
 
-    async def call_raw(self, method: str, params: Sequence[Any] = (), parse: Callable[[bytes], Any] | None = None) -> Any:
+    async def call_raw(
+        self, method: str, params: Sequence[Any] = (), parse: Callable[[bytes], Any] | None = None,
+        retries_for: Callable[[RpcErrorInfo], int | None] | None = None,
+    ) -> Any:
         """The raw response body of a successful call, for callers that parse it in bulk (eth_getLogs);
         or `parse(body)`, run in a worker thread: a 200 body it cannot parse (cut short, not JSON) is
-        retried like any transient error instead of failing the run."""
+        retried like any transient error instead of failing the run. `retries_for(error)`: how many retries
+        that error gets (None: the policy's)."""
         payload = orjson.dumps({"jsonrpc": "2.0", "id": self._next_id(), "method": method, "params": list(params)})
 
         async def parsed(body: bytes) -> Any:
@@ -253,7 +261,7 @@ class RpcClient:
                 self._result(body)
             return body if parse is None else parsed(body)
 
-        return await self._with_retries(method, payload, check)
+        return await self._with_retries(method, payload, check, retries_for)
 
     async def batch(self, method: str, params_list: Sequence[Sequence[Any]]) -> list[Any]:
         """One JSON-RPC batch of calls to the same method; results in order.

@@ -23,12 +23,7 @@ from dataclasses import dataclass, field
 import polars as pl
 
 from indexer_dagster.block_range import ranges_between
-from indexer_dagster.chain.fetch import (
-    MAX_ADDRESSES_PER_REQUEST,
-    ForkChanged,
-    RangeFetcher,
-    parse_logs_body,
-)
+from indexer_dagster.chain.fetch import ForkChanged, RangeFetcher, logs_by_hash
 from indexer_dagster.chain.rpc import RpcClient, RpcStats, rpc_client
 from indexer_dagster.chain.verify import LogVerifier, verifier_for
 from indexer_dagster.config import IndexerConfig
@@ -196,15 +191,8 @@ class Follower:
                             verifier=self._verifier[1], verify_mode=self.cfg.chain.verify_logs)
 
     async def _logs_by_hash(self, rpc: RpcClient, h: Header, addresses: list[str] | None = None) -> pl.DataFrame:
-        addresses = addresses or self.addresses
-        groups = [addresses[i : i + MAX_ADDRESSES_PER_REQUEST] for i in range(0, len(addresses), MAX_ADDRESSES_PER_REQUEST)]
-        chain_id = self.cfg.chain.chain_id
-        # Parsed inside the client's retries: a truncated 200 body is fetched again, not a crash.
-        frames = await asyncio.gather(*[
-            rpc.call_raw("eth_getLogs", [{"blockHash": h.hash, "address": g}], parse=lambda b: parse_logs_body(b, chain_id))
-            for g in groups
-        ])
-        return frames[0] if len(frames) == 1 else pl.concat(frames, how="vertical")
+        # ForkChanged when the node no longer knows the block: the tick waits and checks the fork again.
+        return await logs_by_hash(rpc, h.hash, addresses or self.addresses, self.cfg.chain.chain_id)
 
     async def _new_children_logs(self, rpc: RpcClient, headers: list[Header], logs: pl.DataFrame) -> pl.DataFrame:
         """Children created in these blocks (found in their factory logs): register them and fetch

@@ -275,3 +275,28 @@ def test_backfill_with_failing_calls_in_every_batch_equals_the_node(devnet, make
     proxy.configure(rate=0.0, item_error_rate=0.0)
     assert proxy.injected["item_error"] >= 3, proxy.injected
     assert_equals_node(cfg, node)
+
+
+def test_logs_of_a_block_the_node_does_not_know_mean_the_fork_changed(devnet):
+    """Issue 13, finding 10: asking a block's logs by its hash, an "unknown block" answer (the block was
+    reorganised away, or a lagging replica has not seen it) is a changed fork to re-check, not an RPC
+    failure after minutes of retries that fails the follower's run."""
+    import asyncio
+
+    from indexer_dagster.chain.fetch import ForkChanged, RangeFetcher
+    from indexer_dagster.chain.rpc import RpcClient
+    from indexer_dagster.chain.spans import RangeSizer
+
+    node, dep = devnet
+    gone = "0x" + "ab" * 32
+
+    stats = RpcStats()
+
+    async def ask():
+        async with RpcClient(node.url, timeout_s=10, concurrency=1, stats=stats) as rpc:
+            fetcher = RangeFetcher(rpc, 31337, [dep.pair_addresses[0]], RangeSizer(initial=10, maximum=10))
+            await fetcher.logs_by_hash(gone)
+
+    with pytest.raises(ForkChanged, match="not on the node's chain"):
+        asyncio.run(ask())
+    assert stats.requests["eth_getLogs"] <= 3  # a lagging replica gets a short second chance, no more
