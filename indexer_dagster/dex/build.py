@@ -8,12 +8,10 @@ tables as a computation from scratch on the new fork. Each table is one Parquet 
 
 import asyncio
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import polars as pl
 
-from indexer_dagster.chain.fetch import ForkChanged
 from indexer_dagster.chain.rpc import rpc_client
 from indexer_dagster.config import IndexerConfig
 from indexer_dagster.dex import derive as dex
@@ -22,6 +20,7 @@ from indexer_dagster.persist.catalog import build_catalog, read_views
 from indexer_dagster.persist.datasets import CANDLE_INTERVALS, DEX, POOL_SCHEMA, TOKEN_SCHEMA, VOLUME_INTERVALS
 from indexer_dagster.persist.files import read_parquet
 from indexer_dagster.persist.lake import Lake, open_lake
+from indexer_dagster.reorg.guard import publish_guard
 from indexer_dagster.state import StateStore, store_or_open
 
 # The Uniswap V2 events the DEX tables are derived from, by canonical signature (any contract name).
@@ -133,19 +132,10 @@ def build_dex(cfg: IndexerConfig, *, store: StateStore | None = None) -> DexResu
 
 def _build(cfg: IndexerConfig, store: StateStore) -> DexResult:
     started = time.perf_counter()
-    chain = cfg.chain.name
-    epoch = store.reorg_epoch(chain)
+    guard = publish_guard(store, cfg.chain.name, "a reorg happened while the DEX tables were computed; recompute")
     build_catalog(cfg)
     tables = compute(cfg)
-    lake = open_lake(cfg, chain)
-
-    @contextmanager
-    def guard():
-        with store.writer_lock(chain):
-            store.check_not_halted(chain)
-            if store.reorg_epoch(chain) != epoch or store.active_reorg(chain) is not None:
-                raise ForkChanged("a reorg happened while the DEX tables were computed; recompute")
-            yield
+    lake = open_lake(cfg)
 
     with lake.transaction(guard) as tx:
         for name, frame in tables.items():

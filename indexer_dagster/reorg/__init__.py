@@ -1,1 +1,1 @@
-"""Reorg handling: durable per-chain state (local chain window, reorg ledger, cursors, writer lock)."""
+"""Reorg detection (a pure decision over headers) and the guard every publisher of a chain's files takes."""

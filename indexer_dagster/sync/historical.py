@@ -8,7 +8,6 @@ files (or none) in place, never a partial one.
 import asyncio
 import time
 from collections.abc import Callable, Collection
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +33,7 @@ from indexer_dagster.persist.datasets import (
 from indexer_dagster.persist.files import open_parquet
 from indexer_dagster.persist.lake import Lake, StreamWriter, Transaction, open_lake
 from indexer_dagster.persist.meta import record_head
+from indexer_dagster.reorg.guard import publish_guard
 from indexer_dagster.state import StateStore, store_or_open
 from indexer_dagster.sync.contracts import (
     ContractSet,
@@ -120,20 +120,10 @@ async def _head(rpc: RpcClient) -> tuple[int, str]:
 def commit_guard(cfg: IndexerConfig, store: StateStore, covered: BlockRange | None = None):
     """Publish a range's files only under the chain's writer lock, if no reorg began since the fetch
     started (else its rows could be of the old fork); also drop live segments the range now covers."""
-    chain = cfg.chain.name
-    epoch = store.reorg_epoch(chain)
-
-    @contextmanager
-    def guard():
-        with store.writer_lock(chain):
-            store.check_not_halted(chain)
-            if store.reorg_epoch(chain) != epoch or store.active_reorg(chain) is not None:
-                raise ForkChanged("a reorg was detected while the range was fetched; fetching it again")
-            yield
-            if covered is not None:
-                _drop_covered_live_segments(cfg, covered)
-
-    return guard
+    return publish_guard(
+        store, cfg.chain.name, "a reorg was detected while the range was fetched; fetching it again",
+        after=(lambda: _drop_covered_live_segments(cfg, covered)) if covered is not None else None,
+    )
 
 
 def supplement_files(lake: Lake, key: str, tables: Collection[str]) -> list:
