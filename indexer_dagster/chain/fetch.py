@@ -89,6 +89,11 @@ def parse_headers(results: Sequence[Mapping | None], numbers: Sequence[int], cha
     ).with_columns(pl.col("timestamp").cast(pl.Datetime("us", "UTC")))
 
 
+def address_groups(addresses: Sequence[str]) -> list[Sequence[str]]:
+    """`addresses` cut into the groups one eth_getLogs request names (providers cap the list)."""
+    return [addresses[i : i + MAX_ADDRESSES_PER_REQUEST] for i in range(0, len(addresses), MAX_ADDRESSES_PER_REQUEST)]
+
+
 def _unknown_block(info: RpcErrorInfo) -> bool:
     return any(m in info.message.lower() for m in _UNKNOWN_BLOCK)
 
@@ -101,7 +106,7 @@ async def logs_by_hash(rpc: RpcClient, block_hash: str, addresses: Sequence[str]
     """The logs of `addresses` in one block, by its hash (EIP-234), parsed inside the client's retries (a
     truncated 200 body is fetched again). ForkChanged when the node does not know the block (any more) or
     answers logs of another block: a fork to re-check, not a failure."""
-    groups = [addresses[i : i + MAX_ADDRESSES_PER_REQUEST] for i in range(0, len(addresses), MAX_ADDRESSES_PER_REQUEST)]
+    groups = address_groups(addresses)
     try:
         frames = await asyncio.gather(*[
             rpc.call_raw("eth_getLogs", [{"blockHash": block_hash, "address": list(g)}],
@@ -189,10 +194,7 @@ class RangeFetcher:
 
     async def logs(self, from_block: int, to_block: int) -> pl.DataFrame:
         """Logs of all addresses in [from_block, to_block], splitting the range when the node says it is too big."""
-        groups = [
-            self.addresses[i : i + MAX_ADDRESSES_PER_REQUEST]
-            for i in range(0, len(self.addresses), MAX_ADDRESSES_PER_REQUEST)
-        ]
+        groups = address_groups(self.addresses)
         frames = await asyncio.gather(*[self._logs_split(from_block, to_block, g) for g in groups])
         out = pl.concat(frames, how="vertical") if frames else parse_logs_body(b'{"result":[]}', self.chain_id)
         return out.sort("block_number", "log_index") if len(groups) > 1 else out

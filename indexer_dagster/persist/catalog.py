@@ -49,7 +49,8 @@ def duck_type(dtype: pl.DataType) -> str:
     raise TypeError(f"no DuckDB type for {dtype}")
 
 
-def _quote(name: str) -> str:
+def quote_name(name: str) -> str:
+    """A DuckDB identifier (view, column) quoted."""
     return '"' + name.replace('"', '""') + '"'
 
 
@@ -57,9 +58,9 @@ def _source(globs: list[str], schema: dict[str, pl.DataType]) -> str:
     """A SELECT of the Parquet files matching `globs` (each must match a file), or an empty typed SELECT
     when there are none."""
     if globs:
-        cols = ", ".join(_quote(c) for c in schema)
+        cols = ", ".join(quote_name(c) for c in schema)
         return f"SELECT {cols} FROM {_read(globs)}"
-    cols = ", ".join(f"CAST(NULL AS {duck_type(t)}) AS {_quote(c)}" for c, t in schema.items())
+    cols = ", ".join(f"CAST(NULL AS {duck_type(t)}) AS {quote_name(c)}" for c, t in schema.items())
     return f"SELECT {cols} WHERE false"
 
 
@@ -321,7 +322,7 @@ def write_views(target: Path, views: dict[str, str], register=None) -> Path:
             if register is not None:
                 register(con)
             for name, sql in views.items():
-                con.execute(f"CREATE OR REPLACE VIEW {_quote(name)} AS {sql}")
+                con.execute(f"CREATE OR REPLACE VIEW {quote_name(name)} AS {sql}")
             con.execute("CHECKPOINT")
         finally:
             con.close()

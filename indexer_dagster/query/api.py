@@ -15,7 +15,13 @@ from typing import Any, Self
 import duckdb
 import polars as pl
 
-from indexer_dagster.persist.catalog import CATALOG_ALIAS, CatalogUnavailable, open_catalog, retry_on_changed_files
+from indexer_dagster.persist.catalog import (
+    CATALOG_ALIAS,
+    CatalogUnavailable,
+    open_catalog,
+    quote_name,
+    retry_on_changed_files,
+)
 
 __all__ = ["MIN_STATUSES", "CatalogReader", "QueryError"]
 
@@ -181,9 +187,9 @@ class CatalogReader:
             raise ValueError(f"from_block ({lo}) is greater than to_block ({hi})")
 
     def _select(self, con: duckdb.DuckDBPyConnection, view: str, w: Where, order: list[str]) -> pl.DataFrame:
-        sql = f"SELECT * FROM {_quote(view)}{w.sql()}"
+        sql = f"SELECT * FROM {quote_name(view)}{w.sql()}"
         if order:
-            sql += " ORDER BY " + ", ".join(_quote(c) for c in order)
+            sql += " ORDER BY " + ", ".join(quote_name(c) for c in order)
         return self._run(con, sql, w.params)
 
     def _run(self, con: duckdb.DuckDBPyConnection, sql: str, params: Any) -> pl.DataFrame:
@@ -315,11 +321,3 @@ def time_param(value: Any, name: str) -> dt.datetime | None:
     if isinstance(value, dt.date):
         return dt.datetime(value.year, value.month, value.day, tzinfo=dt.UTC)
     raise ValueError(f"{name} must be a datetime, date, ISO-8601 string or Unix seconds; got {value!r}")
-
-
-def _quote(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
-def _literal(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
