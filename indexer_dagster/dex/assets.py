@@ -10,6 +10,7 @@ from indexer_dagster.config import IndexerConfig
 from indexer_dagster.dex.build import build_dex, source_tables
 from indexer_dagster.persist.datasets import DEX_TABLES
 from indexer_dagster.resources import IndexerConfigResource, StateStoreResource
+from indexer_dagster.sync.realtime import dex_lease
 
 DESCRIPTIONS = {
     "pools": "Uniswap V2 pools (PairCreated, or token0()/token1() of configured pairs).",
@@ -21,10 +22,6 @@ DESCRIPTIONS = {
     "pool_volume": "Volume and swap count per pool per hour (`1h`) and day (`1d`).",
     "pool_candles": "OHLC execution price and volume per pool per minute (`1m`) and hour (`1h`).",
 }
-
-
-def dex_lease(chain: str) -> str:
-    return f"{chain}:dex"
 
 
 def build_dex_assets(cfg: IndexerConfig) -> list:

@@ -39,12 +39,18 @@ def _read(lake: Lake, key: str, schema: Schema) -> pl.DataFrame:
     return read_parquet(p) if p.is_file() else pl.DataFrame(schema=schema)
 
 
-def _rewrite(lake: Lake, key: str, schema: Schema, update: Callable[[pl.DataFrame], pl.DataFrame | None]) -> None:
-    """Under the file's lock: read it, let `update` compute the new content (None: leave it as it is), write it."""
+def _rewrite(
+    lake: Lake, key: str, schema: Schema, update: Callable[[pl.DataFrame], pl.DataFrame | None]
+) -> pl.DataFrame:
+    """Under the file's lock: read it, let `update` compute the new content (None: leave it as it is), write
+    it; returns what the file holds then."""
     with lake.lock(lake.path(META, key)):
-        new = update(_read(lake, key, schema))
-        if new is not None:
-            lake.write(META, key, new)
+        current = _read(lake, key, schema)
+        new = update(current)
+        if new is None:
+            return current
+        lake.write(META, key, new)
+        return new
 
 
 # -- the chain head --------------------------------------------------------------------------------
@@ -73,16 +79,13 @@ def record_head(
         "confirmed_through": head_number - confirmations,
         "observed_at": _now_us(),
     }
-    stored = [row]
 
     def update(current: pl.DataFrame) -> pl.DataFrame | None:
         if not force and current.height and current["head_number"][0] > head_number:
-            stored[0] = current.row(0, named=True)
             return None
         return _frame([row], HEAD_SCHEMA, "observed_at")
 
-    _rewrite(lake, HEAD, HEAD_SCHEMA, update)
-    return stored[0]
+    return _rewrite(lake, HEAD, HEAD_SCHEMA, update).row(0, named=True)
 
 
 # -- the ranges whose last checks failed -------------------------------------------------------------

@@ -1,8 +1,8 @@
 """Dagster resources: typed handles on the indexer's services, built once per run.
 
-`indexer` reads the YAML config; `state` opens the state store (SQLite or PostgreSQL) once when a run
-or sensor tick starts and closes it when it ends, so every step of a run shares one connection instead
-of each function opening its own. The lake is a value built from the config (`persist.lake.open_lake`)
+`indexer` reads the YAML config; `state` opens the state store (SQLite or PostgreSQL) once per run, on
+first use, and closes it when the run ends, so every step of a run shares one connection instead of
+each function opening its own. The lake is a value built from the config (`persist.lake.open_lake`)
 and RPC clients live inside one event loop each (`chain.rpc.rpc_client`), so neither is held here.
 """
 

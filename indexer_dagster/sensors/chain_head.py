@@ -22,7 +22,7 @@ from indexer_dagster.persist.lake import open_lake
 from indexer_dagster.persist.meta import failed_ranges
 from indexer_dagster.resources import IndexerConfigResource
 from indexer_dagster.state import open_state
-from indexer_dagster.sync.realtime import ANCHOR, follower_alive, lease_held, run_lease
+from indexer_dagster.sync.realtime import ANCHOR, dex_lease, follower_alive, lease_held, run_lease
 from indexer_dagster.sync.supervise import Facts, plan, range_coverage
 from indexer_dagster.sync.supplement import ranges_to_supplement
 
@@ -38,9 +38,9 @@ def _runs(instance: dg.DagsterInstance, chain: str, role: str, statuses=None, ex
     return instance.get_runs(dg.RunsFilter(tags=tags, statuses=statuses or []), limit=200)
 
 
-def history_run_alive(store, chain: str, run: dg.DagsterRun) -> bool:
-    """Whether a historical (or reorg) run's process is alive, as the sensor judges it (a dead one is
-    failed): its step holds the run's lease from its start to its last result."""
+def run_alive(store, run: dg.DagsterRun) -> bool:
+    """Whether a range or reorg run's process is alive, as the sensor judges it (a dead one is failed):
+    its step holds the run's lease from its start to its last result."""
     return lease_held(store, run_lease(run.run_id))
 
 
@@ -54,13 +54,13 @@ def fail_dead_runs(
         _fail_dead(instance, _runs(instance, chain, LIVE_ROLE, IN_PROGRESS),
                    "the live follower process is gone (no lease held)", grace_s)
     history_runs = instance.get_runs(dg.RunsFilter(job_name=historical_job, statuses=IN_PROGRESS), limit=100)
-    _fail_dead(instance, [r for r in history_runs if not history_run_alive(store, chain, r)],
+    _fail_dead(instance, [r for r in history_runs if not run_alive(store, r)],
                "the range run's process is gone (no lease held)", grace_s)
     # A reorg run left "started" would keep every writer of the chain waiting for good.
     reorg_runs = _runs(instance, chain, REORG_ROLE, IN_PROGRESS)
-    _fail_dead(instance, [r for r in reorg_runs if not history_run_alive(store, chain, r)],
+    _fail_dead(instance, [r for r in reorg_runs if not run_alive(store, r)],
                "the reorg run's process is gone (no lease held)", grace_s)
-    if dex_job and not lease_held(store, f"{chain}:dex"):
+    if dex_job and not lease_held(store, dex_lease(chain)):
         dex_runs = instance.get_runs(dg.RunsFilter(job_name=dex_job, statuses=IN_PROGRESS), limit=10)
         _fail_dead(instance, dex_runs, "the DEX run's process is gone (no lease held)", grace_s)
 

@@ -94,7 +94,7 @@ def test_a_range_run_stays_alive_for_the_sensor_while_it_builds_its_catalog(make
     The run must show itself alive for its whole life, not only while it fetches a range: here, while it
     builds the catalog after its ranges."""
     from indexer_dagster.assets import ranges as ranges_asset
-    from indexer_dagster.sensors.chain_head import history_run_alive
+    from indexer_dagster.sensors.chain_head import run_alive
     from indexer_dagster.state import open_state
 
     path = make_config()
@@ -109,7 +109,7 @@ def test_a_range_run_stays_alive_for_the_sensor_while_it_builds_its_catalog(make
             [run] = instance.get_runs(dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED]))
             store = open_state(c.state_url)  # the sensor's own store, another connection
             try:
-                seen.append(history_run_alive(store, c.chain.name, run))
+                seen.append(run_alive(store, run))
             finally:
                 store.close()
             return build(c)
