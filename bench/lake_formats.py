@@ -248,6 +248,21 @@ def write(fmt, data) -> tuple[float, float]:
     return time.perf_counter() - t0, _cpu() - c0
 
 
+def _read_once(con: duckdb.DuckDBPyConnection, sql: str) -> tuple | None:
+    """One answer of `sql`, or None when the read must be made again: it met a concurrent commit
+    (DuckLake), a file renamed away under its glob (files), or a SQLite catalog mid-commit."""
+    try:
+        return con.execute(sql).fetchone()
+    except duckdb.TransactionException:
+        con.execute("ROLLBACK")
+        return None
+    except duckdb.Error as e:
+        low = str(e).lower()
+        if "no files found" in low or "no such file" in low or "locked" in low:
+            return None
+        raise
+
+
 def publish_with_reader(fmt, data) -> int:
     """Commit the ranges again into a fresh lake while a reader checks that every range it sees has its
     headers, its logs and its decoded rows together (a multi-table publish seen whole or not at all).
@@ -263,16 +278,10 @@ def publish_with_reader(fmt, data) -> int:
 
     def read():
         while not stop.is_set():
-            try:
-                b, lg, sw = con.execute(sql).fetchone()
-            except duckdb.TransactionException:
-                con.execute("ROLLBACK")
+            row = _read_once(con, sql)
+            if row is None:
                 continue
-            except duckdb.Error as e:
-                low = str(e).lower()
-                if "no files found" in low or "no such file" in low or "locked" in low:
-                    continue
-                raise
+            b, lg, sw = row
             if not (b // per["blocks"] == lg // per["logs"] == sw // per["swaps"]):
                 bad[0] += 1
             time.sleep(0.002)
@@ -303,18 +312,11 @@ def reorg_with_reader(fmt, above: int, total: int) -> dict:
 
     def read():
         while not stop.is_set():
-            try:
-                n, dup, left_above, orphaned = con.execute(sql).fetchone()
-            except duckdb.TransactionException:
-                con.execute("ROLLBACK")  # a read that met a concurrent commit: read again
+            row = _read_once(con, sql)
+            if row is None:
                 retries[0] += 1
                 continue
-            except duckdb.Error as e:
-                low = str(e).lower()
-                if "no files found" in low or "no such file" in low or "locked" in low:
-                    retries[0] += 1  # a file renamed away under the glob; a SQLite catalog mid-commit
-                    continue
-                raise
+            n, dup, left_above, orphaned = row
             reads[0] += 1
             time.sleep(0.002)  # a busy reader, not a spin: a SQLite catalog serialises its locks
             # Before: all rows canonical, none orphaned. After: none canonical above, all moved. Else mixed.
