@@ -199,8 +199,8 @@ def _reader_filesystem(url: str, options: dict):
     """The fsspec filesystem DuckDB reads a remote lake with (one instance per lake and process).
 
     DuckDB asks for a file's size and date many times per query: they come from the glob's listing,
-    cached for a few seconds. A file replaced or removed since then fails the read (its ETag changed)
-    rather than mixing versions; `retry_on_changed_files` drops the listing and runs the query again."""
+    cached for the query (`retry_on_changed_files` drops it before each). A file replaced or removed
+    meanwhile fails the read (its ETag changed) rather than mixing versions, and the query runs again."""
     import fsspec
 
     protocol = url.split("://", 1)[0]
@@ -216,21 +216,26 @@ def files_changed(e: BaseException) -> bool:
 
 
 def retry_on_changed_files(con: duckdb.DuckDBPyConnection, run, attempts: int = 4):
-    """`run()`, again (after dropping a remote lake's cached listing) while the files it read changed
-    under it: a live segment compacted, a range republished."""
+    """`run()` on a fresh listing of the lake, again while the files it read changed under it: a live
+    segment compacted, a range republished. The listing is cached within one query only: kept across
+    queries, it would hide a file written a moment before (rows missing, no error)."""
     for attempt in range(attempts):
+        _drop_listing(con)
         try:
             return run()
         except duckdb.Error as e:
             _abort(con)  # a query that failed while fetching leaves its result open on the connection
             if not files_changed(e) or attempt == attempts - 1:
                 raise
-            try:
-                _reader_filesystem(*_lake_of(con)).invalidate_cache()
-            except duckdb.CatalogException:
-                pass  # a local lake: the glob is read afresh anyway
             time.sleep(0.05 * (attempt + 1))
     raise AssertionError("unreachable")
+
+
+def _drop_listing(con: duckdb.DuckDBPyConnection) -> None:
+    try:
+        _reader_filesystem(*_lake_of(con)).invalidate_cache()
+    except duckdb.CatalogException:
+        pass  # a local lake: DuckDB lists it afresh for every query
 
 
 def _lake_of(con: duckdb.DuckDBPyConnection) -> tuple[str, dict]:

@@ -227,6 +227,10 @@ def restore(cfg: IndexerConfig, store: StateStore, reorg: Reorg, on_partition: C
     live_from = max(reorg.common_ancestor + 1, _highest_range_block(lake) + 1)
     headers, blocks, logs = asyncio.run(_fetch_new_fork(cfg, store, reorg, live_from))
     with lake.transaction(ours) as tx:
+        # An earlier attempt of this restore may have published its segment (under another key if the
+        # head has moved since): the new one replaces it in the same transaction, never beside it.
+        for path in _segments_above(lake, cfg, reorg.common_ancestor):
+            tx.delete(path)
         if blocks is not None:
             key = f"{blocks['number'][0]:012d}-{blocks['number'][-1]:012d}"
             tx.writer(f"{LIVE}/blocks", key, BLOCK_SCHEMA).write(blocks)
@@ -245,6 +249,12 @@ def restore(cfg: IndexerConfig, store: StateStore, reorg: Reorg, on_partition: C
         store.set_cursor(chain, CURSOR, tip.number, tip.hash)
         record_head(lake, cfg.chain.chain_id, tip.number, tip.hash, cfg.chain.confirmations, force=True)
     return restored
+
+
+def _segments_above(lake: Lake, cfg: IndexerConfig, ancestor: int) -> list[LakePath]:
+    """Live segments starting above the ancestor. Once rolled back, only a restore writes these."""
+    return [p for dataset in live_datasets(cfg) for p in lake.files(f"{LIVE}/{dataset}")
+            if parse_key(p.stem).start > ancestor]
 
 
 def _check_ranges_match(lake: Lake, keys: list[str], headers: list[Header]) -> None:
