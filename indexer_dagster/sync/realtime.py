@@ -280,12 +280,15 @@ class Follower:
         return tip
 
     def remove_stale_segments(self) -> int:
-        """Delete live segments above the stored tip (left by a crash between publish and store)."""
-        tip = self.store.tip(self.chain)
-        if tip is None:
-            return 0
+        """Delete live segments above the stored tip (left by a crash between publish and store).
+
+        Not while a reorg is active: its restore publishes a segment before it stores the new fork's
+        headers, and that segment is no leftover."""
         removed = 0
         with self.store.writer_lock(self.chain):
+            tip = self.store.tip(self.chain)
+            if tip is None or self.store.active_reorg(self.chain) is not None:
+                return 0
             for ds in live_datasets(self.cfg):
                 for first, _last, path in live_segments(self.lake, ds):
                     if first > tip.number:

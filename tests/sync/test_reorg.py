@@ -174,6 +174,30 @@ def test_a_restore_retried_after_the_head_moved_leaves_one_live_copy(chain, monk
     assert dupes.height == 0
 
 
+def test_a_follower_starting_during_a_restore_leaves_its_segment_alone(chain, monkeypatch):
+    """Finding 5: a follower (re)launched while a restore runs, between the restore's publish of its live
+    segment and its storing of the new fork's headers, took that segment for a crash leftover above the
+    stored tip and deleted it: the restored blocks were gone for good. It waits for the reorg now."""
+    from indexer_dagster.sync import repair as repair_module
+
+    node, dep, cfg = chain
+    store = indexed_live(cfg, node, dep, blocks=6, txs_per_block=6, seed=11)
+    anvil_reorg(node.url, dep, depth=3, txs_per_block=5, seed=99)
+    assert follow_until_synced(cfg, store)[-1].action == "reorg"
+    r = store.active_reorg(cfg.chain.name)
+    real_check, removed = repair_module._check_ranges_match, []
+
+    def a_follower_starts_now(lake, keys, headers):
+        assert open_lake(cfg).files("live/blocks")  # the restore's segment is published
+        removed.append(Follower(cfg, open_state(cfg.state_url)).remove_stale_segments())
+        return real_check(lake, keys, headers)
+
+    monkeypatch.setattr(repair_module, "_check_ranges_match", a_follower_starts_now)
+    assert repair(cfg, store, r.id).reorg.phase is Phase.DONE
+    assert removed == [0]
+    assert_views_equal_node(cfg, node)
+
+
 def test_deep_reorg_across_a_partition_boundary_into_confirmed_history(chain):
     node, dep, cfg = chain
     store = open_state(cfg.state_url)
