@@ -98,12 +98,13 @@ def roll_back(cfg: IndexerConfig, store: StateStore, reorg: Reorg) -> dict[str, 
     archived: dict[str, int] = {}
     for dataset in reversed(live_datasets(cfg)):  # events, then logs, then blocks
         col = _number_col(dataset)
-        # Blocks a range file held: their live copies were hidden duplicates. Read from this reorg's
-        # archives too, so a re-run after a crash dedupes the same way.
+        # Blocks a range file held: their live copies were hidden duplicates. Read from this pass's
+        # archives too (this reorg, this ancestor), so a re-run after a crash dedupes the same way; an
+        # earlier pass's range files say nothing about what a live segment holds now.
         in_range_files: set[int] = set()
         archive_dir = lake.dir(f"{ORPHANED}/{dataset}")
         if archive_dir.is_dir():
-            for p in archive_dir.glob(f"r{reorg.id:06d}-*.parquet"):
+            for p in archive_dir.glob(orphan_key(reorg.id, ancestor, "*.parquet")):
                 if not _source_name(p).startswith("live-"):
                     in_range_files.update(read_parquet(p, columns=[col])[col].to_list())
         for name, path in _files_above(lake, dataset, ancestor):  # range files first, then live segments

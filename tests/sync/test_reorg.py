@@ -198,6 +198,54 @@ def test_a_follower_starting_during_a_restore_leaves_its_segment_alone(chain, mo
     assert_views_equal_node(cfg, node)
 
 
+def test_a_deeper_reorg_merged_during_a_restore_archives_every_row_it_drops(chain, monkeypatch):
+    """Finding 9: the first rollback remembers which blocks a range file held (their live copies were
+    hidden duplicates, not archived). A restore onto a shorter fork re-fetched that range only up to the
+    new head and published the blocks above it, once the head had moved on, as a live segment; a deeper
+    reorg merged next rolled that segment back but skipped those blocks as "range duplicates": visible rows
+    dropped without an archive. The archive's ancestor now scopes that memory."""
+    from indexer_dagster.chain.fetch import ForkChanged
+    from indexer_dagster.sync import repair as repair_module
+
+    node, dep, cfg = chain
+    backfill_plain(cfg)  # the top range file ends at the head: it is partial
+    store = open_state(cfg.state_url)
+    follow_until_synced(cfg, store)
+    top = node.block_number()
+    assert top % 10 >= 4, "the top range must hold the first fork's ancestor and two blocks above it"
+    node.rpc("anvil_rollback", [3])
+    generate_traffic(node.url, dep, blocks=1, txs_per_block=3, seed=9)  # a shorter fork: head top - 2
+    assert follow_until_synced(cfg, store)[-1].action == "reorg"
+    r = store.active_reorg(cfg.chain.name)
+    assert r.common_ancestor == top - 3
+    real_sync, real_check, visible = repair_module.sync_range, repair_module._check_ranges_match, []
+
+    def head_moves_after_the_range(cfg_, block_range, **kw):
+        out = real_sync(cfg_, block_range, **kw)
+        if not visible:  # the range now ends at top - 2; blocks top - 1 .. top + 1 will be a live segment
+            generate_traffic(node.url, dep, blocks=3, txs_per_block=3, seed=10)
+        return out
+
+    def deeper_reorg_after_the_publish(lake, keys, headers):
+        if not visible:
+            build_catalog(cfg)
+            visible.append(query(cfg.duckdb_path, f"select * from logs where block_number > {top - 5}"))
+            assert visible[0]["block_number"].max() == top + 1
+            anvil_reorg(node.url, dep, depth=node.block_number() - (top - 5), txs_per_block=3, seed=77)
+            raise ForkChanged("the node changed fork again during the restore")
+        return real_check(lake, keys, headers)
+
+    monkeypatch.setattr(repair_module, "sync_range", head_moves_after_the_range)
+    monkeypatch.setattr(repair_module, "_check_ranges_match", deeper_reorg_after_the_publish)
+    done = repair(cfg, store, r.id)
+    assert done.reorg.phase is Phase.DONE and done.reorg.common_ancestor == top - 5
+    assert_views_equal_node(cfg, node)
+    archived = query(cfg.duckdb_path, "select block_hash, log_index from orphaned_logs")
+    was_visible = visible[0].select("block_hash", "log_index")
+    missing = was_visible.join(archived, on=["block_hash", "log_index"], how="anti")
+    assert missing.height == 0, f"visible rows rolled back without an archive: {missing}"
+
+
 def test_deep_reorg_across_a_partition_boundary_into_confirmed_history(chain):
     node, dep, cfg = chain
     store = open_state(cfg.state_url)
@@ -267,13 +315,23 @@ def test_a_restored_range_that_fails_its_checks_stays_unconfirmed(chain, monkeyp
 def test_rollback_to_a_shorter_chain(chain):
     node, dep, cfg = chain
     store = indexed_live(cfg, node, dep, blocks=5, txs_per_block=5, seed=8)
+    top = node.block_number()
+    build_catalog(cfg)
+    before = query(cfg.duckdb_path, f"select * from logs where block_number > {top - 3} order by all")
     node.rpc("anvil_rollback", [3])
     generate_traffic(node.url, dep, blocks=1, txs_per_block=3, seed=9)  # one conflicting block
     res = follow_until_synced(cfg, store)
     assert res[-1].action == "reorg"
     r = store.active_reorg(cfg.chain.name)
+    assert (r.common_ancestor, r.old_head, r.new_head) == (top - 3, top, top - 2)
     repair(cfg, store, r.id)
     assert_views_equal_node(cfg, node)
+    # Every row of the three dropped blocks is archived under this reorg, and the ledger says so.
+    orphaned = query(cfg.duckdb_path, "select * from orphaned_logs order by block_number, log_index")
+    assert orphaned.height == before.height > 0 and set(orphaned["reorg_id"]) == {r.id}
+    assert orphaned.select(before.columns[:-1]).equals(before.drop("status"))
+    ledger = query(cfg.duckdb_path, "select * from reorgs")
+    assert ledger["phase"].to_list() == ["done"] and ledger["rows_archived"][0] >= before.height
 
 
 CRASHER = textwrap.dedent("""
