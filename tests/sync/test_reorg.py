@@ -317,7 +317,7 @@ def test_rollback_to_a_shorter_chain(chain):
     store = indexed_live(cfg, node, dep, blocks=5, txs_per_block=5, seed=8)
     top = node.block_number()
     build_catalog(cfg)
-    before = query(cfg.duckdb_path, f"select * from logs where block_number > {top - 3} order by all")
+    before = query(cfg.duckdb_path, f"select * from logs where block_number > {top - 3} order by block_number, log_index")
     node.rpc("anvil_rollback", [3])
     generate_traffic(node.url, dep, blocks=1, txs_per_block=3, seed=9)  # one conflicting block
     res = follow_until_synced(cfg, store)
