@@ -4,7 +4,6 @@ import time
 
 import dagster as dg
 
-from indexer_dagster.block_range import range_for_block
 from indexer_dagster.chain.rpc import rpc_client
 from indexer_dagster.config import IndexerConfig
 from indexer_dagster.jobs.live import ReorgConfig
@@ -23,7 +22,7 @@ from indexer_dagster.persist.meta import failed_ranges
 from indexer_dagster.resources import IndexerConfigResource
 from indexer_dagster.state import open_state
 from indexer_dagster.sync.realtime import ANCHOR, dex_lease, follower_alive, lease_held, run_lease
-from indexer_dagster.sync.supervise import Facts, plan, range_coverage
+from indexer_dagster.sync.supervise import Facts, plan, range_coverage, ranges_with_live_segments
 from indexer_dagster.sync.supplement import ranges_to_supplement
 
 RESYNC_BACKOFF_S = 10.0  # a range whose checks failed is synced again once its failure is this old
@@ -117,9 +116,8 @@ def build_chain_head_sensor(
             store.close()
         reorg_runs = _runs(instance, chain, REORG_ROLE, extra={REORG_ID_TAG: str(active.id)}) if active else []
         lake = open_lake(cfg, chain)
-        seg_ranges = frozenset(
-            range_for_block(first, cfg.chain.blocks_per_partition).key for first, _l, _p in live_segments(lake, BLOCKS)
-        )
+        seg_ranges = ranges_with_live_segments(
+            [(first, last) for first, last, _p in live_segments(lake, BLOCKS)], cfg.chain.blocks_per_partition)
         running = frozenset(
             part for r in instance.get_runs(
                 dg.RunsFilter(job_name=historical_job, statuses=IN_PROGRESS), limit=100)

@@ -6,10 +6,11 @@ the sensor keeps that follower alive, launches the singleton reorg job when the 
 unfinished reorg, and fills history below the follower's anchor with range runs.
 """
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from indexer_dagster.block_range import BlockRange, ranges_between
+from indexer_dagster.block_range import BlockRange, range_for_block, ranges_between
 from indexer_dagster.persist.files import LakePath, column_span, data_files
 
 
@@ -98,6 +99,11 @@ def range_coverage(blocks_dir: LakePath) -> dict[str, int]:
         if high is not None:
             out[p.stem] = high
     return out
+
+
+def ranges_with_live_segments(segments: Iterable[tuple[int, int]], width: int) -> frozenset[str]:
+    """Keys of the ranges a compaction run must sync to retire the live segments (first, last block)."""
+    return frozenset(range_for_block(first, width).key for first, _last in segments)
 
 
 def history_due(blocks_dir: Path, start_block: int, blocks_per_partition: int, anchor: int) -> list[BlockRange]:
