@@ -116,8 +116,10 @@ def build_chain_head_sensor(
             store.close()
         reorg_runs = _runs(instance, chain, REORG_ROLE, extra={REORG_ID_TAG: str(active.id)}) if active else []
         lake = open_lake(cfg, chain)
+        coverage = range_coverage(lake.dir("blocks"))
         seg_ranges = ranges_with_live_segments(
-            [(first, last) for first, last, _p in live_segments(lake, BLOCKS)], cfg.chain.blocks_per_partition)
+            [(first, last) for first, last, _p in live_segments(lake, BLOCKS)],
+            coverage, cfg.chain.blocks_per_partition)
         running = frozenset(
             part for r in instance.get_runs(
                 dg.RunsFilter(job_name=historical_job, statuses=IN_PROGRESS), limit=100)
@@ -131,7 +133,7 @@ def build_chain_head_sensor(
             reorg_run_active=any(r.status in IN_PROGRESS for r in reorg_runs),
             reorg_runs_before=sum(1 for r in reorg_runs if r.status not in IN_PROGRESS),
             live_run_active=bool(live_runs),
-            range_coverage=range_coverage(lake.dir("blocks")), range_keys_running=running, live_segment_ranges=seg_ranges,
+            range_coverage=coverage, range_keys_running=running, live_segment_ranges=seg_ranges,
             reorg_window=cfg.chain.reorg_window,
             failed_check_ranges=frozenset(failed_ranges(lake, older_than_s=RESYNC_BACKOFF_S)),
             supplement_ranges=frozenset(ranges_to_supplement(cfg)),  # contracts/events added to the config

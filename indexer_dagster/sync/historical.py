@@ -13,7 +13,7 @@ from typing import Any
 
 import polars as pl
 
-from indexer_dagster.block_range import BlockRange
+from indexer_dagster.block_range import BlockRange, ranges_between
 from indexer_dagster.chain.fetch import Chunk, ForkChanged, RangeFetcher
 from indexer_dagster.chain.rpc import RpcClient, RpcStats, rpc_client
 from indexer_dagster.chain.spans import RangeSizer
@@ -24,13 +24,14 @@ from indexer_dagster.health.rpc_stats import RpcStatsRecorder
 from indexer_dagster.parse.decode import decode_logs
 from indexer_dagster.persist.datasets import (
     BLOCK_SCHEMA,
+    BLOCKS,
     CHILD_SCHEMA,
     CHILDREN,
     LOG_SCHEMA,
     live_datasets,
     live_segments,
 )
-from indexer_dagster.persist.files import open_parquet
+from indexer_dagster.persist.files import column_span, open_parquet
 from indexer_dagster.persist.lake import Lake, StreamWriter, Transaction, open_lake
 from indexer_dagster.persist.meta import record_head
 from indexer_dagster.reorg.guard import publish_guard
@@ -46,6 +47,7 @@ from indexer_dagster.sync.contracts import (
     stored_children,
     wanted_coverage,
 )
+from indexer_dagster.sync.supervise import segment_covered
 from indexer_dagster.urls import redact_to_host
 
 log = get_logger(__name__)
@@ -133,11 +135,22 @@ def supplement_files(lake: Lake, key: str, tables: Collection[str]) -> list:
 
 
 def _drop_covered_live_segments(cfg: IndexerConfig, covered: BlockRange) -> None:
-
+    """Remove the live segments touching `covered` whose blocks range files now hold, all of them (a
+    segment that straddles a partition boundary waits for the range of its other part)."""
     lake = open_lake(cfg)
+    width = cfg.chain.blocks_per_partition
+
+    coverage: dict[str, int] = {}  # of the ranges the segments touching `covered` touch
     for ds in live_datasets(cfg):
         for first, last, path in live_segments(lake, ds):
-            if covered.start <= first and last <= covered.end:
+            if first > covered.end or last < covered.start:
+                continue
+            for r in ranges_between(first, last, width):
+                if r.key not in coverage:
+                    file = lake.path(BLOCKS, r.key)
+                    high = column_span(file, "number")[2] if file.exists() else None
+                    coverage[r.key] = high if high is not None else -1
+            if segment_covered(first, last, coverage, width):
                 path.unlink(missing_ok=True)
 
 

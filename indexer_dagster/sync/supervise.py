@@ -6,11 +6,11 @@ the sensor keeps that follower alive, launches the singleton reorg job when the 
 unfinished reorg, and fills history below the follower's anchor with range runs.
 """
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from indexer_dagster.block_range import BlockRange, range_for_block, ranges_between
+from indexer_dagster.block_range import BlockRange, ranges_between
 from indexer_dagster.persist.files import LakePath, column_span, data_files
 
 
@@ -101,9 +101,27 @@ def range_coverage(blocks_dir: LakePath) -> dict[str, int]:
     return out
 
 
-def ranges_with_live_segments(segments: Iterable[tuple[int, int]], width: int) -> frozenset[str]:
-    """Keys of the ranges a compaction run must sync to retire the live segments (first, last block)."""
-    return frozenset(range_for_block(first, width).key for first, _last in segments)
+def segment_covered(first: int, last: int, coverage: Mapping[str, int], width: int) -> bool:
+    """Range files hold every block of the live segment [first, last] (`coverage`: range key -> the
+    highest block of its file, as `range_coverage` gives), so it can go. A segment can straddle ranges (a catch-up or
+    restore segment): it goes only once each range it touches holds its part."""
+    return all(coverage.get(r.key, -1) >= min(r.end, last) for r in ranges_between(first, last, width))
+
+
+def ranges_with_live_segments(
+    segments: Iterable[tuple[int, int]], coverage: Mapping[str, int], width: int
+) -> frozenset[str]:
+    """Keys of the ranges a compaction run must sync to retire the live segments (first, last block):
+    those whose file lacks a segment's blocks, and those of a segment already covered (a crash between a
+    range's publish and the segment's removal left it; the range's next publish removes it)."""
+    keys: set[str] = set()
+    for first, last in segments:
+        touched = ranges_between(first, last, width)
+        if segment_covered(first, last, coverage, width):
+            keys.update(r.key for r in touched)
+        else:
+            keys.update(r.key for r in touched if coverage.get(r.key, -1) < min(r.end, last))
+    return frozenset(keys)
 
 
 def history_due(blocks_dir: Path, start_block: int, blocks_per_partition: int, anchor: int) -> list[BlockRange]:

@@ -246,6 +246,43 @@ def test_a_deeper_reorg_merged_during_a_restore_archives_every_row_it_drops(chai
     assert missing.height == 0, f"visible rows rolled back without an archive: {missing}"
 
 
+def test_a_live_segment_across_a_partition_boundary_is_compacted_once(chain):
+    """Finding 3: a catch-up (or restore) segment may straddle a partition boundary. Compaction was asked
+    for the range of its first block only, and a range's publish dropped only segments wholly inside it:
+    that range was synced again on every tick and the next one never. Now each range the segment touches
+    is synced once, and the segment goes once range files hold all of its blocks."""
+    from indexer_dagster.block_range import parse_key, range_for_block
+    from indexer_dagster.persist.datasets import live_segments
+    from indexer_dagster.sync.supervise import range_coverage, ranges_with_live_segments
+
+    node, dep, cfg = chain
+    width = cfg.chain.blocks_per_partition
+    backfill_plain(cfg)
+    store = open_state(cfg.state_url)
+    follow_until_synced(cfg, store)
+    head = node.block_number()
+    # One tick catches up on these blocks in one segment, across the next partition boundary.
+    generate_traffic(node.url, dep, blocks=width - head % width + 3, txs_per_block=2, seed=5)
+    follow_until_synced(cfg, store)
+    segments = [(first, last) for first, last, _p in live_segments(open_lake(cfg), "blocks")]
+    assert any(range_for_block(first, width) != range_for_block(last, width) for first, last in segments)
+
+    synced: list[str] = []
+    for _tick in range(6):  # what the sensor's compaction asks for, tick after tick
+        lake = open_lake(cfg)
+        coverage = range_coverage(lake.dir("blocks"))
+        segments = [(first, last) for first, last, _p in live_segments(lake, "blocks")]
+        due = ranges_with_live_segments(segments, coverage, width)
+        if not due:
+            break
+        for key in sorted(due):
+            sync_range(cfg, parse_key(key))
+            synced.append(key)
+    assert not live_segments(open_lake(cfg), "blocks") and not live_segments(open_lake(cfg), "logs")
+    assert len(synced) == len(set(synced)), f"ranges synced again and again: {synced}"
+    assert_views_equal_node(cfg, node)
+
+
 def test_deep_reorg_across_a_partition_boundary_into_confirmed_history(chain):
     node, dep, cfg = chain
     store = open_state(cfg.state_url)
