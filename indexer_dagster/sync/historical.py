@@ -119,12 +119,17 @@ async def _head(rpc: RpcClient) -> tuple[int, str]:
     return int(block["number"], 16), block["hash"].lower()
 
 
-def commit_guard(cfg: IndexerConfig, store: StateStore, covered: BlockRange | None = None):
+def commit_guard(
+    cfg: IndexerConfig, store: StateStore, covered: BlockRange | None = None,
+    blocks: Callable[[], pl.DataFrame] | None = None,
+):
     """Publish a range's files only under the chain's writer lock, if no reorg began since the fetch
-    started (else its rows could be of the old fork); also drop live segments the range now covers."""
+    started (else its rows could be of the old fork) and its `blocks()` are the local chain's; also drop
+    live segments the range now covers."""
     return publish_guard(
         store, cfg.chain.name, "a reorg was detected while the range was fetched; fetching it again",
         after=(lambda: _drop_covered_live_segments(cfg, covered)) if covered is not None else None,
+        blocks=blocks,
     )
 
 
@@ -231,7 +236,9 @@ async def _sync(
             )
         sizer = new_sizer(cfg)
         for attempt in range(_FORK_RESTARTS + 1):
-            guard = guard_factory or commit_guard(cfg, store, clipped)
+            fetched: list[pl.DataFrame] = []  # (number, hash) of the blocks written, for the guard's check
+            guard = guard_factory or commit_guard(
+                cfg, store, clipped, blocks=lambda: pl.concat(fetched) if fetched else pl.DataFrame())  # noqa: B023
             result = RangeResult(range=r, from_block=clipped.start if clipped is not None else None,
                                  to_block=clipped.end if clipped is not None else None, head=head)
             # Factory children created up to the range's end (registry + a scan of uncovered blocks).
@@ -249,6 +256,7 @@ async def _sync(
 
                     def write(chunk: Chunk) -> None:
                         wb.write(chunk.blocks)  # noqa: B023 - called within this iteration
+                        fetched.append(chunk.blocks.select("number", "hash"))  # noqa: B023 - this iteration
                         wl.write(chunk.logs)  # noqa: B023 - called within this iteration
                         decoder.write(chunk.logs)  # noqa: B023 - called within this iteration
 

@@ -283,6 +283,61 @@ def test_a_live_segment_across_a_partition_boundary_is_compacted_once(chain):
     assert_views_equal_node(cfg, node)
 
 
+def test_a_range_run_above_the_followers_tip_then_reorged_is_repaired(chain):
+    """Finding 4: a range run (a CLI backfill, a tip range) wrote blocks above the follower's tip while the
+    follower was down; the node then reorganised them. The follower extended over them from the new fork,
+    but the views prefer range files: orphaned rows were shown (and later confirmed), no reorg recorded.
+    The follower now checks the range files' blocks it extends over against the node's."""
+    from indexer_dagster.block_range import range_for_block
+
+    node, dep, cfg = chain
+    backfill_plain(cfg)
+    store = open_state(cfg.state_url)
+    follow_until_synced(cfg, store)
+    tip = store.tip(cfg.chain.name).number
+    generate_traffic(node.url, dep, blocks=4, txs_per_block=4, seed=31)  # the follower is down
+    for n in sorted({range_for_block(tip + 1, 10), range_for_block(tip + 4, 10)}):
+        sync_range(cfg, n)
+    build_catalog(cfg)
+    stale = query(cfg.duckdb_path, f"select * from logs where block_number > {tip + 2} order by block_number, log_index")
+    expected = anvil_reorg(node.url, dep, depth=2, txs_per_block=3, seed=32)
+    assert expected["ancestor"] == tip + 2
+    res = follow_until_synced(cfg, store)
+    assert res[-1].action == "reorg", res
+    r = store.active_reorg(cfg.chain.name)
+    assert r.common_ancestor <= tip + 2
+    assert repair(cfg, store, r.id).reorg.phase is Phase.DONE
+    assert_views_equal_node(cfg, node)
+    archived = query(cfg.duckdb_path, "select block_hash, log_index from orphaned_logs")
+    assert stale.height > 0
+    assert stale.select("block_hash", "log_index").join(archived, on=["block_hash", "log_index"], how="anti").height == 0
+
+
+def test_a_range_from_another_fork_than_the_local_chain_is_not_published(chain):
+    """Finding 4: a range run's blocks were never compared with the local canonical chain: an endpoint on
+    another fork (a failover, or a reorg the follower has not seen yet) replaced a range file with rows of
+    that fork. The range's publish now compares its blocks with the stored headers and refuses."""
+    from indexer_dagster.block_range import range_for_block
+    from indexer_dagster.chain.fetch import ForkChanged
+
+    node, dep, cfg = chain
+    store = indexed_live(cfg, node, dep, blocks=2, txs_per_block=4, seed=41)
+    build_catalog(cfg)
+    before = query(cfg.duckdb_path, "select number, hash from blocks order by number")
+    head = node.block_number()
+    anvil_reorg(node.url, dep, depth=3, txs_per_block=3, seed=42)  # the follower has not seen it
+    r = range_for_block(head - 2, 10)
+    with pytest.raises(ForkChanged, match="another fork than the local chain"):
+        sync_range(cfg, r, store=store)
+    build_catalog(cfg)
+    assert query(cfg.duckdb_path, "select number, hash from blocks order by number").equals(before)
+    # The follower finds the reorg; once repaired, the range is the new fork's.
+    assert follow_until_synced(cfg, store)[-1].action == "reorg"
+    assert repair(cfg, store, store.active_reorg(cfg.chain.name).id).reorg.phase is Phase.DONE
+    sync_range(cfg, r, store=store)
+    assert_views_equal_node(cfg, node)
+
+
 def test_deep_reorg_across_a_partition_boundary_into_confirmed_history(chain):
     node, dep, cfg = chain
     store = open_state(cfg.state_url)
