@@ -42,7 +42,7 @@ from indexer_dagster.persist.datasets import (
     live_datasets,
     live_segments,
 )
-from indexer_dagster.persist.files import read_parquet
+from indexer_dagster.persist.files import column_span, read_parquet
 from indexer_dagster.persist.lake import open_lake
 from indexer_dagster.persist.meta import record_head
 from indexer_dagster.reorg.detect import Extend, LocalChain, Reorg, TooDeep, Wait, next_step
@@ -147,6 +147,14 @@ def headers_frame(chain_id: int, headers: list[Header]) -> pl.DataFrame:
         },
         schema={**BLOCK_SCHEMA, "timestamp": pl.Int64},
     ).with_columns(pl.col("timestamp").cast(pl.Datetime("us", "UTC")))
+
+
+class _RangeFilesForked(Exception):
+    """Range files hold blocks of another fork where the follower is about to extend (`stale`)."""
+
+    def __init__(self, stale: pl.DataFrame) -> None:
+        super().__init__(f"range files hold another fork from block {stale['number'][0]}")
+        self.stale = stale
 
 
 class Follower:
@@ -364,6 +372,8 @@ class Follower:
                 tip = self.store.tip(self.chain)
                 if self.store.active_reorg(self.chain) is not None or tip is None or tip.hash != parent.hash:
                     raise ForkChanged("the local chain changed while the new blocks were fetched")
+                if (stale := self._range_blocks_of_another_fork(headers)) is not None:
+                    raise _RangeFilesForked(stale)
                 yield
                 # Files are visible; now the headers (a crash in between is cleaned up at start).
                 self.store.put_headers(self.chain, headers)
@@ -379,9 +389,43 @@ class Follower:
                 decoder.flush()
         except ForkChanged as e:
             return TickResult("waiting", tip=parent.number, detail=str(e))
+        except _RangeFilesForked as e:
+            # A range run wrote these blocks before the follower got here, from a fork the node has left:
+            # the blocks both agree on join the local chain, the rest is a reorg above them.
+            ours = {h.number: h.hash for h in headers}
+            fork = min(n for n, h in e.stale.select("number", "hash").rows() if ours.get(n, h) != h)
+            agreed = [h for h in headers if h.number < fork]
+            if agreed:
+                with self.store.writer_lock(self.chain):
+                    self.store.put_headers(self.chain, agreed)
+                    self.store.set_cursor(self.chain, CURSOR, agreed[-1].number, agreed[-1].hash)
+            old_tip = e.stale.row(-1, named=True)
+            step = Reorg(ancestor=agreed[-1] if agreed else parent, new_chain=[h for h in headers if h.number >= fork],
+                         old_tip=Header(number=old_tip["number"], hash=old_tip["hash"],
+                                        parent_hash=old_tip["parent_hash"],
+                                        timestamp=int(old_tip["timestamp"].timestamp())))
+            reorg = self.open_reorg(step, node_head)
+            return TickResult("reorg", tip=step.ancestor.number, reorg_id=reorg.id,
+                              detail=f"range files hold another fork from block {fork}")
         record_head(self.lake, self.cfg.chain.chain_id, headers[-1].number, headers[-1].hash,
                     self.cfg.chain.confirmations)
         return TickResult("extended", blocks=len(headers), logs=logs.height, tip=headers[-1].number)
+
+    def _range_blocks_of_another_fork(self, headers: list[Header]) -> pl.DataFrame | None:
+        """The range-file blocks from `headers[0]` on (number, hash, parent_hash, timestamp), if one of
+        them differs from the node's block in `headers`. Range files are written up to the node's head
+        of their run, which may pass the follower's tip (a CLI backfill, the follower down meanwhile);
+        the views prefer them, so they are checked here, where the follower reaches those blocks."""
+        ours = {h.number: h.hash for h in headers}
+        for r in ranges_between(headers[0].number, headers[-1].number, self.cfg.chain.blocks_per_partition):
+            path = self.lake.path(BLOCKS, r.key)
+            if not path.exists() or (column_span(path, "number")[2] or -1) < headers[0].number:
+                continue
+            held = read_parquet(path, columns=["number", "hash", "parent_hash", "timestamp"]).filter(
+                pl.col("number") >= headers[0].number).sort("number")
+            if any(ours.get(n, h) != h for n, h in held.select("number", "hash").rows()):
+                return held
+        return None
 
     # -- the loop ----------------------------------------------------------------------------
     def lease_name(self) -> str:
