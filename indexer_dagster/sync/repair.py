@@ -221,7 +221,10 @@ def restore(cfg: IndexerConfig, store: StateStore, reorg: Reorg, on_partition: C
             yield
 
     restored = []
+    head = int(call_sync(cfg.chain.endpoints, "eth_blockNumber", []), 16)
     for r in touched_ranges(cfg, reorg):
+        if r.start > head:
+            continue  # a shorter fork: the range, emptied by the rollback, waits for the chain to grow
         sync_range(cfg, r, guard=ours)
         restored.append(r.key)
         on_partition(r.key)

@@ -339,6 +339,34 @@ def test_a_range_from_another_fork_than_the_local_chain_is_not_published(chain):
     assert_views_equal_node(cfg, node)
 
 
+def test_a_rollback_below_the_start_of_a_range_file(chain):
+    """Finding 10: a reorg onto a fork shorter than the first block of a range file it touched: the
+    restore fetched that range again and failed ("starts above the chain head"), leaving the reorg
+    unrepaired. The emptied range now waits for the chain to grow, like any range above the head."""
+    from indexer_dagster.block_range import range_for_block
+
+    node, dep, cfg = chain
+    store = indexed_live(cfg, node, dep, blocks=1, txs_per_block=3, seed=51)
+    head = node.block_number()
+    generate_traffic(node.url, dep, blocks=10 - head % 10 + 2, txs_per_block=3, seed=52)  # into the next range
+    follow_until_synced(cfg, store)
+    top = range_for_block(node.block_number(), 10)
+    for r in sorted({range_for_block(head, 10), top}):
+        sync_range(cfg, r, store=store)  # compaction: range files now hold the live blocks
+    node.rpc("anvil_rollback", [node.block_number() - (top.start - 2)])  # back to below the top range
+    generate_traffic(node.url, dep, blocks=1, txs_per_block=2, seed=53)  # one conflicting block
+    assert node.block_number() == top.start - 1
+    assert follow_until_synced(cfg, store)[-1].action == "reorg"
+    r = store.active_reorg(cfg.chain.name)
+    assert repair(cfg, store, r.id).reorg.phase is Phase.DONE
+    assert_views_equal_node(cfg, node)
+    # The chain grows into the range again: the follower and the range run bring it back.
+    generate_traffic(node.url, dep, blocks=3, txs_per_block=2, seed=54)
+    follow_until_synced(cfg, store)
+    sync_range(cfg, top, store=store)
+    assert_views_equal_node(cfg, node)
+
+
 def test_deep_reorg_across_a_partition_boundary_into_confirmed_history(chain):
     node, dep, cfg = chain
     store = open_state(cfg.state_url)
