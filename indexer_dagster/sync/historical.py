@@ -121,15 +121,22 @@ async def _head(rpc: RpcClient) -> tuple[int, str]:
 
 def commit_guard(
     cfg: IndexerConfig, store: StateStore, covered: BlockRange | None = None,
-    blocks: Callable[[], pl.DataFrame] | None = None,
+    blocks: Callable[[], pl.DataFrame] | None = None, head: Callable[[], tuple[int, str]] | None = None,
 ):
     """Publish a range's files only under the chain's writer lock, if no reorg began since the fetch
-    started (else its rows could be of the old fork) and its `blocks()` are the local chain's; also drop
-    live segments the range now covers."""
+    started (else its rows could be of the old fork) and its `blocks()` are the local chain's; then drop
+    the live segments the range now covers and record the `head()` (number, hash) the fetch saw, under
+    the same check (a head from before a reorg onto a shorter fork would confirm rows it may replace)."""
+
+    def after() -> None:
+        if covered is not None:
+            _drop_covered_live_segments(cfg, covered)
+        if head is not None:
+            record_head(open_lake(cfg), cfg.chain.chain_id, *head(), cfg.chain.confirmations)
+
     return publish_guard(
         store, cfg.chain.name, "a reorg was detected while the range was fetched; fetching it again",
-        after=(lambda: _drop_covered_live_segments(cfg, covered)) if covered is not None else None,
-        blocks=blocks,
+        after=after, blocks=blocks,
     )
 
 
@@ -228,17 +235,22 @@ async def _sync(
     lake = open_lake(cfg)
     started = time.perf_counter()
     async with rpc_client(cfg, stats) as rpc:
-        head, head_hash = await _head(rpc)
-        clipped = r.clip(cfg.start_block, head)
-        if clipped is None and r.start > head:
-            raise ValueError(
-                f"range {r.key} starts above the chain head ({head}); backfill up to the head or wait for the chain"
-            )
         sizer = new_sizer(cfg)
         for attempt in range(_FORK_RESTARTS + 1):
+            # The guard first: it refuses the publish if a reorg begins after this point, and everything
+            # this attempt reads from the node comes after it, the head included (after a reorg onto a
+            # shorter fork, an earlier attempt's head is gone).
             fetched: list[pl.DataFrame] = []  # (number, hash) of the blocks written, for the guard's check
+            seen_head: list[tuple[int, str]] = []
             guard = guard_factory or commit_guard(
-                cfg, store, clipped, blocks=lambda: pl.concat(fetched) if fetched else pl.DataFrame())  # noqa: B023
+                cfg, store, r, blocks=lambda: pl.concat(fetched) if fetched else pl.DataFrame(),  # noqa: B023
+                head=lambda: seen_head[0])  # noqa: B023
+            head, head_hash = await _head(rpc)
+            seen_head.append((head, head_hash))
+            clipped = r.clip(cfg.start_block, head)
+            if clipped is None and r.start > head:
+                raise ValueError(f"range {r.key} starts above the chain head ({head}); backfill up to the head "
+                                 "or wait for the chain")
             result = RangeResult(range=r, from_block=clipped.start if clipped is not None else None,
                                  to_block=clipped.end if clipped is not None else None, head=head)
             # Factory children created up to the range's end (registry + a scan of uncovered blocks).
@@ -281,7 +293,6 @@ async def _sync(
                 if attempt == _FORK_RESTARTS:
                     raise
                 await asyncio.sleep(1.0)
-        record_head(lake, cfg.chain.chain_id, head, head_hash, cfg.chain.confirmations)
     result.events, result.skipped = decoder.rows, decoder.skipped
     result.seconds = time.perf_counter() - started
     result.rpc = stats.as_dict()

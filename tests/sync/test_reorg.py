@@ -367,6 +367,52 @@ def test_a_rollback_below_the_start_of_a_range_file(chain):
     assert_views_equal_node(cfg, node)
 
 
+def test_a_range_run_across_a_reorg_to_a_shorter_fork_records_the_new_head(chain, monkeypatch):
+    """Finding 10: a range run read the head once, before a reorg onto a shorter fork; its retry after the
+    reorg fetched up to that old head and recorded it, so `confirmed_through` passed the new fork's
+    head (rows called confirmed that the chain may still replace). Each attempt now reads the head."""
+    import threading
+
+    from indexer_dagster.block_range import range_for_block
+    from indexer_dagster.persist.meta import read_head
+    from indexer_dagster.sync import historical
+
+    node, dep, cfg = chain
+    store = indexed_live(cfg, node, dep, blocks=3, txs_per_block=3, seed=61)
+    old_head = node.block_number()
+    real_head, first_read, go_on = historical._head, threading.Event(), threading.Event()
+
+    async def head_then_wait(rpc):
+        out = await real_head(rpc)
+        if not first_read.is_set():
+            first_read.set()
+            await asyncio.to_thread(go_on.wait, 60)
+        return out
+
+    monkeypatch.setattr(historical, "_head", head_then_wait)
+    errors: list[BaseException] = []
+
+    def run():
+        try:
+            sync_range(cfg, range_for_block(old_head - 2, 10))  # a range the shorter fork still has
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    runner = threading.Thread(target=run)
+    runner.start()
+    assert first_read.wait(60)
+    node.rpc("anvil_rollback", [3])
+    generate_traffic(node.url, dep, blocks=1, txs_per_block=2, seed=62)  # a shorter fork: head - 2
+    assert follow_until_synced(cfg, store)[-1].action == "reorg"
+    assert repair(cfg, store, store.active_reorg(cfg.chain.name).id).reorg.phase is Phase.DONE
+    go_on.set()
+    runner.join(120)
+    assert errors == []
+    head = read_head(open_lake(cfg))
+    assert head["head_number"] == node.block_number() == old_head - 2
+    assert_views_equal_node(cfg, node)
+
+
 def test_deep_reorg_across_a_partition_boundary_into_confirmed_history(chain):
     node, dep, cfg = chain
     store = open_state(cfg.state_url)
