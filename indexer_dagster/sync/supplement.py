@@ -183,6 +183,9 @@ def _supplement_stored(cfg: IndexerConfig, r: BlockRange, stats: RpcStats | None
 
 
 async def _supplement(cfg: IndexerConfig, r: BlockRange, stats: RpcStats, store: StateStore) -> RangeResult:
+    # Taken before anything is read: a reorg repaired while this fetches refuses the publish (the
+    # stored blocks and the node's blocks it compared may both be gone by then).
+    guard = commit_guard(cfg, store)
     lake = open_lake(cfg)
     span = _span(lake, r.key)
     assert span is not None  # supplement_range: plan_range found the range's blocks stored
@@ -220,7 +223,7 @@ async def _supplement(cfg: IndexerConfig, r: BlockRange, stats: RpcStats, store:
         stored_logs = [read_parquet(p) for p in key_files(lake, "logs", r.key)]
         children = discover(cfg, pl.concat([*stored_logs, logs], how="vertical_relaxed"))
     decoder = Decoder(cfg, None, contracts, write_children=False)
-    with lake.transaction(commit_guard(cfg, store)) as tx:
+    with lake.transaction(guard) as tx:
         tx.writer("logs", name, LOG_SCHEMA, coverage_metadata(missing)).write(logs)
         if has_factories(cfg):
             rules = {"addresses": {}, "factories": wanted_coverage(cfg)["factories"]}

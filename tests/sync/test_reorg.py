@@ -413,6 +413,64 @@ def test_a_range_run_across_a_reorg_to_a_shorter_fork_records_the_new_head(chain
     assert_views_equal_node(cfg, node)
 
 
+def test_a_reorg_while_a_supplement_fetches_is_not_published_over(tmp_path, monkeypatch):
+    """Finding 10: a supplement (logs of a contract added to the config, for a stored range) took its
+    publish guard after the fetch, so a reorg repaired meanwhile went unnoticed: the old fork's logs were
+    published beside the restored range. The guard is now taken before anything is read."""
+    import threading
+
+    from indexer_dagster.block_range import parse_key, range_for_block
+    from indexer_dagster.chain.fetch import ForkChanged
+    from indexer_dagster.sync import historical
+    from indexer_dagster.sync.supplement import plan_range, ranges_to_supplement, supplement_range
+    from tests.sync.test_add_contract import rewrite
+
+    node = Anvil(chain_id=31337).start()
+    try:
+        dep = build_devnet(node, blocks=25, txs_per_block=8, seed=3)
+        path = write_config(tmp_path / "indexer.yaml", node.url, 31337, dep, "data",
+                            blocks_per_partition=10, confirmations=4, include_tokens=False)
+        cfg = load_config(path)
+        backfill_plain(cfg)
+        stored_to = node.block_number()
+        complete = range_for_block(stored_to - stored_to % 10 - 1, 10)  # the highest whole range stored
+        store = open_state(cfg.state_url)
+        follow_until_synced(cfg, store)
+        generate_traffic(node.url, dep, blocks=2, txs_per_block=4, seed=71)
+        follow_until_synced(cfg, store)
+        rewrite(path, lambda d: d["contracts"].append({
+            "name": "ERC20", "abi": "abis/ERC20.json", "addresses": dep.tokens, "events": ["Transfer", "Approval"]}))
+        cfg = load_config(path)
+        real_reporter, reorged = historical._reporter, []
+
+        def reorg_repaired_during_the_fetch(blocks, logs):
+            real_reporter(blocks, logs)
+            if not reorged:  # (in a thread: this runs inside the fetch's event loop)
+                depth = node.block_number() - (complete.end - 1)  # the fork reaches into `complete`
+                reorged.append(anvil_reorg(node.url, dep, depth=depth, txs_per_block=3, seed=72))
+                worker = threading.Thread(target=lambda: reorged.append(
+                    (follow_until_synced(cfg, store)[-1].action,
+                     repair(cfg, store, store.active_reorg(cfg.chain.name).id).reorg.phase)))
+                worker.start()
+                worker.join(120)
+
+        monkeypatch.setattr(historical, "_reporter", reorg_repaired_during_the_fetch)
+        refused = None
+        try:
+            assert plan_range(cfg, complete) == "supplement"
+            supplement_range(cfg, complete, store=store)
+        except ForkChanged as e:
+            refused = e
+        assert reorged[1:] == [("reorg", Phase.DONE)]
+        assert refused is not None, "the supplement was published over the repaired range"
+        monkeypatch.setattr(historical, "_reporter", real_reporter)
+        for key in ranges_to_supplement(cfg):  # what the sensor launches next (the refused one again)
+            supplement_range(cfg, parse_key(key), store=store)
+        assert_views_equal_node(cfg, node)
+    finally:
+        node.stop()
+
+
 def test_deep_reorg_across_a_partition_boundary_into_confirmed_history(chain):
     node, dep, cfg = chain
     store = open_state(cfg.state_url)
