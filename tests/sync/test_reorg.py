@@ -686,6 +686,7 @@ def test_reorg_during_a_backfill_of_the_same_ranges(chain):
     t.start()
     anvil_reorg(node.url, dep, depth=4, txs_per_block=3, seed=52)
     assert follow_until_synced(cfg, store)[-1].action == "reorg"
+    assert t.is_alive(), "the backfill ended before the reorg was found: nothing overlapped"
     repair(cfg, store, store.active_reorg(cfg.chain.name).id)
     t.join(timeout=300)
     assert not errors, errors
