@@ -109,6 +109,12 @@ def test_backfill_killed_at_random_points_then_rerun_is_exact(devnet, make_confi
     assert_views_equal_node(cfg, node)
     # No temp file is left behind in the lake, and no run is left "started".
     assert not [p for p in cfg.data_dir.rglob("*.tmp") if p.suffix == ".tmp" and ".parquet." in p.name]
+    import dagster as dg
+
+    with dg.DagsterInstance.get() as instance:
+        left = instance.get_runs(dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.STARTING,
+                                                         dg.DagsterRunStatus.QUEUED]))
+        assert not left, [(r.run_id, r.status, r.tags.get("dagster/partition")) for r in left]
 
 
 def test_two_backfills_of_the_same_ranges_at_once(devnet, make_config, dagster_home):
