@@ -110,8 +110,9 @@ def test_daemon_follows_live_chain_with_random_reorgs(tmp_path, dagster_home):
                 killed = True
             time.sleep(1)
         assert reorgs >= 2
-        ok, _active, why = wait_until_consistent(cfg, node)
+        ok, active, why = wait_until_consistent(cfg, node)
         assert ok, why + "\n" + (tmp_path / "daemon.log").read_text()[-3000:]
+        assert active is None, f"reorg {active.id} left unfinished ({active.phase})"
         ledger = query(cfg.duckdb_path, "select * from reorgs")
         assert ledger.height >= 1 and set(ledger["phase"]) == {"done"}
         orphaned = query(cfg.duckdb_path, "select distinct reorg_id from orphaned_logs")
