@@ -5,6 +5,7 @@ import time
 import dagster as dg
 
 from indexer_dagster.assets.ranges import check_asset, check_evaluation
+from indexer_dagster.chain.fetch import ForkChanged
 from indexer_dagster.config import IndexerConfig
 from indexer_dagster.health.alerts import deep_reorg_alert, send_alert
 from indexer_dagster.health.logs import bind
@@ -22,6 +23,24 @@ from indexer_dagster.resources import IndexerConfigResource, StateStoreResource
 from indexer_dagster.state import Phase
 from indexer_dagster.sync.realtime import Follower, run_lease
 from indexer_dagster.sync.repair import repair
+
+_FORK_ATTEMPTS = 5  # a repair whose fork keeps changing is retried in the run before it fails
+
+
+def _repair_reporting_forks(context, cfg, store, reorg_id: int, restored: list[str]):
+    """`repair`, its phases logged as what they did; a fork that changes under it (expected on a live
+    chain) is an info line and another attempt, not a failure with a traceback."""
+    for attempt in range(1, _FORK_ATTEMPTS + 1):
+        try:
+            return repair(cfg, store, reorg_id, on_partition=restored.append,
+                          on_report=lambda line: context.log.info(f"reorg {reorg_id}: {line}"))
+        except ForkChanged as e:
+            if attempt == _FORK_ATTEMPTS:
+                raise
+            context.log.info(f"reorg {reorg_id}: the chain changed under the repair ({e}); attempt "
+                             f"{attempt + 1} of {_FORK_ATTEMPTS} in 1 s")
+            time.sleep(1.0)
+    raise AssertionError("unreachable")
 
 
 class FollowConfig(dg.Config):
@@ -76,9 +95,7 @@ def build_live_jobs(cfg: IndexerConfig, historical_keys: list[dg.AssetKey]) -> l
             deep = deep_reorg_alert(cfg, before) if before is not None and before.phase is Phase.DETECTED else None
             if deep is not None:
                 send_alert(cfg.alerts, deep)
-            res = repair(cfg, store, config.reorg_id,
-                         on_phase=lambda p: context.log.info(f"reorg {config.reorg_id}: {p.value}"),
-                         on_partition=restored.append)
+            res = _repair_reporting_forks(context, cfg, store, config.reorg_id, restored)
             build_catalog(cfg)
         r = res.reorg
         if before is not None and before.depth <= cfg.chain.confirmations and (late := deep_reorg_alert(cfg, r)):
@@ -95,10 +112,19 @@ def build_live_jobs(cfg: IndexerConfig, historical_keys: list[dg.AssetKey]) -> l
         failed = sorted({k for k, results in res.checks.items() for c in results if not c.passed})
         if failed:
             context.log.warning(f"restored ranges failed their checks (kept unconfirmed, synced again): {failed}")
+        summary = (f"reorg {r.id} {r.phase.value}: fork point {r.common_ancestor}, depth {r.depth}, "
+                   f"{sum(r.rows_archived.values())} rows archived, ranges restored: {', '.join(restored) or 'none'}, "
+                   f"{res.seconds:.2f} s")
+        context.log.info(summary)
         context.add_output_metadata({
-            "reorg_id": r.id, "phase": r.phase.value, "common_ancestor": r.common_ancestor, "depth": r.depth,
-            "touched_confirmed": r.touched_confirmed, "rows_archived": sum(r.rows_archived.values()),
-            "restored_partitions": ",".join(restored), "seconds": round(res.seconds, 3),
+            "summary": summary, "reorg_id": r.id, "phase": r.phase.value, "common_ancestor": r.common_ancestor,
+            "depth": r.depth, "old_head": r.old_head, "new_head": r.new_head, "touched_confirmed": r.touched_confirmed,
+            "rows_archived": sum(r.rows_archived.values()),
+            **{f"rows_archived/{ds}": n for ds, n in sorted(r.rows_archived.items())},
+            "restored_partitions": ",".join(restored),
+            "live_blocks": f"{res.live_blocks[0]}-{res.live_blocks[1]}" if res.live_blocks else "",
+            "live_logs": res.live_logs, "seconds": round(res.seconds, 3),
+            **{f"seconds/{phase}": round(t, 3) for phase, t in res.phase_seconds.items()},
             "ranges_failing_checks": ",".join(failed),
         })
 

@@ -18,7 +18,7 @@ is finished by the next run from the recorded phase, with the same end state.
 import asyncio
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -56,6 +56,15 @@ class ReorgAborted(RuntimeError):
 
 
 @dataclass
+class Restored:
+    """What a restore re-fetched: the range partitions, and the blocks above them as a live segment."""
+
+    partitions: list[str] = field(default_factory=list)
+    live_blocks: tuple[int, int] | None = None  # (first, last), None when the ranges reach the head
+    live_logs: int = 0
+
+
+@dataclass
 class RepairResult:
     reorg: Reorg
     restored_partitions: list[str] = field(default_factory=list)
@@ -63,6 +72,9 @@ class RepairResult:
     # The range checks of each restored range (sync.range_checks), run once the reorg is done.
     checks: dict[str, list[CheckResult]] = field(default_factory=dict)
     seconds: float = 0.0
+    phase_seconds: dict[str, float] = field(default_factory=dict)  # this run's time in each phase
+    live_blocks: tuple[int, int] | None = None
+    live_logs: int = 0
 
 
 def _number_col(dataset: str) -> str:
@@ -199,7 +211,7 @@ async def _rewalk(cfg: IndexerConfig, store: StateStore, reorg: Reorg) -> Reorg:
                               common_ancestor=ancestor.number, ancestor_hash=ancestor.hash)
 
 
-def restore(cfg: IndexerConfig, store: StateStore, reorg: Reorg, on_partition: Callable[[str], None]) -> list[str]:
+def restore(cfg: IndexerConfig, store: StateStore, reorg: Reorg, on_partition: Callable[[str], None]) -> Restored:
     """Re-fetch the new fork: touched range partitions, then a live segment up to the head."""
     chain = cfg.chain.name
     lake = open_lake(cfg, chain)
@@ -220,13 +232,13 @@ def restore(cfg: IndexerConfig, store: StateStore, reorg: Reorg, on_partition: C
                 raise ForkChanged(f"block {reorg.common_ancestor} was reorganised too")
             yield
 
-    restored = []
+    out = Restored()
     head = int(call_sync(cfg.chain.endpoints, "eth_blockNumber", []), 16)
     for r in touched_ranges(cfg, reorg):
         if r.start > head:
             continue  # a shorter fork: the range, emptied by the rollback, waits for the chain to grow
         sync_range(cfg, r, guard=ours)
-        restored.append(r.key)
+        out.partitions.append(r.key)
         on_partition(r.key)
     live_from = max(reorg.common_ancestor + 1, _highest_range_block(lake) + 1)
     headers, blocks, logs = asyncio.run(_fetch_new_fork(cfg, store, reorg, live_from))
@@ -236,6 +248,7 @@ def restore(cfg: IndexerConfig, store: StateStore, reorg: Reorg, on_partition: C
         for path in _segments_above(lake, cfg, reorg.common_ancestor):
             tx.delete(path)
         if blocks is not None:
+            out.live_blocks, out.live_logs = (blocks["number"][0], blocks["number"][-1]), logs.height
             key = f"{blocks['number'][0]:012d}-{blocks['number'][-1]:012d}"
             tx.writer(f"{LIVE}/blocks", key, BLOCK_SCHEMA).write(blocks)
             tx.writer(f"{LIVE}/logs", key, LOG_SCHEMA, coverage_metadata(wanted_coverage(cfg))).write(logs)
@@ -243,7 +256,7 @@ def restore(cfg: IndexerConfig, store: StateStore, reorg: Reorg, on_partition: C
             decoder.open(tx, key, prefix=f"{LIVE}/")
             decoder.write(logs)
             decoder.flush()
-    _check_ranges_match(lake, restored, headers)
+    _check_ranges_match(lake, out.partitions, headers)
     # The local chain restarts from the new fork: the stored ancestor + the headers just restored.
     # (If the node moved on meanwhile, the follower's next check finds it like any other change.)
     if headers:
@@ -252,7 +265,7 @@ def restore(cfg: IndexerConfig, store: StateStore, reorg: Reorg, on_partition: C
     if tip is not None:
         store.set_cursor(chain, CURSOR, tip.number, tip.hash)
         record_head(lake, cfg.chain.chain_id, tip.number, tip.hash, cfg.chain.confirmations, force=True)
-    return restored
+    return out
 
 
 def _segments_above(lake: Lake, cfg: IndexerConfig, ancestor: int) -> list[LakePath]:
@@ -308,12 +321,14 @@ def repair(
     reorg_id: int,
     on_phase: Callable[[Phase], None] | None = None,
     on_partition: Callable[[str], None] | None = None,
+    on_report: Callable[[str], None] | None = None,
 ) -> RepairResult:
     """Carry reorg `reorg_id` from its recorded phase to done. One that cannot be repaired automatically
     (ReorgAborted: the new fork does not meet the stored window) is marked failed and halts the chain:
-    relaunching it would only repeat the failure over rolled-back data."""
+    relaunching it would only repeat the failure over rolled-back data. `on_report` gets one line per
+    finished phase saying what it did (blocks, datasets, rows, seconds): what an operator reads."""
     try:
-        return _repair(cfg, store, reorg_id, on_phase, on_partition)
+        return _repair(cfg, store, reorg_id, on_phase, on_partition, on_report or (lambda _line: None))
     except ReorgAborted as e:
         reason = f"reorg {reorg_id} cannot be repaired: {e}; raise chain.reorg_window or re-run the backfill of the affected ranges"
         halt_chain(cfg, store, reason, reorg_id=reorg_id)
@@ -330,6 +345,7 @@ def _repair(
     reorg_id: int,
     on_phase: Callable[[Phase], None] | None,
     on_partition: Callable[[str], None] | None,
+    report: Callable[[str], None],
 ) -> RepairResult:
     started = time.perf_counter()
     chain = cfg.chain.name
@@ -338,6 +354,14 @@ def _repair(
     if first is None:
         raise ValueError(f"no reorg {reorg_id} in the ledger")
     result = RepairResult(reorg=first)
+
+    @contextmanager
+    def timed(phase: Phase) -> Iterator[None]:
+        notify(phase)
+        t0 = time.perf_counter()
+        yield
+        result.phase_seconds[phase.value] = result.phase_seconds.get(phase.value, 0.0) + time.perf_counter() - t0
+
     for _attempt in range(5):
         reorg = store.get_reorg(reorg_id)
         if reorg is None:
@@ -346,25 +370,36 @@ def _repair(
             reorg = store.set_phase(reorg_id, Phase.SUSPENDING, expect=Phase.DETECTED)
             export_ledger(cfg, store)
         if reorg.phase is Phase.SUSPENDING:
-            notify(Phase.SUSPENDING)
-            with store.writer_lock(chain):
+            with timed(Phase.SUSPENDING), store.writer_lock(chain):
                 pass  # any publish in flight has finished; new ones see the active reorg and stop
+            report(f"suspended: the writer lock of {chain} is held, no file is published but the repair's "
+                   f"({result.phase_seconds[Phase.SUSPENDING.value]:.2f} s)")
             reorg = store.set_phase(reorg_id, Phase.ROLLING_BACK, expect=Phase.SUSPENDING)
             export_ledger(cfg, store)
         if reorg.phase is Phase.ROLLING_BACK:
-            notify(Phase.ROLLING_BACK)
-            with store.writer_lock(chain):
+            with timed(Phase.ROLLING_BACK), store.writer_lock(chain):
                 result.archived = roll_back(cfg, store, reorg)
+            rows = ", ".join(f"{ds} {n}" for ds, n in result.archived.items() if n) or "none"
+            report(f"rolled back blocks {reorg.common_ancestor + 1}..{reorg.old_head} (fork point "
+                   f"{reorg.common_ancestor}, depth {reorg.depth}); rows archived to orphaned/: {rows} "
+                   f"({result.phase_seconds[Phase.ROLLING_BACK.value]:.2f} s)")
             reorg = store.set_phase(reorg_id, Phase.RESTORING, expect=Phase.ROLLING_BACK)
             export_ledger(cfg, store)
         if reorg.phase is Phase.RESTORING:
-            notify(Phase.RESTORING)
             try:
-                result.restored_partitions = restore(cfg, store, reorg, on_partition or (lambda _k: None))
-            except ForkChanged:
+                with timed(Phase.RESTORING):
+                    restored = restore(cfg, store, reorg, on_partition or (lambda _k: None))
+            except ForkChanged as e:
                 # A second reorg under the first: merge it, roll back to the new ancestor, restore again.
+                report(f"the node changed fork during the restore ({e}): merging the new fork and repairing again")
                 reorg = _rewalk_and_reopen(cfg, store, reorg)
                 continue
+            result.restored_partitions = restored.partitions
+            result.live_blocks, result.live_logs = restored.live_blocks, restored.live_logs
+            live = (f"live blocks {restored.live_blocks[0]}..{restored.live_blocks[1]} ({restored.live_logs} logs)"
+                    if restored.live_blocks else "no live blocks")
+            report(f"restored from the new fork: ranges {', '.join(restored.partitions) or 'none'}, {live} "
+                   f"({result.phase_seconds[Phase.RESTORING.value]:.2f} s)")
             reorg = store.set_phase(reorg_id, Phase.DONE, expect=Phase.RESTORING)
             export_ledger(cfg, store)
         break
