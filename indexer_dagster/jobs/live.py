@@ -4,7 +4,7 @@ import time
 
 import dagster as dg
 
-from indexer_dagster.assets.ranges import check_asset, check_evaluation
+from indexer_dagster.assets.ranges import block_ranges, check_asset, check_evaluation
 from indexer_dagster.chain.fetch import ForkChanged
 from indexer_dagster.config import IndexerConfig
 from indexer_dagster.health.alerts import deep_reorg_alert, send_alert
@@ -21,6 +21,7 @@ from indexer_dagster.jobs.names import (
 from indexer_dagster.persist.catalog import build_catalog
 from indexer_dagster.resources import IndexerConfigResource, StateStoreResource
 from indexer_dagster.state import Phase
+from indexer_dagster.sync.live_report import Written, range_reports
 from indexer_dagster.sync.realtime import Follower, run_lease
 from indexer_dagster.sync.repair import repair
 
@@ -46,6 +47,30 @@ def _repair_reporting_forks(context, cfg, store, reorg_id: int, restored: list[s
 class FollowConfig(dg.Config):
     minutes: float = 30.0  # the run ends after this long; the sensor starts the next one
     poll_seconds: float = 0.25
+    log_seconds: float = 30.0  # a log line saying what the polls since the last one wrote
+    report_seconds: float = 60.0  # the range partitions the follower filled get a materialization
+
+
+def report_live_ranges(context: dg.OpExecutionContext, cfg: IndexerConfig, store, written: Written) -> None:
+    """Materialize the range partitions the follower wrote into (registered ones), with their rows as the
+    views show them, their last block and whether the range is complete: the asset pages stay current."""
+    ranges, tip = written.take()
+    if tip is None:
+        return
+    chain = cfg.chain.name
+    partitions = block_ranges(chain).name
+    assert partitions is not None  # a named dynamic partitions definition
+    known = [r for r in ranges if context.instance.has_dynamic_partition(partitions, r.key)]
+    hashes = {h.number: h.hash for r in known if r.end < tip[0] for h in store.headers(chain, r.end, r.end)}
+    tables = [spec.table for _, spec in cfg.all_specs()]
+    for rep in range_reports(cfg, known, tip[0], tip[1], tables, hashes):
+        for dataset, rows in rep.rows.items():
+            context.log_event(dg.AssetMaterialization(
+                asset_key=dg.AssetKey([chain, dataset]), partition=rep.range.key,
+                description="written by live sync" + ("" if rep.complete else f", filled up to block {rep.last}"),
+                metadata={"dagster/row_count": rows, "block_range": f"{rep.first}-{rep.last}",
+                          "last_block": rep.last, "last_block_hash": rep.last_hash, "complete": rep.complete,
+                          "source": "live sync"}))
 
 
 class ReorgConfig(dg.Config):
@@ -64,18 +89,31 @@ def build_live_jobs(cfg: IndexerConfig, historical_keys: list[dg.AssetKey]) -> l
         bind(run_id=context.run_id, chain=chain)
         follower = Follower(cfg, state.store)
         deadline = time.monotonic() + config.minutes * 60
-        last_log = [0.0]
+        last_log, last_report = [time.monotonic()], [time.monotonic()]
         catalog_built = [False]
+        since_log, since_report = Written(cfg.chain.blocks_per_partition), Written(cfg.chain.blocks_per_partition)
 
         def on_tick(res) -> None:
-            if res.action == "extended" and not catalog_built[0]:
-                build_catalog(cfg)  # once per run: new live tables appear in the views
-                catalog_built[0] = True
-            if res.action in ("reorg",) or time.monotonic() - last_log[0] > 30:
-                last_log[0] = time.monotonic()
-                context.log.info(f"{chain}: {res.action} tip={res.tip} {res.detail}")
+            if res.action == "extended":
+                if not catalog_built[0]:
+                    build_catalog(cfg)  # once per run: new live tables appear in the views
+                    catalog_built[0] = True
+                since_log.add(res.blocks, res.logs, res.tip, res.tip_hash)
+                since_report.add(res.blocks, res.logs, res.tip, res.tip_hash)
+            now = time.monotonic()
+            if res.action == "reorg" or now - last_log[0] > config.log_seconds:
+                last_log[0] = now
+                line = f"{chain}: {since_log.summary()} in the last {config.log_seconds:.0f} s"
+                if res.action not in ("extended", "idle"):
+                    line += f"; {res.action}: {res.detail}"
+                context.log.info(line)
+                since_log.take()
+            if now - last_report[0] > config.report_seconds:
+                last_report[0] = now
+                report_live_ranges(context, cfg, state.store, since_report)
 
         stats = asyncio.run(follower.run(lambda: time.monotonic() > deadline, config.poll_seconds, on_tick))
+        report_live_ranges(context, cfg, state.store, since_report)
         context.add_output_metadata({"blocks": stats.blocks, "logs": stats.logs, "ticks": stats.ticks,
                                      "reorgs_detected": ",".join(map(str, stats.reorgs))})
 

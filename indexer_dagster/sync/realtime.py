@@ -77,6 +77,7 @@ class TickResult:
     tip: int | None = None
     reorg_id: int | None = None
     detail: str = ""
+    tip_hash: str | None = None  # of the block written last ("extended")
 
 
 @dataclass
@@ -409,7 +410,8 @@ class Follower:
                               detail=f"range files hold another fork from block {fork}")
         record_head(self.lake, self.cfg.chain.chain_id, headers[-1].number, headers[-1].hash,
                     self.cfg.chain.confirmations)
-        return TickResult("extended", blocks=len(headers), logs=logs.height, tip=headers[-1].number)
+        return TickResult("extended", blocks=len(headers), logs=logs.height, tip=headers[-1].number,
+                          tip_hash=headers[-1].hash)
 
     def _range_blocks_of_another_fork(self, headers: list[Header]) -> pl.DataFrame | None:
         """The range-file blocks from `headers[0]` on (number, hash, parent_hash, timestamp), if one of
