@@ -6,7 +6,7 @@ import dagster as dg
 
 from indexer_dagster.chain.rpc import rpc_client
 from indexer_dagster.config import IndexerConfig
-from indexer_dagster.jobs.live import ReorgConfig
+from indexer_dagster.jobs.live import IN_PROGRESS, ReorgConfig
 from indexer_dagster.jobs.names import (
     CHAIN_TAG,
     LIVE_ROLE,
@@ -26,10 +26,6 @@ from indexer_dagster.sync.supervise import Facts, plan, range_coverage, ranges_w
 from indexer_dagster.sync.supplement import ranges_to_supplement
 
 RESYNC_BACKOFF_S = 10.0  # a range whose checks failed is synced again once its failure is this old
-IN_PROGRESS = [
-    dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED,
-    dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED,
-]
 
 
 def _runs(instance: dg.DagsterInstance, chain: str, role: str, statuses=None, extra: dict | None = None):

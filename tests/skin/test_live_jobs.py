@@ -106,3 +106,38 @@ def test_what_the_follower_writes_shows_on_the_asset_pages(chain, monkeypatch):
         # The run's log says what the polls wrote.
         lines = [e.user_message for e in instance.all_logs(result.run_id) if e.user_message]
         assert any("wrote 4 blocks" in m or ("wrote" in m and "logs; tip" in m) for m in lines), lines[-20:]
+
+
+def test_the_follower_repairs_a_reorg_at_once_in_a_reorg_run(chain, monkeypatch):
+    """Issue 14: a reorg waited for the sensor's tick and a new run process (~9 s to consistent). The
+    follower, which sees the fork first, now runs the reorg job at once in its own process: a run of the
+    reorg job in the instance, tagged with the reorg, and the views equal the node while it still follows."""
+    from indexer_dagster.jobs.live import LAUNCHED_BY_TAG
+    from indexer_dagster.jobs.names import REORG_ID_TAG
+
+    node, dep, cfg = chain
+    monkeypatch.setenv("INDEXER_CONFIG", str(cfg_path(cfg)))
+    store = indexed_live(cfg, node, dep, blocks=4, txs_per_block=4, seed=91)
+    defs = build_definitions(cfg)
+    live = defs.resolve_job_def(live_job_name(cfg.chain.name))
+    reorged = {}
+
+    def fork_then_watch():
+        time.sleep(1.5)
+        reorged["expected"] = anvil_reorg(node.url, dep, depth=3, txs_per_block=3, seed=92)
+
+    with dg.instance_for_test() as instance:
+        mover = threading.Thread(target=fork_then_watch)
+        mover.start()
+        result = live.execute_in_process(instance=instance, run_config={"ops": {f"{cfg.chain.name}_follow_head": {
+            "config": {"minutes": 0.12, "poll_seconds": 0.1}}}})
+        mover.join()
+        assert result.success
+        runs = instance.get_runs(dg.RunsFilter(job_name=reorg_job_name(cfg.chain.name)))
+        assert len(runs) == 1 and runs[0].status == dg.DagsterRunStatus.SUCCESS
+        assert runs[0].tags[LAUNCHED_BY_TAG] == "follower"
+        [done] = store.list_reorgs(cfg.chain.name)
+        assert runs[0].tags[REORG_ID_TAG] == str(done.id) and done.phase.value == "done"
+        assert done.common_ancestor == reorged["expected"]["ancestor"]
+    assert store.active_reorg(cfg.chain.name) is None
+    assert_views_equal_node(cfg, node)
