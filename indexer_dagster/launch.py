@@ -9,6 +9,7 @@ import contextlib
 import multiprocessing as mp
 import os
 import queue
+import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
@@ -20,6 +21,9 @@ from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PART
 from indexer_dagster.assets.ranges import RANGES_PER_RUN, block_ranges
 from indexer_dagster.block_range import BlockRange, ranges_between
 from indexer_dagster.config import CHAIN_ENV_VAR, CONFIG_ENV_VAR, IndexerConfig, load_config
+from indexer_dagster.jobs.names import historical_job_name
+from indexer_dagster.state import open_state
+from indexer_dagster.sync.realtime import lease_held, run_lease
 
 DEPLOY_DIR = Path(__file__).resolve().parents[1] / "deploy"
 DEFAULT_INSTANCE_YAML = DEPLOY_DIR / "dagster.yaml"
@@ -173,7 +177,6 @@ def run_batch(first: str, last: str, instance: dg.DagsterInstance | None = None,
               chain: str | None = None) -> BatchOutcome:
     """Execute one run of the historical job over the ranges first..last (in this or a worker process)."""
     from indexer_dagster.definitions import build_definitions
-    from indexer_dagster.jobs.names import historical_job_name
 
     cfg = load_config(os.environ[CONFIG_ENV_VAR], chain)
     job = build_definitions(cfg).resolve_job_def(historical_job_name(cfg.chain.name))
@@ -211,7 +214,23 @@ def run_backfill(
     on_progress: Callable[[int, int], None],
     on_batch: Callable[[BatchOutcome], None],
 ) -> list[BatchOutcome]:
-    """Execute all `ranges` as Dagster runs with `workers` processes; returns one outcome per run."""
+    """Execute all `ranges` as Dagster runs with `workers` processes; returns one outcome per run. Runs
+    an earlier, killed backfill left "started" are then reported failed (`fail_dead_range_runs`)."""
+    try:
+        return _run_backfill(instance, cfg, config_path, ranges, workers, on_progress, on_batch)
+    finally:
+        fail_dead_range_runs(instance, cfg)
+
+
+def _run_backfill(
+    instance: dg.DagsterInstance,
+    cfg: IndexerConfig,
+    config_path: Path,
+    ranges: list[BlockRange],
+    workers: int,
+    on_progress: Callable[[int, int], None],
+    on_batch: Callable[[BatchOutcome], None],
+) -> list[BatchOutcome]:
     ensure_rpc_pool(instance, cfg.chain.name)
     batches = plan_batches(ranges)
     if workers <= 1:
@@ -246,6 +265,36 @@ def run_backfill(
                 on_batch(outcome)
         _drain(q, on_progress)
     return outcomes
+
+
+DEAD_RUN_GRACE_S = 15.0  # a range run takes its lease within seconds of starting
+
+
+def fail_dead_range_runs(instance: dg.DagsterInstance, cfg: IndexerConfig, grace_s: float = DEAD_RUN_GRACE_S) -> int:
+    """Mark failed the range runs of this chain that show "started" but whose process is gone (no run lease
+    held): a backfill killed with its runs leaves them so, and without a daemon nothing else reports them.
+    A run younger than `grace_s` may still be taking its lease: wait until it is that old, then look again.
+    Returns how many were failed."""
+
+    statuses = [dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.STARTING]
+    runs = instance.get_runs(dg.RunsFilter(job_name=historical_job_name(cfg.chain.name), statuses=statuses))
+    if not runs:
+        return 0
+    failed = 0
+    with open_state(cfg.state_url) as store:
+        for run in runs:
+            if lease_held(store, run_lease(run.run_id)):
+                continue
+            record = instance.get_run_record_by_id(run.run_id)
+            if record is None:
+                continue
+            started = record.start_time or record.create_timestamp.timestamp()
+            time.sleep(max(0.0, started + grace_s - time.time()))
+            current = instance.get_run_by_id(run.run_id)
+            if current is not None and current.status in statuses and not lease_held(store, run_lease(run.run_id)):
+                instance.report_run_failed(current, "its process is gone (no run lease held): a killed backfill")
+                failed += 1
+    return failed
 
 
 def _drain(q, on_progress: Callable[[int, int], None]) -> None:

@@ -209,12 +209,17 @@ class Transaction:
     def __init__(self, lake: Lake) -> None:
         self.lake = lake
         self._files: list[tuple[StreamWriter, LakePath]] = []
+        self._markers: list[tuple[StreamWriter, LakePath]] = []  # published last
         self._deletes: list[LakePath] = []
 
     def writer(
-        self, dataset: str, key: str, schema: Mapping[str, pl.DataType | type[pl.DataType]], metadata: dict[str, str] | None = None
+        self, dataset: str, key: str, schema: Mapping[str, pl.DataType | type[pl.DataType]],
+        metadata: dict[str, str] | None = None, *, marker: bool = False,
     ) -> "StreamWriter":
-        """`metadata`: Parquet key-value metadata stored with the file (e.g. which addresses it covers)."""
+        """`metadata`: Parquet key-value metadata stored with the file (e.g. which addresses it covers).
+        `marker`: the file the rest is judged by (a range's blocks: coverage is measured from them). It is
+        published after every other file and delete, so a publish cut short by a crash leaves the old
+        marker, or none, and the range is synced again instead of looking whole without its logs."""
         final = self.lake.path(dataset, key)
         if self.lake.remote:  # staged on the local disk, uploaded whole at publish
             where = self.lake.staging
@@ -230,42 +235,58 @@ class Transaction:
         if metadata:
             arrow_schema = arrow_schema.with_metadata({**(arrow_schema.metadata or {}), **metadata})
         w = StreamWriter(tmp, arrow_schema)
-        self._files.append((w, final))
+        (self._markers if marker else self._files).append((w, final))
         return w
 
     def delete(self, path: LakePath) -> None:
         self._deletes.append(path)
 
     def finish_writing(self) -> None:
-        for w, _ in self._files:
+        for w, _ in [*self._files, *self._markers]:
             w.close()
             if not self.lake.remote:
                 _fsync(w.path)
 
     def publish(self) -> None:
+        """Files in the order written, then deletes, then the markers (see `writer`)."""
         if self.lake.remote:
             # One PUT per file: the object store makes each appear whole, replacing the old one.
             for w, final in self._files:
-                assert is_remote(final)
-                final.fs.put_file(str(w.path), final.path)
-                w.path.unlink(missing_ok=True)
+                self._put(w, final)
             for p in self._deletes:
                 p.unlink(missing_ok=True)
+            for w, final in self._markers:
+                self._put(w, final)
             return
         dirs = set()
         for w, final in self._files:
-            assert not is_remote(final)
-            os.replace(w.path, final)
-            dirs.add(final.parent)
+            dirs.add(self._rename(w, final))
         for p in self._deletes:
             assert not is_remote(p)
             p.unlink(missing_ok=True)
             dirs.add(p.parent)
+        if self._markers:
+            for d in dirs:
+                _fsync(d)  # the rest is durable before a marker says it is there
+            for w, final in self._markers:
+                dirs.add(self._rename(w, final))
         for d in dirs:
             _fsync(d)  # make the renames themselves durable
 
+    @staticmethod
+    def _put(w: "StreamWriter", final: LakePath) -> None:
+        assert is_remote(final)
+        final.fs.put_file(str(w.path), final.path)
+        w.path.unlink(missing_ok=True)
+
+    @staticmethod
+    def _rename(w: "StreamWriter", final: LakePath):
+        assert not is_remote(final)
+        os.replace(w.path, final)
+        return final.parent
+
     def abort(self) -> None:
-        for w, _ in self._files:
+        for w, _ in [*self._files, *self._markers]:
             try:
                 w.close(flush=False)
             except OSError:

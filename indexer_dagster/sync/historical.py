@@ -259,7 +259,7 @@ async def _sync(
             decoder = Decoder(cfg, tables, contracts)
             try:
                 with lake.transaction(guard) as tx:
-                    wb = tx.writer("blocks", r.key, BLOCK_SCHEMA)
+                    wb = tx.writer("blocks", r.key, BLOCK_SCHEMA, marker=True)  # published last
                     wl = tx.writer("logs", r.key, LOG_SCHEMA, coverage_metadata(wanted_coverage(cfg)))
                     decoder.open(tx, r.key)
                     # The range now holds every configured address: its supplement files go.
