@@ -263,6 +263,10 @@ def test_webserver_and_run_worker_killed_during_live_sync_with_reorgs(tmp_path):
                  "-h", "127.0.0.1", "-p", str(port)],
                 cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
+        # The instance's storages first, as `indexer backfill` and the demo do: a daemon and a webserver
+        # creating a fresh SQLite instance at once can both stamp its schema and then fail to open it.
+        subprocess.run([sys.executable, "-c", "from indexer_dagster.launch import open_instance; open_instance()"],
+                       env=env, check=True, timeout=120)
         procs["daemon"] = start_daemon(env, log)
         procs["web"] = start_webserver()
         rng = random.Random(7)
