@@ -264,9 +264,18 @@ def register_lake_filesystem(con: duckdb.DuckDBPyConnection, url: str, options: 
 
 VERSION_VIEW = "_catalog_version"
 
+# Macros every catalog holds, for SQL users (name -> parameters and body). Hex in the views is lower-case,
+# so an address copied checksummed from an explorer or a config would match nothing: `addr('0xAbC…')`
+# lower-cases it, and stops the query on a malformed address instead of returning no rows.
+MACROS = {
+    "addr": "(address) AS CASE WHEN address IS NULL THEN NULL "
+            "WHEN regexp_full_match(trim(address), '0x[0-9a-fA-F]{40}') THEN lower(trim(address)) "
+            "ELSE error('addr(): ' || address || ' is not a 0x-prefixed 20-byte hex address') END",
+}
+
 
 def _fingerprint(statements: dict[str, str]) -> str:
-    return hashlib.sha256(json.dumps(statements, sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(json.dumps([statements, MACROS], sort_keys=True).encode()).hexdigest()
 
 
 def _current_fingerprint(target: Path) -> str | None:
@@ -318,8 +327,8 @@ def build_catalog(cfg: IndexerConfig) -> Path:
 
 
 def write_views(target: Path, views: dict[str, str], register=None) -> Path:
-    """A DuckDB file holding `views` (name -> SELECT), built under a temporary name and renamed over
-    `target`: readers see the old catalog or the new one. `register(con)` runs first (a filesystem)."""
+    """A DuckDB file holding `views` (name -> SELECT) and the `MACROS`, built under a temporary name and
+    renamed over `target`: readers see the old catalog or the new one. `register(con)` runs first (a filesystem)."""
     tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         con = duckdb.connect(str(tmp))
@@ -328,6 +337,8 @@ def write_views(target: Path, views: dict[str, str], register=None) -> Path:
                 register(con)
             for name, sql in views.items():
                 con.execute(f"CREATE OR REPLACE VIEW {quote_name(name)} AS {sql}")
+            for name, body in MACROS.items():
+                con.execute(f"CREATE OR REPLACE MACRO {quote_name(name)}{body}")
             con.execute("CHECKPOINT")
         finally:
             con.close()

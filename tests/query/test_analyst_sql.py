@@ -4,6 +4,7 @@
 import duckdb
 import pytest
 from click.testing import CliRunner
+from eth_utils import to_checksum_address
 
 from indexer_dagster.api import connect
 from indexer_dagster.cli import main as cli
@@ -49,3 +50,24 @@ def test_every_pool_view_names_its_pair(indexed):
             # The devnet's tokens are v2-core's test ERC20: every symbol is UNI-V2.
             assert labels.rows() == [("UNI-V2", "UNI-V2", "UNI-V2/UNI-V2")], view
         assert ix.sql("select count(*) n from pools where pair is null")["n"][0] == 0
+
+
+def test_a_checksummed_address_finds_its_rows_through_addr(indexed):
+    """Addresses in the views are lower-case; `addr('0xAbC…')` (a macro of the catalog) makes a checksummed
+    one, as copied from an explorer or the config, match in the CLI and in any DuckDB client."""
+    cfg, path = indexed
+    with plain(cfg) as con:
+        [(pool, swaps)] = con.sql("select pool, count(*) from swaps group by 1 order by 2 desc limit 1").fetchall()
+        checksummed = to_checksum_address(pool)
+        assert checksummed != pool and swaps > 0
+        count = "select count(*) n from swaps where pool = {}"
+        assert con.sql(count.format(f"'{checksummed}'")).fetchall() == [(0,)]  # why the macro exists
+        assert con.sql(count.format(f"addr('{checksummed}')")).fetchall() == [(swaps,)]
+        assert con.sql(f"select count(*) from pools where pool = addr(' {checksummed} ')").fetchall() == [(1,)]
+        assert con.sql("select addr(null)").fetchall() == [(None,)]
+        with pytest.raises(duckdb.InvalidInputException, match="not a 0x-prefixed 20-byte hex address"):
+            con.sql(count.format(f"addr('{checksummed[:-1]}')")).fetchall()
+    out = run_cli(path, "query", "--format", "csv", count.format(f"addr('{checksummed}')"))
+    assert out.split() == ["n", str(swaps)]
+    with connect(cfg.duckdb_path) as ix:
+        assert ix.sql(count.format("addr(?)"), [checksummed])["n"][0] == swaps
