@@ -139,8 +139,8 @@ def view_statements(cfg: IndexerConfig) -> dict[str, str]:
             which = f" AND c.contract IN ({', '.join(repr(n) for n in sorted(only))})" if only else ""
             sql = (f"SELECT m.* FROM ({sql}) m WHERE EXISTS (SELECT 1 FROM _contract_addresses c "
                    f"WHERE c.chain_id = m.chain_id AND c.address = m.address{which})")
-        views[name] = with_status(sql, number_col)
-        views[f"orphaned_{name}"] = src(ds.orphaned(dataset), {**schema, **ds.ORPHAN_COLUMNS})
+        views[name] = _renamed(with_status(sql, number_col), dataset)
+        views[f"orphaned_{name}"] = _renamed(src(ds.orphaned(dataset), {**schema, **ds.ORPHAN_COLUMNS}), dataset)
     views["reorgs"] = meta(ds.REORGS, ds.REORGS_SCHEMA)
     # Derived DEX tables (one file per chain and table): a view once the first build wrote them.
     for table, col in ds.DEX_TABLES.items():
@@ -150,6 +150,20 @@ def view_statements(cfg: IndexerConfig) -> dict[str, str]:
         sql = f"SELECT * FROM {_read(files)}"
         views[table] = with_status(sql, col) if col else sql
     return views
+
+
+# Columns a view names differently from its files: one name for one thing across the views (`blocks`
+# says `block_timestamp` like every other view), without rewriting every range file ever written.
+VIEW_RENAMES: dict[str, dict[str, str]] = {ds.BLOCKS: {"timestamp": "block_timestamp"}}
+
+
+def _renamed(sql: str, dataset: str) -> str:
+    """`sql` with the dataset's file columns renamed as its view shows them (`VIEW_RENAMES`)."""
+    renames = VIEW_RENAMES.get(dataset)
+    if not renames:
+        return sql
+    pairs = ", ".join(f"{quote_name(old)} AS {quote_name(new)}" for old, new in renames.items())
+    return f"SELECT * RENAME ({pairs}) FROM ({sql})"
 
 
 def _contract_addresses(cfg: IndexerConfig, src) -> str:

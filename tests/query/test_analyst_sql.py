@@ -71,3 +71,17 @@ def test_a_checksummed_address_finds_its_rows_through_addr(indexed):
     assert out.split() == ["n", str(swaps)]
     with connect(cfg.duckdb_path) as ix:
         assert ix.sql(count.format("addr(?)"), [checksummed])["n"][0] == swaps
+
+
+def test_block_time_has_one_name_in_every_view(indexed):
+    cfg, path = indexed
+    with plain(cfg) as con:
+        columns = con.sql("select table_name, column_name from information_schema.columns "
+                          "where table_schema = 'main'").fetchall()
+        assert ("blocks", "block_timestamp") in columns and ("orphaned_blocks", "block_timestamp") in columns
+        assert [(t, c) for t, c in columns if c == "timestamp" and not t.startswith("_")] == []
+        mismatched = con.sql("select count(*) from swaps s join blocks b "
+                             "on b.number = s.block_number and b.block_timestamp <> s.block_timestamp").fetchall()
+        assert mismatched == [(0,)]
+    out = run_cli(path, "query", "--format", "csv", "select max(block_timestamp) is not null ok from blocks")
+    assert out.split() == ["ok", "true"]
