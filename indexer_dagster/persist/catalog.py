@@ -1,14 +1,15 @@
 """The DuckDB catalog: stable views over the Parquet lake, rebuilt as a whole and swapped in atomically.
 
-The database holds only views (no data), so it is built in a temporary file and renamed over the
-old one: there is never a second writer to fight over DuckDB's lock, and readers (which open it
+The analyst's views are in the `main` schema; the views they are built from, and the catalog's own
+bookkeeping, are in `internal` (out of `show tables`). The database holds only views and macros (no
+data), so it is built in a temporary file and renamed over the old one: there is never a second writer to fight over DuckDB's lock, and readers (which open it
 read-only) keep working through a rebuild. Views read Parquet globs, so new range files show up in
 queries without rebuilding; a rebuild is needed only when the set of tables changes.
 
 A lake on object storage is read through its fsspec filesystem, registered on each connection
-(DuckDB's own httpfs extension would be downloaded at run time). The catalog names that lake in a
-`_lake` view, so a reader needs nothing but the catalog's path (and the storage credentials in its
-environment) — see `attach_lake`.
+(DuckDB's own httpfs extension would be downloaded at run time). The catalog names that lake in an
+`internal._lake` view, so a reader needs nothing but the catalog's path (and the storage credentials in
+its environment) — see `attach_lake`.
 """
 
 import errno
@@ -54,6 +55,11 @@ def quote_name(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+def _qualified(name: str) -> str:
+    """A view name, `schema.name` or `name`, quoted part by part (no view name of the lake has a dot)."""
+    return ".".join(quote_name(part) for part in name.split("."))
+
+
 def _source(globs: list[str], schema: dict[str, pl.DataType]) -> str:
     """A SELECT of the Parquet files matching `globs` (each must match a file), or an empty typed SELECT
     when there are none."""
@@ -62,6 +68,20 @@ def _source(globs: list[str], schema: dict[str, pl.DataType]) -> str:
         return f"SELECT {cols} FROM {_read(globs)}"
     cols = ", ".join(f"CAST(NULL AS {duck_type(t)}) AS {quote_name(c)}" for c, t in schema.items())
     return f"SELECT {cols} WHERE false"
+
+
+INTERNAL_SCHEMA = "internal"
+
+
+def internal(name: str) -> str:
+    """The qualified name of a view kept out of the analyst's namespace (`show tables` lists `main` only)."""
+    return f"{INTERNAL_SCHEMA}.{name}"
+
+
+RANGE_BLOCKS = internal("_range_blocks")
+LIVE_BLOCKS = internal("_live_blocks")
+RANGE_BLOCK_NUMBERS = internal("_range_block_numbers")
+CONTRACT_ADDRESSES = internal("_contract_addresses")
 
 
 def view_statements(cfg: IndexerConfig) -> dict[str, str]:
@@ -96,19 +116,19 @@ def view_statements(cfg: IndexerConfig) -> dict[str, str]:
         ensure_failed_checks(lake)
     views["chain_heads"] = meta(ds.HEAD, ds.HEAD_SCHEMA)
     views["failed_checks"] = meta(ds.FAILED_CHECKS, ds.FAILED_CHECKS_SCHEMA)
-    views["_range_blocks"] = src(ds.BLOCKS, ds.BLOCK_SCHEMA)
-    views["_live_blocks"] = src(ds.live(ds.BLOCKS), ds.BLOCK_SCHEMA)
+    views[RANGE_BLOCKS] = src(ds.BLOCKS, ds.BLOCK_SCHEMA)
+    views[LIVE_BLOCKS] = src(ds.live(ds.BLOCKS), ds.BLOCK_SCHEMA)
     # Block numbers that range files hold, above the lowest live block (DuckDB prunes by file statistics).
-    views["_range_block_numbers"] = (
-        "SELECT chain_id, number FROM _range_blocks "
-        "WHERE number >= (SELECT coalesce(min(number), 0) FROM _live_blocks)"
+    views[RANGE_BLOCK_NUMBERS] = (
+        f"SELECT chain_id, number FROM {RANGE_BLOCKS} "
+        f"WHERE number >= (SELECT coalesce(min(number), 0) FROM {LIVE_BLOCKS})"
     )
 
     def merged(dataset: str, schema: dict, number_col: str) -> str:
         live = src(ds.live(dataset), schema)
         return (
             f"SELECT * FROM ({src(dataset, schema)}) UNION ALL "
-            f"SELECT * FROM ({live}) l WHERE NOT EXISTS (SELECT 1 FROM _range_block_numbers r "
+            f"SELECT * FROM ({live}) l WHERE NOT EXISTS (SELECT 1 FROM {RANGE_BLOCK_NUMBERS} r "
             f"WHERE r.chain_id = l.chain_id AND r.number = l.{number_col})"
         )
 
@@ -125,7 +145,7 @@ def view_statements(cfg: IndexerConfig) -> dict[str, str]:
     # One view per table across all chains of the config (their files sit under data_dir/<chain>/).
     specs = {spec.table: spec for c in cfg.chains for _, spec in c.all_specs()}
     tables += [(ds.events(table), ds.Schema(spec.schema()), "block_number") for table, spec in specs.items()]
-    views["_contract_addresses"] = _contract_addresses(cfg, src)
+    views[CONTRACT_ADDRESSES] = _contract_addresses(cfg, src)
     contracts_of: dict[str, set[str]] = {}
     for c in cfg.chains:
         for contract, spec in c.all_specs():
@@ -137,7 +157,7 @@ def view_statements(cfg: IndexerConfig) -> dict[str, str]:
             # Only the configured contracts: one removed from the config is hidden, its files kept.
             only = contracts_of.get(dataset)
             which = f" AND c.contract IN ({', '.join(repr(n) for n in sorted(only))})" if only else ""
-            sql = (f"SELECT m.* FROM ({sql}) m WHERE EXISTS (SELECT 1 FROM _contract_addresses c "
+            sql = (f"SELECT m.* FROM ({sql}) m WHERE EXISTS (SELECT 1 FROM {CONTRACT_ADDRESSES} c "
                    f"WHERE c.chain_id = m.chain_id AND c.address = m.address{which})")
         views[name] = _renamed(with_status(sql, number_col), dataset)
         views[f"orphaned_{name}"] = _renamed(src(ds.orphaned(dataset), {**schema, **ds.ORPHAN_COLUMNS}), dataset)
@@ -187,7 +207,7 @@ def _contract_addresses(cfg: IndexerConfig, src) -> str:
 _FILE_SET_ATTEMPTS = 5  # rebuilds when files vanish under the glob while views bind
 
 
-LAKE_VIEW = "_lake"
+LAKE_VIEW = internal("_lake")
 LISTING_TTL_S = 2.0
 
 
@@ -200,7 +220,7 @@ def _read(paths: list[str]) -> str:
 
 
 def attach_lake(con: duckdb.DuckDBPyConnection) -> None:
-    """Register the filesystem of a remote lake (named in the catalog's `_lake` view) on `con`, so its
+    """Register the filesystem of a remote lake (named in the catalog's `internal._lake` view) on `con`, so its
     views can read their files; nothing to do for a lake on the local disk."""
     try:
         url, options = _lake_of(con)
@@ -276,7 +296,7 @@ def register_lake_filesystem(con: duckdb.DuckDBPyConnection, url: str, options: 
     con.execute("SET enable_external_file_cache = false")
 
 
-VERSION_VIEW = "_catalog_version"
+VERSION_VIEW = internal("_catalog_version")
 
 # Macros every catalog holds, for SQL users (name -> parameters and body). Hex in the views is lower-case,
 # so an address copied checksummed from an explorer or a config would match nothing: `addr('0xAbC…')`
@@ -341,7 +361,7 @@ def build_catalog(cfg: IndexerConfig) -> Path:
 
 
 def write_views(target: Path, views: dict[str, str], register=None) -> Path:
-    """A DuckDB file holding `views` (name -> SELECT) and the `MACROS`, built under a temporary name and
+    """A DuckDB file holding `views` (name or schema.name -> SELECT) and the `MACROS`, built under a temporary name and
     renamed over `target`: readers see the old catalog or the new one. `register(con)` runs first (a filesystem)."""
     tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
@@ -349,8 +369,10 @@ def write_views(target: Path, views: dict[str, str], register=None) -> Path:
         try:
             if register is not None:
                 register(con)
+            for schema in sorted({name.split(".")[0] for name in views if "." in name}):
+                con.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_name(schema)}")
             for name, sql in views.items():
-                con.execute(f"CREATE OR REPLACE VIEW {quote_name(name)} AS {sql}")
+                con.execute(f"CREATE OR REPLACE VIEW {_qualified(name)} AS {sql}")
             for name, body in MACROS.items():
                 con.execute(f"CREATE OR REPLACE MACRO {quote_name(name)}{body}")
             con.execute("CHECKPOINT")

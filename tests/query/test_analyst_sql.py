@@ -79,9 +79,26 @@ def test_block_time_has_one_name_in_every_view(indexed):
         columns = con.sql("select table_name, column_name from information_schema.columns "
                           "where table_schema = 'main'").fetchall()
         assert ("blocks", "block_timestamp") in columns and ("orphaned_blocks", "block_timestamp") in columns
-        assert [(t, c) for t, c in columns if c == "timestamp" and not t.startswith("_")] == []
+        assert [(t, c) for t, c in columns if c == "timestamp"] == []
         mismatched = con.sql("select count(*) from swaps s join blocks b "
                              "on b.number = s.block_number and b.block_timestamp <> s.block_timestamp").fetchall()
         assert mismatched == [(0,)]
     out = run_cli(path, "query", "--format", "csv", "select max(block_timestamp) is not null ok from blocks")
     assert out.split() == ["ok", "true"]
+
+
+def test_show_tables_lists_the_analysts_views_only(indexed):
+    """The views the others are built from, and the catalog's bookkeeping, are in the `internal` schema."""
+    cfg, path = indexed
+    with plain(cfg) as con:
+        shown = {name for (name,) in con.sql("show tables").fetchall()}
+        internal = {name for (name,) in con.sql("select view_name from duckdb_views() "
+                                                "where schema_name = 'internal'").fetchall()}
+        assert {"_catalog_version", "_range_blocks", "_live_blocks", "_contract_addresses"} <= internal
+        assert con.sql("select count(*) from internal._range_blocks").fetchall()[0][0] > 0
+    assert {"blocks", "logs", "chain_heads", "swaps", *POOL_VIEWS} <= shown
+    assert [name for name in shown if name.startswith("_")] == []
+    out = run_cli(path, "query", "--format", "csv", "show tables")
+    assert set(out.split()[1:]) == shown
+    with connect(cfg.duckdb_path) as ix:
+        assert set(ix.views()) == shown
