@@ -102,3 +102,33 @@ def test_show_tables_lists_the_analysts_views_only(indexed):
     assert set(out.split()[1:]) == shown
     with connect(cfg.duckdb_path) as ix:
         assert set(ix.views()) == shown
+
+
+def records(out: str) -> list[dict[str, str]]:
+    """`--format line` output back to records (blank lines part them; `name = value`, names right-aligned)."""
+    return [dict(line.strip().split(" = ", 1) for line in block.splitlines()) for block in out.strip().split("\n\n")]
+
+
+def test_a_wide_result_is_shown_one_column_per_line(indexed):
+    cfg, path = indexed
+    wide = "select * from swaps order by block_number, log_index limit 3"
+    with plain(cfg) as con:
+        rel = con.sql(wide)
+        expected, columns = rel.fetchall(), rel.columns
+    assert len(columns) > 30
+    for out in (run_cli(path, "query", wide, columns=100), run_cli(path, "query", "--format", "line", wide)):
+        got = records(out)
+        assert [list(r) for r in got] == [columns] * 3  # every column, in order, once per record
+        for record, row in zip(got, expected, strict=True):
+            assert record["pool"] == row[columns.index("pool")]  # whole values, never cut
+            assert record["transaction_hash"] == row[columns.index("transaction_hash")]
+            assert int(record["amount_in"]) == row[columns.index("amount_in")]
+        assert max(len(line) for line in out.splitlines()) <= 100
+    # A narrow result stays a table; --format table keeps one even when it does not fit.
+    narrow = run_cli(path, "query", "select pair, count(*) n from swaps group by 1", columns=100)
+    assert " = " not in narrow and "UNI-V2/UNI-V2" in narrow and "┆" in narrow
+    forced = run_cli(path, "query", "--format", "table", wide, columns=100)
+    assert " = " not in forced and "shape: (3, " in forced
+    # A long wide result is cut to 100 records in the terminal, and says so.
+    many = run_cli(path, "query", "select * from swaps", columns=100)
+    assert len(records(many.rsplit("\n\n", 1)[0])) == 100 and "rows shown; --format line shows them all" in many
