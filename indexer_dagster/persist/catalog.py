@@ -25,6 +25,7 @@ import polars as pl
 from filelock import FileLock
 
 from indexer_dagster.config import IndexerConfig
+from indexer_dagster.parse.abi import EventSpec
 from indexer_dagster.persist import datasets as ds
 from indexer_dagster.persist.duck_lock import lock_message
 from indexer_dagster.persist.files import is_remote
@@ -145,6 +146,7 @@ def view_statements(cfg: IndexerConfig) -> dict[str, str]:
     # One view per table across all chains of the config (their files sit under data_dir/<chain>/).
     specs = {spec.table: spec for c in cfg.chains for _, spec in c.all_specs()}
     tables += [(ds.events(table), ds.Schema(spec.schema()), "block_number") for table, spec in specs.items()]
+    numbers = {ds.events(table): number_columns(spec) for table, spec in specs.items()}
     views[CONTRACT_ADDRESSES] = _contract_addresses(cfg, src)
     contracts_of: dict[str, set[str]] = {}
     for c in cfg.chains:
@@ -159,8 +161,10 @@ def view_statements(cfg: IndexerConfig) -> dict[str, str]:
             which = f" AND c.contract IN ({', '.join(repr(n) for n in sorted(only))})" if only else ""
             sql = (f"SELECT m.* FROM ({sql}) m WHERE EXISTS (SELECT 1 FROM {CONTRACT_ADDRESSES} c "
                    f"WHERE c.chain_id = m.chain_id AND c.address = m.address{which})")
-        views[name] = _renamed(with_status(sql, number_col), dataset)
-        views[f"orphaned_{name}"] = _renamed(src(ds.orphaned(dataset), {**schema, **ds.ORPHAN_COLUMNS}), dataset)
+        big = numbers.get(dataset, [])
+        views[name] = _renamed(with_status(_with_numbers(sql, schema, big), number_col), dataset)
+        orphans = {**schema, **ds.ORPHAN_COLUMNS}
+        views[f"orphaned_{name}"] = _renamed(_with_numbers(src(ds.orphaned(dataset), orphans), orphans, big), dataset)
     views["reorgs"] = meta(ds.REORGS, ds.REORGS_SCHEMA)
     # Derived DEX tables (one file per chain and table): a view once the first build wrote them.
     for table, col in ds.DEX_TABLES.items():
@@ -184,6 +188,27 @@ def _renamed(sql: str, dataset: str) -> str:
         return sql
     pairs = ", ".join(f"{quote_name(old)} AS {quote_name(new)}" for old, new in renames.items())
     return f"SELECT * RENAME ({pairs}) FROM ({sql})"
+
+
+def number_columns(spec: EventSpec) -> list[str]:
+    """The big-integer columns (uint/int wider than 64 bits, stored as exact text) that the view also shows
+    as `<column>_num DECIMAL(38,0)`, a number DuckDB sums exactly (NULL when |value| >= 10^38); not when an
+    argument of the event already has that name."""
+    schema = spec.schema()
+    return [p.column for p in spec.inputs if p.is_big_int and f"{p.column}_num" not in schema]
+
+
+def _with_numbers(sql: str, schema: ds.Schema, big: list[str]) -> str:
+    """`sql` with `<column>_num` after each big integer's `<column>_f64` (see `number_columns`)."""
+    if not big:
+        return sql
+    cols = []
+    for c in schema:
+        cols.append(quote_name(c))
+        base = c.removesuffix("_f64")
+        if c.endswith("_f64") and base in big:
+            cols.append(f"TRY_CAST({quote_name(base)} AS DECIMAL(38,0)) AS {quote_name(base + '_num')}")
+    return f"SELECT {', '.join(cols)} FROM ({sql})"
 
 
 def _contract_addresses(cfg: IndexerConfig, src) -> str:

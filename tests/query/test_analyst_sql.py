@@ -2,6 +2,7 @@
 `indexer query`, the Python API and a plain `duckdb` connection to the catalog file."""
 
 import duckdb
+import polars as pl
 import pytest
 from click.testing import CliRunner
 from eth_utils import to_checksum_address
@@ -11,6 +12,7 @@ from indexer_dagster.cli import main as cli
 from indexer_dagster.config import load_config
 from indexer_dagster.devnet import write_config
 from indexer_dagster.dex.build import build_dex
+from indexer_dagster.persist.catalog import _with_numbers
 from tests.sync.test_reorg import backfill_plain
 
 pytestmark = pytest.mark.slow
@@ -132,3 +134,28 @@ def test_a_wide_result_is_shown_one_column_per_line(indexed):
     # A long wide result is cut to 100 records in the terminal, and says so.
     many = run_cli(path, "query", "select * from swaps", columns=100)
     assert len(records(many.rsplit("\n\n", 1)[0])) == 100 and "rows shown; --format line shows them all" in many
+
+
+def test_big_integers_have_a_column_duckdb_sums_exactly(indexed):
+    """uint/int wider than 64 bits stay exact text (`value`) and are also `value_num DECIMAL(38,0)`."""
+    cfg, path = indexed
+    with plain(cfg) as con:
+        types = dict(con.sql("select column_name, data_type from information_schema.columns "
+                             "where table_name = 'erc20_transfer'").fetchall())
+        assert (types["value"], types["value_f64"], types["value_num"]) == ("VARCHAR", "DOUBLE", "DECIMAL(38,0)")
+        columns = [c for (c,) in con.sql("select column_name from information_schema.columns where table_name = "
+                                         "'uniswap_v2_pair_swap' order by ordinal_position").fetchall()]
+        at = columns.index("amount0_in")
+        assert columns[at: at + 3] == ["amount0_in", "amount0_in_f64", "amount0_in_num"]
+        values = [int(v) for (v,) in con.sql("select value from erc20_transfer").fetchall()]
+        assert len(values) > 10 and any(v >= 2**64 for v in values)
+        [(total, kind)] = con.sql("select sum(value_num), typeof(sum(value_num)) from erc20_transfer").fetchall()
+        assert (int(total), kind) == (sum(values), "DECIMAL(38,0)")  # exact: no float on the way
+        # The view's own SQL on values the devnet has none of: beyond 10^38 NULL, never rounded; signed exact.
+        edge = ("select * from (values ('1' || repeat('0', 38), 1e38), (repeat('9', 38), 1e38), ('-7', -7.0)) "
+                "t(value, value_f64)")
+        got = con.sql(_with_numbers(edge, {"value": pl.String, "value_f64": pl.Float64}, ["value"])).fetchall()
+        assert [(v, n) for v, _, n in got] == [("1" + "0" * 38, None), ("9" * 38, int("9" * 38)), ("-7", -7)]
+        assert con.sql("select count(*) from orphaned_erc20_transfer where value_num is not null").fetchall() == [(0,)]
+    out = run_cli(path, "query", "--format", "csv", "select sum(value_num) total from erc20_transfer")
+    assert out.split() == ["total", str(sum(values))]

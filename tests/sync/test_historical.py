@@ -123,6 +123,7 @@ def test_decoded_views_match_an_independent_decode(devnet, make_config, dagster_
                    "amount1Out": "amount1_out"}[arg]
             assert int(row[col]) == exp[arg]  # exact, as text
             assert row[col + "_f64"] == pytest.approx(float(exp[arg]))
+            assert row[col + "_num"] == exp[arg]  # exact, as DECIMAL(38,0) in the view
 
     syncs = view(cfg, "select reserve0, reserve1 from uniswap_v2_pair_sync order by block_number, log_index")
     ref = _independent_decode(cfg.resolve(pair.abi), "Sync", raw.filter(pl.col("topic0") == topics["Sync"]))
