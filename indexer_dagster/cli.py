@@ -229,15 +229,17 @@ def catalog(config_path: str | None) -> None:
 @main.command()
 @config_option
 @click.argument("sql")
-@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json", "parquet"]), default="table",
-              show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["table", "line", "csv", "json", "parquet"]), default=None,
+              help="table, or line (one `column = value` per line and record); default: a table when it fits "
+                   "the terminal, else lines.")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), help="Write to a file (required for parquet).")
-def query(config_path: str | None, sql: str, fmt: str, output: str | None) -> None:
+def query(config_path: str | None, sql: str, fmt: str | None, output: str | None) -> None:
     """Run read-only SQL against the catalog's views."""
-    import polars as pl
+    import shutil
 
     from indexer_dagster.query import QueryError
     from indexer_dagster.query import query as run_query
+    from indexer_dagster.query.render import as_lines, as_table, for_terminal
 
     cfg = _load(config_path)
     if fmt == "parquet" and not output:
@@ -260,9 +262,11 @@ def query(config_path: str | None, sql: str, fmt: str, output: str | None) -> No
         text = df.write_csv()
     elif fmt == "json":
         text = df.write_json()
+    elif fmt == "line":
+        text = as_lines(df)
     else:
-        with pl.Config(tbl_rows=100, tbl_cols=30, fmt_str_lengths=70, tbl_width_chars=200):
-            text = str(df)
+        width = shutil.get_terminal_size().columns  # $COLUMNS, else the terminal's, else 80
+        text = as_table(df, width) if fmt == "table" else for_terminal(df, width)
     if output:
         try:
             Path(output).write_text(text)

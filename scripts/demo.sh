@@ -51,9 +51,9 @@ q "select block_number, address as pair, reserve0, reserve1, status from uniswap
 q "select token0, token1, pair, block_number from uniswap_v2_factory_pair_created order by block_number, log_index"
 echo
 echo "== DEX tables (derived from the canonical events)"
-q "select pool, reserve0_h, reserve1_h, price, last_block, status from pool_state order by pool"
-q "select pool, interval, bucket_start, swap_count, volume_token0_h, volume_token1_h from pool_volume where interval = '1h' order by bucket_start desc, swap_count desc limit 6"
-q "select pool, bucket_start, open, high, low, close, swap_count from pool_candles where interval = '1h' order by bucket_start desc limit 6"
+q "select pair, pool, reserve0_h, reserve1_h, price, last_block, status from pool_state order by pool"
+q "select pair, interval, bucket_start, swap_count, volume_token0_h, volume_token1_h from pool_volume where interval = '1h' order by bucket_start desc, swap_count desc limit 6"
+q "select pair, bucket_start, open, high, low, close, swap_count from pool_candles where interval = '1h' order by bucket_start desc limit 6"
 
 echo
 echo "== 4. live sync: Dagster (UI + daemon) on http://127.0.0.1:$UI_PORT follows the head by itself;"

@@ -110,7 +110,7 @@ def compute(cfg: IndexerConfig) -> dict[str, pl.DataFrame]:
     swaps = dex.swaps(swap, pools, tokens)
     reserves = dex.pool_reserves(sync, pools, tokens)
     out = {
-        "pools": pools,
+        "pools": dex.label_pools(pools, tokens),
         "tokens": tokens,
         "swaps": swaps,
         "pool_reserves": reserves,
@@ -148,7 +148,7 @@ def _build(cfg: IndexerConfig, store: StateStore) -> DexResult:
         res.top_pools = (
             state.join(vol, on="pool", how="left")
             .sort("swaps", descending=True, nulls_last=True)
-            .select("pool", "swaps", "reserve0_h", "reserve1_h", "price", "last_block")
+            .select("pool", "pair", "swaps", "reserve0_h", "reserve1_h", "price", "last_block")
             .head(10)
         )
     return res

@@ -58,6 +58,7 @@ __all__ = [
     "EXACT",
     "EXACT_LIMIT",
     "INTERVALS",
+    "label_pools",
     "liquidity_events",
     "pool_candles",
     "pool_reserves",
@@ -79,7 +80,9 @@ KEY_SCHEMA: dict[str, pl.DataType] = {k: v for k, v in DECODED_KEYS.items() if k
 _KEYS = list(KEY_SCHEMA)
 _ROW_ORDER = ["chain_id", "block_number", "log_index"]
 _IN_POOL_ORDER = ["block_number", "log_index"]
-_POOL_COLUMNS = ["pool", "token0", "token1", "symbol0", "symbol1", "decimals0", "decimals1"]
+_POOL_COLUMNS = ["pool", "token0", "token1", "symbol0", "symbol1", "pair", "decimals0", "decimals1"]
+#: The columns that name a pool's tokens for a reader, carried by every table a pool appears in.
+_LABEL_COLUMNS = ["symbol0", "symbol1", "pair"]
 
 _LIMB = 10**19  # limb base for exact sums: 10**38 == _LIMB**2
 _SCALE_OLD = list(range(256))
@@ -158,8 +161,20 @@ def _tokens(tokens: pl.DataFrame) -> pl.DataFrame:
     return t
 
 
+def _short(address: str) -> pl.Expr:
+    """`0x1a1a…1a1a`: a token without a symbol, in a pair label."""
+    return pl.concat_str(pl.col(address).str.slice(0, 6), pl.lit("…"), pl.col(address).str.slice(-4))
+
+
+def _pair_label() -> pl.Expr:
+    """`WETH/USDC` (token0/token1, the order prices are quoted in); a short address where a symbol is unknown."""
+    side0 = pl.coalesce(pl.col("symbol0"), _short("token0"))
+    side1 = pl.coalesce(pl.col("symbol1"), _short("token1"))
+    return pl.concat_str(side0, pl.lit("/"), side1).alias("pair")
+
+
 def _pool_meta(pools_: pl.DataFrame, tokens: pl.DataFrame) -> pl.DataFrame:
-    """pools x token metadata: chain_id, pool, token0, token1, symbol0, symbol1, decimals0, decimals1."""
+    """pools x token metadata: chain_id, pool, token0, token1, symbol0, symbol1, pair, decimals0, decimals1."""
     _require(pools_, "pools", ["chain_id", "pool", "token0", "token1"])
     p = pools_.select(
         pl.col("chain_id").cast(pl.Int64),
@@ -174,7 +189,7 @@ def _pool_meta(pools_: pl.DataFrame, tokens: pl.DataFrame) -> pl.DataFrame:
             on=f"token{i}",
             how="left",
         )
-    return p.select("chain_id", *_POOL_COLUMNS)
+    return p.with_columns(_pair_label()).select("chain_id", *_POOL_COLUMNS)
 
 
 def _attach(frame: pl.DataFrame, pools_: pl.DataFrame, tokens: pl.DataFrame) -> pl.DataFrame:
@@ -266,11 +281,22 @@ def pools(pair_created: pl.DataFrame) -> pl.DataFrame:
     )
 
 
+def label_pools(pools_: pl.DataFrame, tokens: pl.DataFrame) -> pl.DataFrame:
+    """`pools` with symbol0, symbol1 and pair (e.g. ``WETH/USDC``) after token1, so a reader of the pools
+    table sees which market a pool is without joining `tokens`. Row order is kept."""
+    meta = _pool_meta(pools_, tokens).select("chain_id", "pool", *_LABEL_COLUMNS)
+    at = pools_.columns.index("token1") + 1
+    order = [*pools_.columns[:at], *_LABEL_COLUMNS, *pools_.columns[at:]]
+    keyed = pools_.with_columns(pl.col("pool").str.to_lowercase().alias("__pool"))
+    out = keyed.join(meta.rename({"pool": "__pool"}), on=["chain_id", "__pool"], how="left", maintain_order="left")
+    return out.select(order)
+
+
 def swaps(swap: pl.DataFrame, pools: pl.DataFrame, tokens: pl.DataFrame) -> pl.DataFrame:
     """One row per ``Swap`` of a known pool.
 
     Columns: the key columns (chain_id, block_number, block_hash, block_timestamp,
-    transaction_hash, transaction_index, log_index), pool, token0, token1, symbol0, symbol1,
+    transaction_hash, transaction_index, log_index), pool, token0, token1, symbol0, symbol1, pair,
     decimals0, decimals1, sender, recipient (the event's ``to``), amount0_in, amount1_in,
     amount0_out, amount1_out (`EXACT`), the same with ``_h`` (Float64, raw / 10**decimals),
     direction, token_in, token_out, amount_in, amount_out (`EXACT`), amount_in_h, amount_out_h,
@@ -341,7 +367,7 @@ def swaps(swap: pl.DataFrame, pools: pl.DataFrame, tokens: pl.DataFrame) -> pl.D
 def pool_reserves(sync: pl.DataFrame, pools: pl.DataFrame, tokens: pl.DataFrame) -> pl.DataFrame:
     """One row per ``Sync`` of a known pool: the reserves right after that log.
 
-    Columns: the key columns, pool, token0, token1, symbol0, symbol1, decimals0, decimals1,
+    Columns: the key columns, pool, token0, token1, symbol0, symbol1, pair, decimals0, decimals1,
     reserve0, reserve1 (`EXACT`), reserve0_h, reserve1_h (Float64), price = reserve0_h /
     reserve1_h (spot price of token1 in token0, same convention as `swaps`' price; null when
     reserve1 is 0 or decimals unknown) and inverse_price = reserve1_h / reserve0_h (null when
@@ -364,11 +390,11 @@ def pool_state(pool_reserves: pl.DataFrame) -> pl.DataFrame:
     """The latest reserves of each pool: per (chain_id, pool) the `pool_reserves` row with the
     greatest (block_number, log_index).
 
-    Columns: chain_id, pool, token0, token1, reserve0, reserve1, reserve0_h, reserve1_h, price,
-    inverse_price, last_block (that row's block_number), last_log_index, last_timestamp (its
+    Columns: chain_id, pool, token0, token1, symbol0, symbol1, pair, reserve0, reserve1, reserve0_h,
+    reserve1_h, price, inverse_price, last_block (that row's block_number), last_log_index, last_timestamp (its
     block_timestamp). Sorted by (chain_id, pool).
     """
-    carry = ["token0", "token1", "reserve0", "reserve1", "reserve0_h", "reserve1_h", "price", "inverse_price"]
+    carry = ["token0", "token1", *_LABEL_COLUMNS, "reserve0", "reserve1", "reserve0_h", "reserve1_h", "price", "inverse_price"]
     needed = ["chain_id", "pool", "block_number", "log_index", "block_timestamp", *carry]
     _require(pool_reserves, "pool_reserves", needed)
 
@@ -392,7 +418,7 @@ def liquidity_events(
 ) -> pl.DataFrame:
     """One row per ``Mint`` or ``Burn`` of a known pool.
 
-    Columns: the key columns, pool, token0, token1, symbol0, symbol1, decimals0, decimals1, kind
+    Columns: the key columns, pool, token0, token1, symbol0, symbol1, pair, decimals0, decimals1, kind
     ("mint" / "burn"), sender, recipient (the burn's ``to``; null for mints, whose event has no
     recipient), amount0, amount1 (`EXACT`: tokens added for a mint, removed for a burn),
     amount0_h, amount1_h (Float64). Sorted by (chain_id, block_number, log_index).
@@ -424,13 +450,14 @@ def liquidity_events(
 
 
 def _aggregate(swaps: pl.DataFrame, interval: str, where: str, extra: Sequence[pl.Expr] = ()) -> pl.DataFrame:
-    _require(swaps, where, ["chain_id", "pool", "token0", "token1", "decimals0", "decimals1", "block_number",
-                            "log_index", "block_timestamp", *_SWAP_AMOUNTS])
+    tokens = ["token0", "token1", *_LABEL_COLUMNS, "decimals0", "decimals1"]
+    _require(swaps, where, ["chain_id", "pool", *tokens, "block_number", "log_index", "block_timestamp",
+                            *_SWAP_AMOUNTS])
     f = (
         swaps.with_columns(_bucket(interval))
         .group_by(["chain_id", "pool", "bucket_start"])
         .agg(
-            *[pl.col(c).first() for c in ("token0", "token1", "decimals0", "decimals1")],
+            *[pl.col(c).first() for c in tokens],
             pl.len().cast(pl.Int64).alias("swap_count"),
             *_sum_parts("volume_token0", ("amount0_in", "amount0_out")),
             *_sum_parts("volume_token1", ("amount1_in", "amount1_out")),
@@ -450,7 +477,8 @@ def pool_volume(swaps: pl.DataFrame, interval: str) -> pl.DataFrame:
     """Volume per pool per time bucket, from the output of `swaps`.
 
     interval: "1h" or "1d" (also "1m"); buckets are ``block_timestamp`` truncated in UTC.
-    Buckets without swaps are absent. Columns: chain_id, pool, token0, token1, bucket_start
+    Buckets without swaps are absent. Columns: chain_id, pool, token0, token1, symbol0, symbol1, pair,
+    bucket_start
     (Datetime us UTC), swap_count (Int64), volume_token0 = sum over the bucket's swaps of
     amount0_in + amount0_out, volume_token1 = sum of amount1_in + amount1_out (`EXACT`, exact
     sums; ValueError if a sum reaches 10**38), volume_token0_h, volume_token1_h (Float64 =
@@ -459,7 +487,7 @@ def pool_volume(swaps: pl.DataFrame, interval: str) -> pl.DataFrame:
     """
     f = _aggregate(swaps, interval, "pool_volume")
     return f.select(
-        "chain_id", "pool", "token0", "token1", "bucket_start", "swap_count",
+        "chain_id", "pool", "token0", "token1", *_LABEL_COLUMNS, "bucket_start", "swap_count",
         "volume_token0", "volume_token1", "volume_token0_h", "volume_token1_h", "first_block", "last_block",
     )
 
@@ -472,7 +500,8 @@ def pool_candles(swaps: pl.DataFrame, interval: str) -> pl.DataFrame:
     open / close = the ``price`` of the first / last swap of the bucket in (block_number,
     log_index) order, high / low = max / min price; swaps with a null price (nothing of token1
     moved, or unknown decimals) count in volume and swap_count but not in OHLC (all four null if
-    no swap of the bucket has a price). Columns: chain_id, pool, token0, token1, bucket_start,
+    no swap of the bucket has a price). Columns: chain_id, pool, token0, token1, symbol0, symbol1, pair,
+    bucket_start,
     open, high, low, close (Float64, token1 in token0, human-scaled), volume_token0,
     volume_token1 (`EXACT`, as in `pool_volume`), volume_token0_h, volume_token1_h, swap_count,
     first_block, last_block. Sorted by (chain_id, pool, bucket_start).
@@ -491,7 +520,7 @@ def pool_candles(swaps: pl.DataFrame, interval: str) -> pl.DataFrame:
         ],
     )
     return f.select(
-        "chain_id", "pool", "token0", "token1", "bucket_start", "open", "high", "low", "close",
+        "chain_id", "pool", "token0", "token1", *_LABEL_COLUMNS, "bucket_start", "open", "high", "low", "close",
         "volume_token0", "volume_token1", "volume_token0_h", "volume_token1_h", "swap_count",
         "first_block", "last_block",
     )

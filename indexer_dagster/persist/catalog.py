@@ -1,14 +1,15 @@
 """The DuckDB catalog: stable views over the Parquet lake, rebuilt as a whole and swapped in atomically.
 
-The database holds only views (no data), so it is built in a temporary file and renamed over the
-old one: there is never a second writer to fight over DuckDB's lock, and readers (which open it
+The analyst's views are in the `main` schema; the views they are built from, and the catalog's own
+bookkeeping, are in `internal` (out of `show tables`). The database holds only views and macros (no
+data), so it is built in a temporary file and renamed over the old one: there is never a second writer to fight over DuckDB's lock, and readers (which open it
 read-only) keep working through a rebuild. Views read Parquet globs, so new range files show up in
 queries without rebuilding; a rebuild is needed only when the set of tables changes.
 
 A lake on object storage is read through its fsspec filesystem, registered on each connection
-(DuckDB's own httpfs extension would be downloaded at run time). The catalog names that lake in a
-`_lake` view, so a reader needs nothing but the catalog's path (and the storage credentials in its
-environment) — see `attach_lake`.
+(DuckDB's own httpfs extension would be downloaded at run time). The catalog names that lake in an
+`internal._lake` view, so a reader needs nothing but the catalog's path (and the storage credentials in
+its environment) — see `attach_lake`.
 """
 
 import errno
@@ -24,6 +25,7 @@ import polars as pl
 from filelock import FileLock
 
 from indexer_dagster.config import IndexerConfig
+from indexer_dagster.parse.abi import EventSpec
 from indexer_dagster.persist import datasets as ds
 from indexer_dagster.persist.duck_lock import lock_message
 from indexer_dagster.persist.files import is_remote
@@ -54,6 +56,11 @@ def quote_name(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+def _qualified(name: str) -> str:
+    """A view name, `schema.name` or `name`, quoted part by part (no view name of the lake has a dot)."""
+    return ".".join(quote_name(part) for part in name.split("."))
+
+
 def _source(globs: list[str], schema: dict[str, pl.DataType]) -> str:
     """A SELECT of the Parquet files matching `globs` (each must match a file), or an empty typed SELECT
     when there are none."""
@@ -62,6 +69,20 @@ def _source(globs: list[str], schema: dict[str, pl.DataType]) -> str:
         return f"SELECT {cols} FROM {_read(globs)}"
     cols = ", ".join(f"CAST(NULL AS {duck_type(t)}) AS {quote_name(c)}" for c, t in schema.items())
     return f"SELECT {cols} WHERE false"
+
+
+INTERNAL_SCHEMA = "internal"
+
+
+def internal(name: str) -> str:
+    """The qualified name of a view kept out of the analyst's namespace (`show tables` lists `main` only)."""
+    return f"{INTERNAL_SCHEMA}.{name}"
+
+
+RANGE_BLOCKS = internal("_range_blocks")
+LIVE_BLOCKS = internal("_live_blocks")
+RANGE_BLOCK_NUMBERS = internal("_range_block_numbers")
+CONTRACT_ADDRESSES = internal("_contract_addresses")
 
 
 def view_statements(cfg: IndexerConfig) -> dict[str, str]:
@@ -96,19 +117,19 @@ def view_statements(cfg: IndexerConfig) -> dict[str, str]:
         ensure_failed_checks(lake)
     views["chain_heads"] = meta(ds.HEAD, ds.HEAD_SCHEMA)
     views["failed_checks"] = meta(ds.FAILED_CHECKS, ds.FAILED_CHECKS_SCHEMA)
-    views["_range_blocks"] = src(ds.BLOCKS, ds.BLOCK_SCHEMA)
-    views["_live_blocks"] = src(ds.live(ds.BLOCKS), ds.BLOCK_SCHEMA)
+    views[RANGE_BLOCKS] = src(ds.BLOCKS, ds.BLOCK_SCHEMA)
+    views[LIVE_BLOCKS] = src(ds.live(ds.BLOCKS), ds.BLOCK_SCHEMA)
     # Block numbers that range files hold, above the lowest live block (DuckDB prunes by file statistics).
-    views["_range_block_numbers"] = (
-        "SELECT chain_id, number FROM _range_blocks "
-        "WHERE number >= (SELECT coalesce(min(number), 0) FROM _live_blocks)"
+    views[RANGE_BLOCK_NUMBERS] = (
+        f"SELECT chain_id, number FROM {RANGE_BLOCKS} "
+        f"WHERE number >= (SELECT coalesce(min(number), 0) FROM {LIVE_BLOCKS})"
     )
 
     def merged(dataset: str, schema: dict, number_col: str) -> str:
         live = src(ds.live(dataset), schema)
         return (
             f"SELECT * FROM ({src(dataset, schema)}) UNION ALL "
-            f"SELECT * FROM ({live}) l WHERE NOT EXISTS (SELECT 1 FROM _range_block_numbers r "
+            f"SELECT * FROM ({live}) l WHERE NOT EXISTS (SELECT 1 FROM {RANGE_BLOCK_NUMBERS} r "
             f"WHERE r.chain_id = l.chain_id AND r.number = l.{number_col})"
         )
 
@@ -125,7 +146,8 @@ def view_statements(cfg: IndexerConfig) -> dict[str, str]:
     # One view per table across all chains of the config (their files sit under data_dir/<chain>/).
     specs = {spec.table: spec for c in cfg.chains for _, spec in c.all_specs()}
     tables += [(ds.events(table), ds.Schema(spec.schema()), "block_number") for table, spec in specs.items()]
-    views["_contract_addresses"] = _contract_addresses(cfg, src)
+    numbers = {ds.events(table): number_columns(spec) for table, spec in specs.items()}
+    views[CONTRACT_ADDRESSES] = _contract_addresses(cfg, src)
     contracts_of: dict[str, set[str]] = {}
     for c in cfg.chains:
         for contract, spec in c.all_specs():
@@ -137,10 +159,12 @@ def view_statements(cfg: IndexerConfig) -> dict[str, str]:
             # Only the configured contracts: one removed from the config is hidden, its files kept.
             only = contracts_of.get(dataset)
             which = f" AND c.contract IN ({', '.join(repr(n) for n in sorted(only))})" if only else ""
-            sql = (f"SELECT m.* FROM ({sql}) m WHERE EXISTS (SELECT 1 FROM _contract_addresses c "
+            sql = (f"SELECT m.* FROM ({sql}) m WHERE EXISTS (SELECT 1 FROM {CONTRACT_ADDRESSES} c "
                    f"WHERE c.chain_id = m.chain_id AND c.address = m.address{which})")
-        views[name] = with_status(sql, number_col)
-        views[f"orphaned_{name}"] = src(ds.orphaned(dataset), {**schema, **ds.ORPHAN_COLUMNS})
+        big = numbers.get(dataset, [])
+        views[name] = _renamed(with_status(_with_numbers(sql, schema, big), number_col), dataset)
+        orphans = {**schema, **ds.ORPHAN_COLUMNS}
+        views[f"orphaned_{name}"] = _renamed(_with_numbers(src(ds.orphaned(dataset), orphans), orphans, big), dataset)
     views["reorgs"] = meta(ds.REORGS, ds.REORGS_SCHEMA)
     # Derived DEX tables (one file per chain and table): a view once the first build wrote them.
     for table, col in ds.DEX_TABLES.items():
@@ -150,6 +174,41 @@ def view_statements(cfg: IndexerConfig) -> dict[str, str]:
         sql = f"SELECT * FROM {_read(files)}"
         views[table] = with_status(sql, col) if col else sql
     return views
+
+
+# Columns a view names differently from its files: one name for one thing across the views (`blocks`
+# says `block_timestamp` like every other view), without rewriting every range file ever written.
+VIEW_RENAMES: dict[str, dict[str, str]] = {ds.BLOCKS: {"timestamp": "block_timestamp"}}
+
+
+def _renamed(sql: str, dataset: str) -> str:
+    """`sql` with the dataset's file columns renamed as its view shows them (`VIEW_RENAMES`)."""
+    renames = VIEW_RENAMES.get(dataset)
+    if not renames:
+        return sql
+    pairs = ", ".join(f"{quote_name(old)} AS {quote_name(new)}" for old, new in renames.items())
+    return f"SELECT * RENAME ({pairs}) FROM ({sql})"
+
+
+def number_columns(spec: EventSpec) -> list[str]:
+    """The big-integer columns (uint/int wider than 64 bits, stored as exact text) that the view also shows
+    as `<column>_num DECIMAL(38,0)`, a number DuckDB sums exactly (NULL when |value| >= 10^38); not when an
+    argument of the event already has that name."""
+    schema = spec.schema()
+    return [p.column for p in spec.inputs if p.is_big_int and f"{p.column}_num" not in schema]
+
+
+def _with_numbers(sql: str, schema: ds.Schema, big: list[str]) -> str:
+    """`sql` with `<column>_num` after each big integer's `<column>_f64` (see `number_columns`)."""
+    if not big:
+        return sql
+    cols = []
+    for c in schema:
+        cols.append(quote_name(c))
+        base = c.removesuffix("_f64")
+        if c.endswith("_f64") and base in big:
+            cols.append(f"TRY_CAST({quote_name(base)} AS DECIMAL(38,0)) AS {quote_name(base + '_num')}")
+    return f"SELECT {', '.join(cols)} FROM ({sql})"
 
 
 def _contract_addresses(cfg: IndexerConfig, src) -> str:
@@ -173,7 +232,7 @@ def _contract_addresses(cfg: IndexerConfig, src) -> str:
 _FILE_SET_ATTEMPTS = 5  # rebuilds when files vanish under the glob while views bind
 
 
-LAKE_VIEW = "_lake"
+LAKE_VIEW = internal("_lake")
 LISTING_TTL_S = 2.0
 
 
@@ -186,7 +245,7 @@ def _read(paths: list[str]) -> str:
 
 
 def attach_lake(con: duckdb.DuckDBPyConnection) -> None:
-    """Register the filesystem of a remote lake (named in the catalog's `_lake` view) on `con`, so its
+    """Register the filesystem of a remote lake (named in the catalog's `internal._lake` view) on `con`, so its
     views can read their files; nothing to do for a lake on the local disk."""
     try:
         url, options = _lake_of(con)
@@ -262,11 +321,20 @@ def register_lake_filesystem(con: duckdb.DuckDBPyConnection, url: str, options: 
     con.execute("SET enable_external_file_cache = false")
 
 
-VERSION_VIEW = "_catalog_version"
+VERSION_VIEW = internal("_catalog_version")
+
+# Macros every catalog holds, for SQL users (name -> parameters and body). Hex in the views is lower-case,
+# so an address copied checksummed from an explorer or a config would match nothing: `addr('0xAbC…')`
+# lower-cases it, and stops the query on a malformed address instead of returning no rows.
+MACROS = {
+    "addr": "(address) AS CASE WHEN address IS NULL THEN NULL "
+            "WHEN regexp_full_match(trim(address), '0x[0-9a-fA-F]{40}') THEN lower(trim(address)) "
+            "ELSE error('addr(): ' || address || ' is not a 0x-prefixed 20-byte hex address') END",
+}
 
 
 def _fingerprint(statements: dict[str, str]) -> str:
-    return hashlib.sha256(json.dumps(statements, sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(json.dumps([statements, MACROS], sort_keys=True).encode()).hexdigest()
 
 
 def _current_fingerprint(target: Path) -> str | None:
@@ -318,16 +386,20 @@ def build_catalog(cfg: IndexerConfig) -> Path:
 
 
 def write_views(target: Path, views: dict[str, str], register=None) -> Path:
-    """A DuckDB file holding `views` (name -> SELECT), built under a temporary name and renamed over
-    `target`: readers see the old catalog or the new one. `register(con)` runs first (a filesystem)."""
+    """A DuckDB file holding `views` (name or schema.name -> SELECT) and the `MACROS`, built under a temporary name and
+    renamed over `target`: readers see the old catalog or the new one. `register(con)` runs first (a filesystem)."""
     tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         con = duckdb.connect(str(tmp))
         try:
             if register is not None:
                 register(con)
+            for schema in sorted({name.split(".")[0] for name in views if "." in name}):
+                con.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_name(schema)}")
             for name, sql in views.items():
-                con.execute(f"CREATE OR REPLACE VIEW {quote_name(name)} AS {sql}")
+                con.execute(f"CREATE OR REPLACE VIEW {_qualified(name)} AS {sql}")
+            for name, body in MACROS.items():
+                con.execute(f"CREATE OR REPLACE MACRO {quote_name(name)}{body}")
             con.execute("CHECKPOINT")
         finally:
             con.close()

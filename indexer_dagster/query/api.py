@@ -134,7 +134,7 @@ class CatalogReader:
             return self._run(con, query, params)
 
     def views(self) -> list[str]:
-        """Names of the views a query can use (internal ones, starting with ``_``, left out), sorted."""
+        """Names of the analyst's views (schema ``main``; the ``internal`` schema and ``_`` names left out), sorted."""
         with self._lock:
             return sorted(self._view_columns(self._connection()))
 

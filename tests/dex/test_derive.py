@@ -403,6 +403,26 @@ def test_pool_reserves_and_state(pools_df):
     assert got[P1]["price"] == pytest.approx(999 / 2_003_000, rel=1e-12)
 
 
+def test_every_pool_table_names_its_pair(pools_df, swaps_df):
+    """symbol0, symbol1 and a `pair` label (token0/token1) sit beside token1 wherever a pool appears; an
+    unknown symbol shows as a short address."""
+    reserves = dex.pool_reserves(frame(SYNC_ROWS, SYNC_SCHEMA), pools_df, TOKENS)
+    liquidity = dex.liquidity_events(frame(MINT_ROWS, MINT_SCHEMA), frame(BURN_ROWS, BURN_SCHEMA), pools_df, TOKENS)
+    tables = {
+        "pools": dex.label_pools(pools_df, TOKENS), "swaps": swaps_df, "pool_reserves": reserves,
+        "pool_state": dex.pool_state(reserves), "liquidity_events": liquidity,
+        "pool_volume": dex.pool_volume(swaps_df, "1h"), "pool_candles": dex.pool_candles(swaps_df, "1m"),
+    }
+    expected = {P1: ("AAA", "BBB", "AAA/BBB"), P2: ("CCC", "AAA", "CCC/AAA"), P3: ("AAA", None, "AAA/0x3d3d…3d3d")}
+    for name, table in tables.items():
+        at = table.columns.index("token1")
+        assert table.columns[at + 1: at + 4] == ["symbol0", "symbol1", "pair"], name
+        labels = {p: (s0, s1, pair) for p, s0, s1, pair in table.select("pool", "symbol0", "symbol1", "pair").iter_rows()}
+        assert labels == {p: e for p, e in expected.items() if p in labels} and labels, name
+    assert set(tables["pools"]["pool"]) == set(expected)
+    assert dex.label_pools(pools_df, TOKENS).drop("symbol0", "symbol1", "pair").equals(pools_df)
+
+
 # --------------------------------------------------------------------------------------------
 # liquidity
 

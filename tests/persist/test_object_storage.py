@@ -139,7 +139,7 @@ def test_a_query_right_after_a_file_is_added_replaced_or_removed_reads_the_new_f
     import duckdb
 
     import indexer_dagster
-    from indexer_dagster.persist.catalog import LAKE_VIEW, register_lake_filesystem
+    from indexer_dagster.persist.catalog import INTERNAL_SCHEMA, LAKE_VIEW, register_lake_filesystem
 
     lake = s3_lake(tmp_path)
     lake.write("logs", "a", pl.DataFrame({"x": list(range(10))}))
@@ -148,6 +148,7 @@ def test_a_query_right_after_a_file_is_added_replaced_or_removed_reads_the_new_f
     con = duckdb.connect(str(catalog))
     url = f"s3://{BUCKET}/lake"
     register_lake_filesystem(con, url, {})
+    con.execute(f"CREATE SCHEMA {INTERNAL_SCHEMA}")
     con.execute(f"CREATE VIEW {LAKE_VIEW} AS SELECT '{url}' AS url, '{{}}' AS options")
     con.execute(f"CREATE VIEW logs AS SELECT * FROM read_parquet(['{lake.glob('logs')}'])")
     con.close()

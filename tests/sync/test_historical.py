@@ -68,7 +68,7 @@ def test_backfill_matches_the_node(devnet, make_config, dagster_home):
     assert (got["chain_id"] == 31337).all()
 
     # Every block 0..head, with the node's hashes, parent hashes and timestamps.
-    blocks = view(cfg, "select number, hash, parent_hash, epoch(timestamp)::BIGINT as ts, status from blocks order by number")
+    blocks = view(cfg, "select number, hash, parent_hash, epoch(block_timestamp)::BIGINT as ts, status from blocks order by number")
     assert blocks["number"].to_list() == list(range(0, head + 1))
     for n in (0, head // 2, head):
         b = rpc(node.url, "eth_getBlockByNumber", [hex(n), False])
@@ -76,7 +76,7 @@ def test_backfill_matches_the_node(devnet, make_config, dagster_home):
         assert (row["hash"], row["parent_hash"], row["ts"]) == (b["hash"], b["parentHash"], int(b["timestamp"], 16))
     # Log timestamps are their block's.
     mism = view(cfg, "select count(*) as n from logs l join blocks b on b.number = l.block_number "
-                     "where b.timestamp <> l.block_timestamp or b.hash <> l.block_hash")
+                     "where b.block_timestamp <> l.block_timestamp or b.hash <> l.block_hash")
     assert mism["n"][0] == 0
 
     # Finality: the last `confirmations` blocks are unconfirmed, the rest confirmed.
@@ -123,6 +123,7 @@ def test_decoded_views_match_an_independent_decode(devnet, make_config, dagster_
                    "amount1Out": "amount1_out"}[arg]
             assert int(row[col]) == exp[arg]  # exact, as text
             assert row[col + "_f64"] == pytest.approx(float(exp[arg]))
+            assert row[col + "_num"] == exp[arg]  # exact, as DECIMAL(38,0) in the view
 
     syncs = view(cfg, "select reserve0, reserve1 from uniswap_v2_pair_sync order by block_number, log_index")
     ref = _independent_decode(cfg.resolve(pair.abi), "Sync", raw.filter(pl.col("topic0") == topics["Sync"]))

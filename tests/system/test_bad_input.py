@@ -563,8 +563,9 @@ class Indexed:
         return files
 
     def views(self) -> dict:
-        names = run_query(self.catalog, "select view_name from duckdb_views() where not internal order by 1")
-        out = {n: run_query(self.catalog, f'select count(*) n from "{n}"')["n"][0] for n in names["view_name"]}
+        names = run_query(self.catalog, "select if(schema_name = 'main', '', schema_name || '.') || view_name v "
+                                        "from duckdb_views() where not internal order by 1")["v"]
+        out = {n: run_query(self.catalog, f"select count(*) n from {n}")["n"][0] for n in names}
         out["logs rows"] = run_query(self.catalog, "select * from logs order by block_number, log_index")
         return out
 
