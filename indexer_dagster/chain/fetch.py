@@ -19,7 +19,7 @@ import polars as pl
 from indexer_dagster.chain.errors import RpcError, RpcErrorInfo, RpcErrorKind
 from indexer_dagster.chain.rpc import RpcClient
 from indexer_dagster.chain.spans import RangeSizer
-from indexer_dagster.chain.verify import LogVerifier, agree, parse_bloom, reconcile
+from indexer_dagster.chain.verify import LogVerifier, Query, agree, parse_bloom, reconcile
 from indexer_dagster.persist.datasets import BLOCK_SCHEMA, LOG_SCHEMA
 
 MAX_ADDRESSES_PER_REQUEST = 500
@@ -190,7 +190,26 @@ class RangeFetcher:
         hashes = dict(zip(blocks["number"].to_list(), blocks["hash"].to_list(), strict=True))
         blooms = {n: parse_bloom(b) for n, b in zip(blocks["number"].to_list(), blocks["logs_bloom"].to_list(), strict=True)}
         return await reconcile(self.verifier, blooms, logs, lambda n: self.logs_by_hash(hashes[n]), stats,
-                               refetch_all=again)
+                               refetch_all=again, refetch_matching=lambda qs: self.matching_logs(qs, hashes))
+
+    async def matching_logs(self, queries: list[Query], hashes: Mapping[int, str]) -> list[pl.DataFrame]:
+        """For each (block, addresses, topic0s or None): those addresses' logs with those topic0s in that
+        block, by its hash (EIP-234), all in one JSON-RPC batch: the narrow questions of the bloom check."""
+        params = [[{"blockHash": hashes[n], "address": addresses, **({"topics": [topics]} if topics else {})}]
+                  for n, addresses, topics in queries]
+        try:
+            results = await self.rpc.batch("eth_getLogs", params)
+        except RpcError as e:
+            if _unknown_block(e.info):
+                raise ForkChanged(f"a block is not on the node's chain (any more): {e.info.message}") from None
+            raise
+        out = []
+        for (n, _a, _t), result in zip(queries, results, strict=True):
+            frame = parse_logs_body(orjson.dumps({"result": result or []}), self.chain_id)
+            if frame.height and not (frame["block_hash"] == hashes[n]).all():
+                raise ForkChanged("the node answered logs of another block")
+            out.append(frame)
+        return out
 
     async def logs(self, from_block: int, to_block: int) -> pl.DataFrame:
         """Logs of all addresses in [from_block, to_block], splitting the range when the node says it is too big."""

@@ -182,6 +182,11 @@ def _same(a: pl.DataFrame, b: pl.DataFrame) -> bool:
 
 
 RefetchBlock = Callable[[int], Awaitable[pl.DataFrame]]
+# Per block: (number, addresses, topic0s or None for any) -> the logs of those addresses with those topic0s
+# in each block, by block hash: what a suspect block's missing pairs ask the node, in one batch.
+Query = tuple[int, list[str], list[str] | None]
+RefetchMatching = Callable[[list[Query]], Awaitable[list[pl.DataFrame]]]
+MATCHING_ANSWERS = 2  # each suspect's question is asked twice: one answer may drop the very log
 
 
 async def reconcile(
@@ -192,14 +197,20 @@ async def reconcile(
     stats: Counter,
     attempts: int = REFETCH_ATTEMPTS,
     refetch_all: Callable[[], Awaitable[pl.DataFrame]] | None = None,
+    refetch_matching: RefetchMatching | None = None,
 ) -> pl.DataFrame:
     """`logs` with every suspect block's logs replaced by a consistent refetch; raises `MissingLogs`.
 
-    With more than `BLOCK_REFETCH_LIMIT` suspects, `refetch_all()` first fetches the whole chunk once
-    more: suspect blocks whose two answers are identical (and inside the bloom) are accepted as blooms
-    the check cannot settle (busy blocks: another contract's Transfer sets the same topic bits), and only
-    the blocks whose answers differ are refetched by hash. That bounds the check's cost on a busy chain
-    to one extra request per chunk instead of several per block."""
+    With `refetch_matching`, suspect blocks (those without foreign logs) are first settled by asking the
+    node, in one batch per answer, only for the logs the bloom suggests are missing: those of the
+    suspect addresses with the suspect topic0s, in that block. A busy chain, where another contract's
+    event sets a watched topic's bits in most blocks (ERC-20 Transfer), then costs a few small answers
+    per chunk (usually empty), not the chunk again. Asked twice: a log either answer has that the first
+    fetch lacked is recovered; when neither has one, the bloom is a false positive.
+
+    Otherwise, with more than `BLOCK_REFETCH_LIMIT` suspects, `refetch_all()` fetches the whole chunk once
+    more: suspect blocks whose two answers are identical (and inside the bloom) are accepted, and only
+    the blocks whose answers differ are refetched by hash."""
     found = verifier.suspects(blooms, logs)
     checked = sum(1 for b in blooms.values() if b)
     stats["verify:blocks_checked"] += checked
@@ -208,7 +219,11 @@ async def reconcile(
     if not found:
         return logs
     stats["verify:suspect_blocks"] += len(found)
-    if refetch_all is not None and len(found) > BLOCK_REFETCH_LIMIT:
+    if refetch_matching is not None:
+        logs = await _settle_by_matching(verifier, blooms, logs, found, refetch_matching, stats)
+        if not found:
+            return logs.sort("block_number", "log_index")
+    elif refetch_all is not None and len(found) > BLOCK_REFETCH_LIMIT:
         second = await refetch_all()
         stats["verify:chunk_refetches"] += 1
         for n in sorted(found):
@@ -235,6 +250,44 @@ async def reconcile(
     )
     kept = logs.filter(~pl.col("block_number").is_in(list(found)))
     return pl.concat([kept, *settled], how="vertical").sort("block_number", "log_index")
+
+
+async def _settle_by_matching(
+    verifier: LogVerifier, blooms: Mapping[int, int | None], logs: pl.DataFrame, found: dict[int, Suspect],
+    refetch_matching: RefetchMatching, stats: Counter,
+) -> pl.DataFrame:
+    """Settle the suspects of `found` without foreign logs by the narrow questions (see `reconcile`);
+    settled blocks leave `found`, the rest stay for the refetch by hash. Returns `logs`, recovered."""
+    blocks = sorted(n for n, s in found.items() if not s.outside)
+    if not blocks:
+        return logs
+    queries: list[Query] = []
+    for n in blocks:
+        missing = found[n].missing
+        addresses = sorted({a for a, _t in missing})
+        any_topic = any(t is None for _a, t in missing)
+        queries.append((n, addresses, None if any_topic else sorted({t for _a, t in missing if t})))
+    answers = [await refetch_matching(queries) for _ in range(MATCHING_ANSWERS)]
+    stats["verify:matching_refetches"] += len(queries) * MATCHING_ANSWERS
+    for i, (n, _addresses, _topics) in enumerate(queries):
+        mine = logs.filter(pl.col("block_number") == n)
+        known = set(mine["log_index"].to_list())
+        extra = [a[i].filter(~pl.col("log_index").is_in(list(known))) for a in answers]
+        new = pl.concat(extra, how="vertical").unique("log_index", keep="first") if any(e.height for e in extra) \
+            else None
+        if new is None:
+            # Neither answer has a log of the suspect pairs that the fetch lacked: a bloom false positive
+            # (another contract's logs set those bits).
+            stats["verify:bloom_unsettled"] += len(found.pop(n).missing)
+            continue
+        merged = pl.concat([mine, new.select(mine.columns)], how="vertical").sort("log_index")
+        bad = verifier.suspects({n: blooms[n]}, merged).get(n)
+        if bad is not None and bad.outside:
+            continue  # an answer carries a log the bloom does not hold: the block is refetched by hash
+        stats["verify:logs_recovered"] += new.height
+        logs = pl.concat([logs.filter(pl.col("block_number") != n), merged], how="vertical")
+        found.pop(n)
+    return logs
 
 
 async def _settle(

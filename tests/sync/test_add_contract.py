@@ -11,6 +11,7 @@ import hashlib
 import json
 import threading
 import urllib.request
+from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -40,6 +41,7 @@ class CountingProxy:
 
     def __init__(self, upstream: str) -> None:
         calls = self.calls = []
+        body_bytes = self.body_bytes = Counter()  # response bytes per method (a batch counts as its first call's)
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):  # noqa: N802
@@ -50,6 +52,8 @@ class CountingProxy:
                 req = urllib.request.Request(upstream, data=body, headers={"Content-Type": "application/json"})
                 with urllib.request.urlopen(req, timeout=60) as resp:
                     out = resp.read()
+                first = doc[0] if isinstance(doc, list) and doc else doc
+                body_bytes[first.get("method") if isinstance(first, dict) else None] += len(out)
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(out)))
