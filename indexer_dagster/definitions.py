@@ -11,8 +11,9 @@ from indexer_dagster.config import IndexerConfig, load_config
 from indexer_dagster.dex.assets import build_dex_assets
 from indexer_dagster.dex.build import enabled as dex_enabled
 from indexer_dagster.health.logs import configure_logging
+from indexer_dagster.jobs.dex_follow import build_dex_follow_job
 from indexer_dagster.jobs.live import build_live_jobs
-from indexer_dagster.jobs.names import dex_job_name, historical_job_name
+from indexer_dagster.jobs.names import dex_follow_job_name, dex_job_name, historical_job_name
 from indexer_dagster.resources import default_resources
 from indexer_dagster.sensors.alerts import build_alert_sensors
 from indexer_dagster.sensors.chain_head import build_chain_head_sensor
@@ -44,15 +45,17 @@ def _chain_definitions(cfg: IndexerConfig) -> tuple[list, list, list]:
     if dex_enabled(cfg):
         dex_assets = build_dex_assets(cfg)
         assets = [*assets, *dex_assets]
+        live_jobs.append(build_dex_follow_job(cfg))
         live_jobs.append(dg.define_asset_job(
             dex_job_name(cfg.chain.name), selection=dg.AssetSelection.assets(*dex_assets),
             executor_def=dg.in_process_executor, tags={"indexer/singleton": f"dex-{cfg.chain.name}"},
-            description="Recompute the DEX tables from the canonical events.",
+            description="Recompute the DEX tables from the canonical events (by hand; live, the DEX run keeps them).",
         ))
     assert parts.name is not None  # block_ranges names its partitions
     sensor = build_chain_head_sensor(
         cfg, [historical, *live_jobs], historical_job_name(cfg.chain.name), parts.name,
         dex_job_name(cfg.chain.name) if dex_enabled(cfg) else None,
+        dex_follow_job_name(cfg.chain.name) if dex_enabled(cfg) else None,
     )
     return assets, [historical, *live_jobs], [sensor, build_freshness_sensor(cfg)]
 

@@ -9,6 +9,7 @@ SINGLETON_TAG = "indexer/singleton"  # dagster.yaml limits each value to one run
 REORG_ID_TAG = "indexer/reorg_id"
 LIVE_ROLE = "live"
 REORG_ROLE = "reorg"
+DEX_ROLE = "dex"
 
 
 def historical_job_name(chain: str) -> str:
@@ -25,3 +26,7 @@ def reorg_job_name(chain: str) -> str:
 
 def dex_job_name(chain: str) -> str:
     return f"{chain}_dex"
+
+
+def dex_follow_job_name(chain: str) -> str:
+    return f"{chain}_dex_follow"

@@ -9,6 +9,7 @@ from indexer_dagster.config import IndexerConfig
 from indexer_dagster.jobs.live import IN_PROGRESS, ReorgConfig
 from indexer_dagster.jobs.names import (
     CHAIN_TAG,
+    DEX_ROLE,
     LIVE_ROLE,
     REORG_ID_TAG,
     REORG_ROLE,
@@ -55,6 +56,9 @@ def fail_dead_runs(
     reorg_runs = _runs(instance, chain, REORG_ROLE, IN_PROGRESS)
     _fail_dead(instance, [r for r in reorg_runs if not run_alive(store, r)],
                "the reorg run's process is gone (no lease held)", grace_s)
+    dex_follow_runs = _runs(instance, chain, DEX_ROLE, IN_PROGRESS)
+    _fail_dead(instance, [r for r in dex_follow_runs if not run_alive(store, r)],
+               "the DEX run's process is gone (no lease held)", grace_s)
     if dex_job and not lease_held(store, dex_lease(chain)):
         dex_runs = instance.get_runs(dg.RunsFilter(job_name=dex_job, statuses=IN_PROGRESS), limit=10)
         _fail_dead(instance, dex_runs, "the DEX run's process is gone (no lease held)", grace_s)
@@ -75,7 +79,8 @@ def _fail_dead(instance: dg.DagsterInstance, runs, why: str, grace_s: float = 15
 
 
 def build_chain_head_sensor(
-    cfg: IndexerConfig, jobs: list, historical_job: str, partitions_name: str, dex_job: str | None = None
+    cfg: IndexerConfig, jobs: list, historical_job: str, partitions_name: str, dex_job: str | None = None,
+    dex_follow_job: str | None = None,
 ):
     chain = cfg.chain.name
 
@@ -104,7 +109,6 @@ def build_chain_head_sensor(
             active = store.active_reorg(chain)
             anchor = store.get_cursor(chain, ANCHOR)
             tip = store.tip(chain)
-            epoch = store.reorg_epoch(chain)
             halt = store.halted(chain)
             fail_dead_runs(instance, store, chain, historical_job, dex_job)
             live_runs = _runs(instance, chain, LIVE_ROLE, IN_PROGRESS)
@@ -148,11 +152,12 @@ def build_chain_head_sensor(
             ))
         if p.launch_live:
             requests.append(dg.RunRequest(job_name=live_job_name(chain), run_key=f"live-{time.time_ns()}"))
-        if dex_job and active is None and halt is None and tip is not None and not instance.get_runs(
-            dg.RunsFilter(job_name=dex_job, statuses=IN_PROGRESS), limit=1
+        if dex_follow_job and active is None and halt is None and tip is not None and not instance.get_runs(
+            dg.RunsFilter(job_name=dex_follow_job, statuses=IN_PROGRESS), limit=1
         ):
-            # Derived tables follow the canonical events: rebuilt when the tip moved or a reorg was repaired.
-            requests.append(dg.RunRequest(job_name=dex_job, run_key=f"dex-{tip.number}-{tip.hash[:10]}-{epoch}"))
+            # Derived tables follow the canonical events: one long-running DEX run rebuilds them when the tip
+            # moves or a reorg was repaired (not a run per block).
+            requests.append(dg.RunRequest(job_name=dex_follow_job, run_key=f"dex-follow-{time.time_ns()}"))
         for key in p.range_runs:
             # No run key: a range that failed is asked for again (one run per range at a time).
             requests.append(dg.RunRequest(job_name=historical_job, partition_key=key))

@@ -141,3 +141,40 @@ def test_the_follower_repairs_a_reorg_at_once_in_a_reorg_run(chain, monkeypatch)
         assert done.common_ancestor == reorged["expected"]["ancestor"]
     assert store.active_reorg(cfg.chain.name) is None
     assert_views_equal_node(cfg, node)
+
+
+def test_one_long_running_dex_run_keeps_the_dex_tables_at_the_tip(chain, monkeypatch):
+    """Issue 14: the sensor launched a DEX run for every new tip (57 runs in 10 minutes of the demo). One
+    long-running DEX run now rebuilds the tables whenever the indexed tip moves, and materializes the DEX
+    assets with the tip they are at; the pools equal getReserves() at the end."""
+    from indexer_dagster.jobs.names import dex_follow_job_name
+    from tests.dex.test_build import check_against_chain
+
+    node, dep, cfg = chain
+    monkeypatch.setenv("INDEXER_CONFIG", str(cfg_path(cfg)))
+    store = indexed_live(cfg, node, dep, blocks=2, txs_per_block=4, seed=95)
+    job = build_definitions(cfg).resolve_job_def(dex_follow_job_name(cfg.chain.name))
+
+    def chain_moves():  # the follower's work, while the DEX run runs
+        for seed in (96, 97):
+            time.sleep(1.0)
+            generate_traffic(node.url, dep, blocks=2, txs_per_block=4, seed=seed)
+            follow_until_synced(cfg, store)
+
+    with dg.instance_for_test() as instance:
+        mover = threading.Thread(target=chain_moves)
+        mover.start()
+        result = job.execute_in_process(instance=instance, run_config={"ops": {
+            f"{cfg.chain.name}_keep_dex_current": {"config": {"minutes": 0.1, "poll_seconds": 0.2,
+                                                              "report_seconds": 1.0}}}})
+        mover.join()
+        assert result.success
+        assert len(instance.get_runs()) == 1
+        tip = store.tip(cfg.chain.name)
+        mats = instance.fetch_materializations(dg.AssetKey([cfg.chain.name, "dex", "pool_state"]), limit=1).records
+        meta = {k: v.value for k, v in mats[0].asset_materialization.metadata.items()}
+        assert meta["tip"] == tip.number == node.block_number() and meta["tip_hash"] == tip.hash
+        assert meta["dagster/row_count"] == 6
+        lines = [e.user_message for e in instance.all_logs(result.run_id) if e.user_message]
+        assert any(f"DEX tables at tip {tip.number}" in m for m in lines)
+    check_against_chain(cfg, node)
