@@ -12,7 +12,7 @@ from indexer_dagster.dex.assets import build_dex_assets
 from indexer_dagster.dex.build import enabled as dex_enabled
 from indexer_dagster.health.logs import configure_logging
 from indexer_dagster.jobs.dex_follow import build_dex_follow_job
-from indexer_dagster.jobs.live import build_live_jobs
+from indexer_dagster.jobs.live import build_live_jobs, reorg_asset_specs
 from indexer_dagster.jobs.names import dex_follow_job_name, dex_job_name, historical_job_name
 from indexer_dagster.resources import default_resources
 from indexer_dagster.sensors.alerts import build_alert_sensors
@@ -57,6 +57,7 @@ def _chain_definitions(cfg: IndexerConfig) -> tuple[list, list, list]:
         dex_job_name(cfg.chain.name) if dex_enabled(cfg) else None,
         dex_follow_job_name(cfg.chain.name) if dex_enabled(cfg) else None,
     )
+    assets = [*assets, *reorg_asset_specs(cfg.chain.name)]
     return assets, [historical, *live_jobs], [sensor, build_freshness_sensor(cfg)]
 
 

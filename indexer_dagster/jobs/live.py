@@ -114,6 +114,32 @@ class ReorgConfig(dg.Config):
     reorg_id: int
 
 
+def reorg_asset_specs(chain: str) -> list[dg.AssetSpec]:
+    """The reorg ledger and the orphan archive as assets (group `reorgs`): where an operator looks, each
+    repaired reorg shows as a materialization with its fork point, depth and rows archived per dataset."""
+    return [
+        dg.AssetSpec([chain, "reorgs"], group_name="reorgs", kinds={"parquet"},
+                     description=f"The reorg ledger of {chain} (the `reorgs` view): one row per reorg with its "
+                                 "fork point, depth, phase and rows archived."),
+        dg.AssetSpec([chain, "orphaned"], group_name="reorgs", kinds={"parquet"},
+                     description=f"Rows reorgs of {chain} removed from the canonical views, kept with their reorg "
+                                 "id (the `orphaned_*` views)."),
+    ]
+
+
+def _reorg_materializations(chain: str, r, ledger_rows: int) -> list[dg.AssetMaterialization]:
+    about = {"reorg_id": r.id, "phase": r.phase.value, "common_ancestor": r.common_ancestor, "depth": r.depth,
+             "touched_confirmed": r.touched_confirmed}
+    return [
+        dg.AssetMaterialization(asset_key=dg.AssetKey([chain, "reorgs"]), description=f"reorg {r.id} {r.phase.value}",
+                                metadata={**about, "dagster/row_count": ledger_rows}),
+        dg.AssetMaterialization(
+            asset_key=dg.AssetKey([chain, "orphaned"]), description=f"rows archived by reorg {r.id}",
+            metadata={**about, "rows_archived": sum(r.rows_archived.values()),
+                      **{f"rows_archived/{ds}": n for ds, n in sorted(r.rows_archived.items())}}),
+    ]
+
+
 def build_live_jobs(cfg: IndexerConfig, historical_keys: list[dg.AssetKey]) -> list[dg.JobDefinition]:
     chain = cfg.chain.name
 
@@ -194,6 +220,8 @@ def build_live_jobs(cfg: IndexerConfig, historical_keys: list[dg.AssetKey]) -> l
                    f"{sum(r.rows_archived.values())} rows archived, ranges restored: {', '.join(restored) or 'none'}, "
                    f"{res.seconds:.2f} s")
         context.log.info(summary)
+        for event in _reorg_materializations(chain, r, len(store.list_reorgs(chain))):
+            context.log_event(event)
         context.add_output_metadata({
             "summary": summary, "reorg_id": r.id, "phase": r.phase.value, "common_ancestor": r.common_ancestor,
             "depth": r.depth, "old_head": r.old_head, "new_head": r.new_head, "touched_confirmed": r.touched_confirmed,

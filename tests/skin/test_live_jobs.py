@@ -62,6 +62,13 @@ def test_a_reorg_run_reports_each_phase_and_its_summary(chain, monkeypatch):
         assert meta["depth"] == 3 and meta["phase"] == "done"
         assert meta["rows_archived/logs"] > 0 and meta["rows_archived"] >= meta["rows_archived/logs"]
         assert {"seconds/rolling_back", "seconds/restoring"} <= set(meta)
+        # The ledger and the archive are assets: the repaired reorg shows where an operator looks.
+        [ledger] = instance.fetch_materializations(dg.AssetKey([cfg.chain.name, "reorgs"]), limit=1).records
+        ledger_meta = {k: v.value for k, v in ledger.asset_materialization.metadata.items()}
+        assert ledger_meta["reorg_id"] == r.id and ledger_meta["depth"] == 3 and ledger_meta["dagster/row_count"] == 1
+        [archive] = instance.fetch_materializations(dg.AssetKey([cfg.chain.name, "orphaned"]), limit=1).records
+        archive_meta = {k: v.value for k, v in archive.asset_materialization.metadata.items()}
+        assert archive_meta["rows_archived/logs"] == meta["rows_archived/logs"]
     assert_views_equal_node(cfg, node)
 
 
