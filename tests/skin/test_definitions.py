@@ -118,3 +118,23 @@ def test_a_range_run_stays_alive_for_the_sensor_while_it_builds_its_catalog(make
         instance.add_dynamic_partitions("devnet_block_ranges", ["000000000000-000000000024"])
         assert job.execute_in_process(instance=instance, partition_key="000000000000-000000000024").success
     assert seen == [True], "the sensor would fail this run while it builds its catalog"
+
+
+def test_each_dex_asset_depends_only_on_what_it_reads(make_config):
+    """Issue 15: the DEX assets used to hang off all five Uniswap tables (40 edges); each now has an edge
+    from exactly the decoded and DEX tables `dex.build.compute` reads for it."""
+    defs = build_definitions(cfg_of(make_config()))
+    graph = defs.resolve_asset_graph()
+    dex_keys = [k for k in graph.get_all_asset_keys() if k.path[:2] == ["devnet", "dex"]]
+    edges = {(p.to_user_string().removeprefix("devnet/"), k.path[-1]) for k in dex_keys for p in graph.get(k).parent_keys}
+    pair, factory = "uniswap_v2_pair", "uniswap_v2_factory"
+    assert edges == {
+        (f"{factory}_pair_created", "pools"), (f"{pair}_swap", "pools"), (f"{pair}_sync", "pools"),
+        ("dex/pools", "tokens"),
+        (f"{pair}_swap", "swaps"), ("dex/pools", "swaps"), ("dex/tokens", "swaps"),
+        (f"{pair}_sync", "pool_reserves"), ("dex/pools", "pool_reserves"), ("dex/tokens", "pool_reserves"),
+        ("dex/pool_reserves", "pool_state"),
+        (f"{pair}_mint", "liquidity_events"), (f"{pair}_burn", "liquidity_events"),
+        ("dex/pools", "liquidity_events"), ("dex/tokens", "liquidity_events"),
+        ("dex/swaps", "pool_volume"), ("dex/swaps", "pool_candles"),
+    }
