@@ -6,9 +6,10 @@ chain-head sensor requests it after the indexed tip moves or a reorg is repaired
 
 import dagster as dg
 
+from indexer_dagster.assets.table_metadata import ROW_COUNT, chain_label, table_metadata
 from indexer_dagster.config import IndexerConfig
 from indexer_dagster.dex.build import build_dex, inputs_of
-from indexer_dagster.persist.datasets import DEX_TABLES
+from indexer_dagster.persist.datasets import DEX, DEX_TABLES
 from indexer_dagster.resources import IndexerConfigResource, StateStoreResource
 from indexer_dagster.sync.realtime import dex_lease
 
@@ -28,7 +29,8 @@ def build_dex_assets(cfg: IndexerConfig) -> list:
     chain = cfg.chain.name
     specs = [
         dg.AssetSpec([chain, "dex", t], deps=_deps(cfg, t), group_name="dex", kinds={"parquet", "duckdb"},
-                     description=DESCRIPTIONS[t])
+                     description=f"{DESCRIPTIONS[t]} On {chain_label(cfg)}.",
+                     metadata=table_metadata(cfg, t, DEX, t))
         for t in DEX_TABLES
     ]
 
@@ -42,7 +44,7 @@ def build_dex_assets(cfg: IndexerConfig) -> list:
         preview = _markdown(res.top_pools)
         for spec in specs:
             table = spec.key.path[-1]
-            meta: dict[str, float | dg.MetadataValue] = {"rows": res.rows.get(table, 0), "seconds": round(res.seconds, 3)}
+            meta: dict[str, float | dg.MetadataValue] = {ROW_COUNT: res.rows.get(table, 0), "seconds": round(res.seconds, 3)}
             if table == "pool_state" and preview:
                 meta["top_pools"] = dg.MetadataValue.md(preview)
             yield dg.MaterializeResult(asset_key=spec.key, metadata=meta)
