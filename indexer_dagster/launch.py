@@ -170,14 +170,18 @@ def _worker_init(q, config_path: str, chain: str, dagster_home: str) -> None:
 
 
 def run_batch(first: str, last: str, instance: dg.DagsterInstance | None = None,
-              chain: str | None = None) -> BatchOutcome:
-    """Execute one run of the historical job over the ranges first..last (in this or a worker process)."""
+              chain: str | None = None, backfill_id: str | None = None) -> BatchOutcome:
+    """Execute one run of the historical job over the ranges first..last (in this or a worker process),
+    as a run of the Dagster backfill `backfill_id`; not started if that backfill was canceled in the UI."""
     from indexer_dagster.definitions import build_definitions
+    from indexer_dagster.jobs.backfills import BACKFILL_ID_TAG, is_stopped
     from indexer_dagster.jobs.names import historical_job_name
 
     cfg = load_config(os.environ[CONFIG_ENV_VAR], chain)
     job = build_definitions(cfg).resolve_job_def(historical_job_name(cfg.chain.name))
     with contextlib.nullcontext(instance) if instance else dg.DagsterInstance.get() as instance:
+        if backfill_id and is_stopped(instance, backfill_id):
+            return BatchOutcome(first, last, "", False, f"not run: backfill {backfill_id} was canceled in Dagster")
         result = job.execute_in_process(
             instance=instance,
             tags={
@@ -185,6 +189,7 @@ def run_batch(first: str, last: str, instance: dg.DagsterInstance | None = None,
                 ASSET_PARTITION_RANGE_END_TAG: last,
                 "indexer/role": "historical",
                 "indexer/launched_by": "cli",
+                **({BACKFILL_ID_TAG: backfill_id} if backfill_id else {}),
             },
             run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
             raise_on_error=False,
@@ -210,10 +215,47 @@ def run_backfill(
     workers: int,
     on_progress: Callable[[int, int], None],
     on_batch: Callable[[BatchOutcome], None],
+    on_backfill: Callable[[str], None] = lambda backfill_id: None,
 ) -> list[BatchOutcome]:
-    """Execute all `ranges` as Dagster runs with `workers` processes; returns one outcome per run."""
+    """Execute all `ranges` as Dagster runs with `workers` processes, recorded as one Dagster backfill
+    (`jobs.backfills`: the UI's Backfills tab lists it, its id goes to `on_backfill`); returns one outcome
+    per run."""
+    from indexer_dagster.jobs.backfills import close_abandoned
+
     ensure_rpc_pool(instance, cfg.chain.name)
+    close_abandoned(instance)  # a CLI backfill killed earlier would otherwise stay "in progress"
     batches = plan_batches(ranges)
+    keys_of = {b[0].key: [r.key for r in b] for b in batches}
+    backfill = start_cli_backfill(instance, cfg, [r.key for r in ranges])
+    on_backfill(backfill.backfill_id)
+    outcomes: list[BatchOutcome] = []
+
+    def ended(outcome: BatchOutcome) -> None:
+        backfill.record(keys_of[outcome.first], outcome.success)
+        outcomes.append(outcome)
+        on_batch(outcome)
+
+    try:
+        _run_batches(instance, cfg, config_path, batches, workers, backfill.backfill_id, on_progress, ended)
+    finally:
+        backfill.finish()
+    return outcomes
+
+
+def start_cli_backfill(instance: dg.DagsterInstance, cfg: IndexerConfig, range_keys: list[str]):
+    """The Dagster backfill record of a CLI backfill over `range_keys` of the chain's historical assets."""
+    from indexer_dagster.assets.ranges import historical_asset_keys
+    from indexer_dagster.definitions import build_definitions
+    from indexer_dagster.jobs.backfills import CliBackfill
+
+    graph = build_definitions(cfg).resolve_asset_graph()
+    title = f"indexer backfill {cfg.chain.name} {range_keys[0]}..{range_keys[-1]}"
+    return CliBackfill(instance, graph, historical_asset_keys(cfg), range_keys, title)
+
+
+def _run_batches(instance: dg.DagsterInstance, cfg: IndexerConfig, config_path: Path, batches: list[list[BlockRange]],
+                 workers: int, backfill_id: str, on_progress: Callable[[int, int], None],
+                 on_batch: Callable[[BatchOutcome], None]) -> None:
     if workers <= 1:
         # One worker: run in this process (no process start, no second import of Dagster).
         from indexer_dagster.sync.historical import set_progress_reporter
@@ -221,31 +263,26 @@ def run_backfill(
         os.environ[CONFIG_ENV_VAR] = str(config_path.resolve())
         set_progress_reporter(on_progress)
         try:
-            outcomes = [run_batch(b[0].key, b[-1].key, instance, cfg.chain.name) for b in batches]
+            for b in batches:
+                on_batch(run_batch(b[0].key, b[-1].key, instance, cfg.chain.name, backfill_id))
         finally:
             set_progress_reporter(None)
-        for o in outcomes:
-            on_batch(o)
-        return outcomes
+        return
     ctx = mp.get_context("spawn")
     q = ctx.Manager().Queue()
-    outcomes = []
     with ProcessPoolExecutor(
         max_workers=max(1, workers),
         mp_context=ctx,
         initializer=_worker_init,
         initargs=(q, str(config_path.resolve()), cfg.chain.name, os.environ["DAGSTER_HOME"]),
     ) as pool:
-        pending = {pool.submit(run_batch, b[0].key, b[-1].key) for b in batches}
+        pending = {pool.submit(run_batch, b[0].key, b[-1].key, None, None, backfill_id) for b in batches}
         while pending:
             done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
             _drain(q, on_progress)
             for f in done:
-                outcome = f.result()
-                outcomes.append(outcome)
-                on_batch(outcome)
+                on_batch(f.result())
         _drain(q, on_progress)
-    return outcomes
 
 
 def _drain(q, on_progress: Callable[[int, int], None]) -> None:

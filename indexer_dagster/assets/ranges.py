@@ -47,6 +47,11 @@ def raw_keys(chain: str) -> tuple[dg.AssetKey, dg.AssetKey]:
     return dg.AssetKey([chain, "blocks"]), dg.AssetKey([chain, "logs"])
 
 
+def historical_asset_keys(cfg: IndexerConfig) -> list[dg.AssetKey]:
+    """The chain's range-partitioned assets: blocks, logs and one decoded table per event."""
+    return [*raw_keys(cfg.chain.name), *[dg.AssetKey([cfg.chain.name, s.table]) for _, s in cfg.all_specs()]]
+
+
 def build_historical_assets(cfg: IndexerConfig, partitions_def: dg.PartitionsDefinition) -> list:
     chain = cfg.chain.name
     blocks_key, logs_key = raw_keys(chain)
