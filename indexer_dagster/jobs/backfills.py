@@ -26,7 +26,9 @@ from indexer_dagster.persist.lake import _alive  # is that process still running
 
 LAUNCHED_BY_TAG = "indexer/launched_by"
 PID_TAG = "indexer/cli_pid"
+PGID_TAG = "indexer/cli_pgid"  # the CLI's process group: its worker processes too
 HOST_TAG = "indexer/cli_host"
+UNFINISHED_RUNS = [dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED]
 STOPPED = (BulkActionStatus.CANCELING, BulkActionStatus.CANCELED)
 BACKFILL_DAEMON = "BACKFILL"  # the daemon type of dagster-daemon's backfill loop
 
@@ -44,7 +46,8 @@ class CliBackfill:
         backfill = PartitionBackfill.from_asset_partitions(
             backfill_id=self.backfill_id, asset_graph=asset_graph, partition_names=list(range_keys),
             asset_selection=list(asset_keys), backfill_timestamp=time.time(),
-            tags={LAUNCHED_BY_TAG: "cli", PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()},
+            tags={LAUNCHED_BY_TAG: "cli", PID_TAG: str(os.getpid()), PGID_TAG: str(os.getpgid(0)),
+                  HOST_TAG: socket.gethostname()},
             dynamic_partitions_store=instance, all_partitions=False, title=title,
             description=None,  # a re-execution from the UI copies it, and is not run by the CLI
             run_config=None,
@@ -119,7 +122,8 @@ def is_stopped(instance: dg.DagsterInstance, backfill_id: str) -> bool:
 
 def close_abandoned(instance: dg.DagsterInstance) -> list[str]:
     """Mark failed the CLI backfills still in progress whose `indexer backfill` process on this host is gone
-    (killed before it could record the outcome); returns their ids. Without a daemon nothing else would."""
+    (killed before it could record the outcome), and their runs left started once no process of that CLI's
+    process group is left to finish them; returns the backfills' ids. Without a daemon nothing else would."""
     host = socket.gethostname()
     closed = []
     for backfill in instance.get_backfills(filters=BulkActionsFilter(
@@ -136,7 +140,24 @@ def close_abandoned(instance: dg.DagsterInstance) -> list[str]:
         instance.update_backfill(backfill.with_status(BulkActionStatus.FAILED).with_error(error)
                                  .with_end_timestamp(time.time()))
         closed.append(backfill.backfill_id)
+        if not _group_alive(int(backfill.tags.get(PGID_TAG, "0"))):
+            for run in instance.get_runs(dg.RunsFilter(tags={BACKFILL_ID_TAG: backfill.backfill_id},
+                                                       statuses=UNFINISHED_RUNS)):
+                instance.report_run_failed(run, f"the process of indexer backfill (pid {pid}) that ran it is gone")
     return closed
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether any process of the group is left (unknown group: assumed alive, nothing is failed)."""
+    if pgid <= 0:
+        return True
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _backfill_daemon_running(instance: dg.DagsterInstance) -> bool:

@@ -107,8 +107,9 @@ def test_the_daemons_backfill_loop_follows_a_cli_backfill_and_launches_nothing(m
 
 
 def test_a_killed_cli_backfill_is_closed_by_the_next(make_config, dagster_home, monkeypatch):
-    """A CLI backfill whose process died (SIGKILL: it could not record an outcome) is marked failed by the
-    next `indexer backfill`, with a message saying what to do; a live one is left alone."""
+    """A CLI backfill whose process group died (SIGKILL: it could not record an outcome) is marked failed
+    by the next `indexer backfill`, with a message saying what to do, and so is the run it left started; a
+    live one is left alone."""
     path = make_config()
     monkeypatch.setenv("INDEXER_CONFIG", str(path))
     keys = [r.key for r in ranges_between(0, 24, 25)]
@@ -117,13 +118,17 @@ def test_a_killed_cli_backfill_is_closed_by_the_next(make_config, dagster_home, 
         "from indexer_dagster.config import load_config\n"
         "from indexer_dagster.launch import start_cli_backfill\n"
         f"instance = dg.DagsterInstance.get(); instance.add_dynamic_partitions('devnet_block_ranges', {keys!r})\n"
-        f"print(start_cli_backfill(instance, load_config({str(path)!r}), {keys!r}).backfill_id, flush=True)\n"
+        f"cfg = load_config({str(path)!r}); backfill = start_cli_backfill(instance, cfg, {keys!r})\n"
+        "from indexer_dagster.definitions import build_definitions\n"
+        "job = build_definitions(cfg).resolve_job_def('devnet_historical_sync')\n"
+        "run = instance.create_run_for_job(job, status=dg.DagsterRunStatus.STARTED, tags=backfill.run_tags)\n"
+        "print(backfill.backfill_id, run.run_id, flush=True)\n"
         "os.kill(os.getpid(), 9)\n"
     )
     proc = subprocess.run([sys.executable, "-c", script], env=cli_env(path, dagster_home),
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, start_new_session=True)
     assert proc.returncode == -9, proc.stderr
-    dead = proc.stdout.strip()
+    dead, run_id = proc.stdout.split()
     with dg.DagsterInstance.get() as instance:
         alive = start_cli_backfill(instance, cfg_of(path), keys)  # this process: alive
         # The UI's re-execution of the dead one copies its tags (pid included); the daemon runs it.
@@ -136,6 +141,8 @@ def test_a_killed_cli_backfill_is_closed_by_the_next(make_config, dagster_home, 
         closed = instance.get_backfill(dead)
         assert closed is not None and closed.status == BulkActionStatus.FAILED
         assert closed.error is not None and "indexer backfill" in closed.error.message
+        run = instance.get_run_by_id(run_id)
+        assert run is not None and run.status == dg.DagsterRunStatus.FAILURE
         kept = instance.get_backfill(alive.backfill_id)
         assert kept is not None and kept.status == BulkActionStatus.REQUESTED
 
