@@ -4,9 +4,9 @@
 and progress bar). Before its first run it adds a `PartitionBackfill` over its range keys and the chain's
 historical assets, built as the UI's launchpad builds one (`PartitionBackfill.from_asset_partitions`) but
 with every target partition already marked requested: a daemon that evaluates it only follows its runs
-and launches none. Every run is tagged `dagster/backfill=<id>`, so the backfill page lists the runs and
-the UI's "re-execute" of the backfill works as for one launched there. Without a daemon the CLI records
-each run's ranges as materialized or failed as the run ends; in any case it writes the outcome at the end.
+and launches none. Every run is tagged `dagster/backfill=<id>`, so the backfill page lists the runs; the
+UI's re-execute makes a new backfill of it, which the daemon runs. Without a daemon the CLI records each
+run's ranges as materialized or failed as the run ends; in any case it writes the outcome at the end.
 """
 
 import os
