@@ -179,7 +179,11 @@ def _backfill_chain(cfg, config_path: str | None, head: int, first: int, last: i
                 progress.console.print(f"[red]run {outcome.run_id} ({outcome.first}..{outcome.last}) failed: {outcome.error}")
 
         assert config_path is not None  # the config loaded: --config or $INDEXER_CONFIG (click's envvar) gave it
-        run_backfill(instance, cfg, Path(config_path), ranges, workers, on_progress, on_batch)
+        def on_backfill(backfill_id: str) -> None:
+            progress.console.print(f"Dagster backfill {backfill_id} (the UI's Overview > Backfills; its runs are "
+                                   f"tagged dagster/backfill={backfill_id})")
+
+        run_backfill(instance, cfg, Path(config_path), ranges, workers, on_progress, on_batch, on_backfill)
     instance.dispose()
     from indexer_dagster.persist.lake import StorageError
 

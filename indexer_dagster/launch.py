@@ -9,7 +9,6 @@ import contextlib
 import multiprocessing as mp
 import os
 import queue
-import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
@@ -22,8 +21,6 @@ from indexer_dagster.assets.ranges import RANGES_PER_RUN, block_ranges
 from indexer_dagster.block_range import BlockRange, ranges_between
 from indexer_dagster.config import CHAIN_ENV_VAR, CONFIG_ENV_VAR, IndexerConfig, load_config
 from indexer_dagster.jobs.names import historical_job_name
-from indexer_dagster.state import open_state
-from indexer_dagster.sync.realtime import lease_held, run_lease
 
 DEPLOY_DIR = Path(__file__).resolve().parents[1] / "deploy"
 DEFAULT_INSTANCE_YAML = DEPLOY_DIR / "dagster.yaml"
@@ -174,13 +171,17 @@ def _worker_init(q, config_path: str, chain: str, dagster_home: str) -> None:
 
 
 def run_batch(first: str, last: str, instance: dg.DagsterInstance | None = None,
-              chain: str | None = None) -> BatchOutcome:
-    """Execute one run of the historical job over the ranges first..last (in this or a worker process)."""
+              chain: str | None = None, backfill_id: str | None = None) -> BatchOutcome:
+    """Execute one run of the historical job over the ranges first..last (in this or a worker process),
+    as a run of the Dagster backfill `backfill_id`; not started if that backfill was canceled in the UI."""
     from indexer_dagster.definitions import build_definitions
+    from indexer_dagster.jobs.backfills import BACKFILL_ID_TAG, is_stopped
 
     cfg = load_config(os.environ[CONFIG_ENV_VAR], chain)
     job = build_definitions(cfg).resolve_job_def(historical_job_name(cfg.chain.name))
     with contextlib.nullcontext(instance) if instance else dg.DagsterInstance.get() as instance:
+        if backfill_id and is_stopped(instance, backfill_id):
+            return BatchOutcome(first, last, "", False, f"not run: backfill {backfill_id} was canceled in Dagster")
         result = job.execute_in_process(
             instance=instance,
             tags={
@@ -188,6 +189,7 @@ def run_batch(first: str, last: str, instance: dg.DagsterInstance | None = None,
                 ASSET_PARTITION_RANGE_END_TAG: last,
                 "indexer/role": "historical",
                 "indexer/launched_by": "cli",
+                **({BACKFILL_ID_TAG: backfill_id} if backfill_id else {}),
             },
             run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
             raise_on_error=False,
@@ -213,26 +215,47 @@ def run_backfill(
     workers: int,
     on_progress: Callable[[int, int], None],
     on_batch: Callable[[BatchOutcome], None],
+    on_backfill: Callable[[str], None] = lambda backfill_id: None,
 ) -> list[BatchOutcome]:
-    """Execute all `ranges` as Dagster runs with `workers` processes; returns one outcome per run. Runs
-    an earlier, killed backfill left "started" are then reported failed (`fail_dead_range_runs`)."""
-    try:
-        return _run_backfill(instance, cfg, config_path, ranges, workers, on_progress, on_batch)
-    finally:
-        fail_dead_range_runs(instance, cfg)
+    """Execute all `ranges` as Dagster runs with `workers` processes, recorded as one Dagster backfill
+    (`jobs.backfills`: the UI's Backfills tab lists it, its id goes to `on_backfill`); returns one outcome
+    per run."""
+    from indexer_dagster.jobs.backfills import close_abandoned
 
-
-def _run_backfill(
-    instance: dg.DagsterInstance,
-    cfg: IndexerConfig,
-    config_path: Path,
-    ranges: list[BlockRange],
-    workers: int,
-    on_progress: Callable[[int, int], None],
-    on_batch: Callable[[BatchOutcome], None],
-) -> list[BatchOutcome]:
     ensure_rpc_pool(instance, cfg.chain.name)
+    close_abandoned(instance)  # a CLI backfill killed earlier would otherwise stay "in progress"
     batches = plan_batches(ranges)
+    keys_of = {b[0].key: [r.key for r in b] for b in batches}
+    backfill = start_cli_backfill(instance, cfg, [r.key for r in ranges])
+    on_backfill(backfill.backfill_id)
+    outcomes: list[BatchOutcome] = []
+
+    def ended(outcome: BatchOutcome) -> None:
+        backfill.record(keys_of[outcome.first], outcome.success)
+        outcomes.append(outcome)
+        on_batch(outcome)
+
+    try:
+        _run_batches(instance, cfg, config_path, batches, workers, backfill.backfill_id, on_progress, ended)
+    finally:
+        backfill.finish()
+    return outcomes
+
+
+def start_cli_backfill(instance: dg.DagsterInstance, cfg: IndexerConfig, range_keys: list[str]):
+    """The Dagster backfill record of a CLI backfill over `range_keys` of the chain's historical assets."""
+    from indexer_dagster.assets.ranges import historical_asset_keys
+    from indexer_dagster.definitions import build_definitions
+    from indexer_dagster.jobs.backfills import CliBackfill
+
+    graph = build_definitions(cfg).resolve_asset_graph()
+    title = f"indexer backfill {cfg.chain.name} {range_keys[0]}..{range_keys[-1]}"
+    return CliBackfill(instance, graph, historical_asset_keys(cfg), range_keys, title)
+
+
+def _run_batches(instance: dg.DagsterInstance, cfg: IndexerConfig, config_path: Path, batches: list[list[BlockRange]],
+                 workers: int, backfill_id: str, on_progress: Callable[[int, int], None],
+                 on_batch: Callable[[BatchOutcome], None]) -> None:
     if workers <= 1:
         # One worker: run in this process (no process start, no second import of Dagster).
         from indexer_dagster.sync.historical import set_progress_reporter
@@ -240,61 +263,26 @@ def _run_backfill(
         os.environ[CONFIG_ENV_VAR] = str(config_path.resolve())
         set_progress_reporter(on_progress)
         try:
-            outcomes = [run_batch(b[0].key, b[-1].key, instance, cfg.chain.name) for b in batches]
+            for b in batches:
+                on_batch(run_batch(b[0].key, b[-1].key, instance, cfg.chain.name, backfill_id))
         finally:
             set_progress_reporter(None)
-        for o in outcomes:
-            on_batch(o)
-        return outcomes
+        return
     ctx = mp.get_context("spawn")
     q = ctx.Manager().Queue()
-    outcomes = []
     with ProcessPoolExecutor(
         max_workers=max(1, workers),
         mp_context=ctx,
         initializer=_worker_init,
         initargs=(q, str(config_path.resolve()), cfg.chain.name, os.environ["DAGSTER_HOME"]),
     ) as pool:
-        pending = {pool.submit(run_batch, b[0].key, b[-1].key) for b in batches}
+        pending = {pool.submit(run_batch, b[0].key, b[-1].key, None, None, backfill_id) for b in batches}
         while pending:
             done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
             _drain(q, on_progress)
             for f in done:
-                outcome = f.result()
-                outcomes.append(outcome)
-                on_batch(outcome)
+                on_batch(f.result())
         _drain(q, on_progress)
-    return outcomes
-
-
-DEAD_RUN_GRACE_S = 15.0  # a range run takes its lease within seconds of starting
-
-
-def fail_dead_range_runs(instance: dg.DagsterInstance, cfg: IndexerConfig, grace_s: float = DEAD_RUN_GRACE_S) -> int:
-    """Mark failed the range runs of this chain that show "started" but whose process is gone (no run lease
-    held): a backfill killed with its runs leaves them so, and without a daemon nothing else reports them.
-    A run younger than `grace_s` may still be taking its lease: wait until it is that old, then look again.
-    Returns how many were failed."""
-
-    statuses = [dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.STARTING]
-    runs = instance.get_runs(dg.RunsFilter(job_name=historical_job_name(cfg.chain.name), statuses=statuses))
-    if not runs:
-        return 0
-    failed = 0
-    with open_state(cfg.state_url) as store:
-        for run in runs:
-            if lease_held(store, run_lease(run.run_id)):
-                continue
-            record = instance.get_run_record_by_id(run.run_id)
-            if record is None:
-                continue
-            started = record.start_time or record.create_timestamp.timestamp()
-            time.sleep(max(0.0, started + grace_s - time.time()))
-            current = instance.get_run_by_id(run.run_id)
-            if current is not None and current.status in statuses and not lease_held(store, run_lease(run.run_id)):
-                instance.report_run_failed(current, "its process is gone (no run lease held): a killed backfill")
-                failed += 1
-    return failed
 
 
 def _drain(q, on_progress: Callable[[int, int], None]) -> None:

@@ -9,15 +9,26 @@ several ranges per run) and records what it did as per-partition metadata.
 
 import dagster as dg
 
+from indexer_dagster.assets.table_metadata import (
+    BLOCK_COLUMNS,
+    KEY_COLUMNS,
+    ROW_COUNT,
+    chain_label,
+    column_schema,
+    emitters,
+    event_columns,
+    table_metadata,
+)
 from indexer_dagster.block_range import parse_key
 from indexer_dagster.chain.rpc import RpcStats
 from indexer_dagster.config import IndexerConfig
 from indexer_dagster.health.logs import bind
+from indexer_dagster.persist import datasets as ds
 from indexer_dagster.persist.catalog import build_catalog
 from indexer_dagster.persist.lake import storage_problem
 from indexer_dagster.resources import IndexerConfigResource, StateStoreResource
 from indexer_dagster.sync.historical import decode_range
-from indexer_dagster.sync.range_checks import CHECKS, CheckResult, verify_and_record
+from indexer_dagster.sync.range_checks import CHECKS, COUNTERS, CheckResult, verify_and_record
 from indexer_dagster.sync.realtime import range_lease, run_lease
 from indexer_dagster.sync.supplement import fetch_range
 
@@ -36,20 +47,34 @@ def raw_keys(chain: str) -> tuple[dg.AssetKey, dg.AssetKey]:
     return dg.AssetKey([chain, "blocks"]), dg.AssetKey([chain, "logs"])
 
 
+def historical_asset_keys(cfg: IndexerConfig) -> list[dg.AssetKey]:
+    """The chain's range-partitioned assets: blocks, logs and one decoded table per event."""
+    return [*raw_keys(cfg.chain.name), *[dg.AssetKey([cfg.chain.name, s.table]) for _, s in cfg.all_specs()]]
+
+
 def build_historical_assets(cfg: IndexerConfig, partitions_def: dg.PartitionsDefinition) -> list:
     chain = cfg.chain.name
     blocks_key, logs_key = raw_keys(chain)
     table_of = {dg.AssetKey([chain, spec.table]): spec.table for _, spec in cfg.all_specs()}
+    on = chain_label(cfg)
     specs = [
         dg.AssetSpec(blocks_key, group_name="raw", kinds={"parquet", "ethereum"},
-                     description="Block headers (number, hash, parent_hash, timestamp) of each range."),
+                     description=f"Block headers (number, hash, parent_hash, timestamp) of {on}, per range.",
+                     metadata={"dagster/column_schema": column_schema(ds.BLOCKS, ds.BLOCK_SCHEMA, KEY_COLUMNS | BLOCK_COLUMNS),
+                               **table_metadata(cfg, "blocks", ds.BLOCKS)}),
         dg.AssetSpec(logs_key, group_name="raw", kinds={"parquet", "ethereum"},
-                     description="Every log of the configured contracts, checked against its block's hash."),
+                     description=f"Every log of the configured contracts ({', '.join(c.name for c in cfg.contracts)}) "
+                                 f"on {on}, checked against its block's hash.",
+                     metadata={"dagster/column_schema": column_schema(ds.LOGS, ds.LOG_SCHEMA, KEY_COLUMNS),
+                               **table_metadata(cfg, "logs", ds.LOGS)}),
         *[
             dg.AssetSpec(
                 [chain, spec.table], deps=[logs_key], group_name="decoded", kinds={"parquet"},
-                description=f"{contract.name}.{spec.signature} decoded from `logs`, one row per event.",
-                metadata={"signature": spec.signature, "topic0": spec.topic0 or "anonymous"},
+                description=f"{contract.name}.{spec.signature} on {on}, emitted by {emitters(cfg, contract)}; "
+                            f"decoded from `logs`, one row per event.",
+                metadata={"signature": spec.signature, "topic0": spec.topic0 or "anonymous",
+                          "contract": contract.name, "dagster/column_schema": event_columns(spec),
+                          **table_metadata(cfg, spec.table, ds.events(spec.table))},
             )
             for contract, spec in cfg.all_specs()
         ],
@@ -121,12 +146,12 @@ def build_historical_assets(cfg: IndexerConfig, partitions_def: dg.PartitionsDef
                         "rpc_retries": stats.total_retries,
                         "sync_mode": res.mode,  # full, or supplement/decode (only added contracts/events)
                     }
-                    context.add_asset_metadata({**common, "rows": res.blocks}, asset_key=blocks_key, partition_key=key)
-                    context.add_asset_metadata({**common, "rows": res.logs}, asset_key=logs_key, partition_key=key)
+                    context.add_asset_metadata({**common, ROW_COUNT: res.blocks}, asset_key=blocks_key, partition_key=key)
+                    context.add_asset_metadata({**common, ROW_COUNT: res.logs}, asset_key=logs_key, partition_key=key)
                 for asset_key, table in table_of.items():
                     if asset_key in selected:
                         context.add_asset_metadata(
-                            {**common, "rows": res.events[table], "skipped_malformed": res.skipped[table]},
+                            {**common, ROW_COUNT: res.events[table], "skipped_malformed": res.skipped[table]},
                             asset_key=asset_key, partition_key=key,
                         )
                 context.log.info(
@@ -183,9 +208,15 @@ def check_result(spec: dg.AssetCheckSpec, results: list[CheckResult]) -> dg.Asse
             f"{c.metadata['range']}: {c.description}" for c in failed)
     else:
         description = f"{len(results)} ranges passed"
+    # Numbers, not text, so the check's plots work: ranges judged and failed, and each counter's total.
+    totals = {k: sum(int(c.metadata[k]) for c in results if k in c.metadata)
+              for k in COUNTERS if any(k in c.metadata for c in results)}
     return dg.AssetCheckResult(
         asset_key=spec.asset_key, check_name=spec.name, passed=not failed, description=description,
         metadata={
+            "ranges_checked": len(results),
+            "ranges_failed": len(failed),
+            **totals,
             "ranges": [c.metadata["range"] for c in results],
             "failed_ranges": [c.metadata["range"] for c in failed],
             "details": {c.metadata["range"]: {k: v for k, v in c.metadata.items() if k != "range"} for c in results},

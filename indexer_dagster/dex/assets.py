@@ -6,9 +6,10 @@ chain-head sensor requests it after the indexed tip moves or a reorg is repaired
 
 import dagster as dg
 
+from indexer_dagster.assets.table_metadata import ROW_COUNT, chain_label, table_metadata
 from indexer_dagster.config import IndexerConfig
-from indexer_dagster.dex.build import build_dex, source_tables
-from indexer_dagster.persist.datasets import DEX_TABLES
+from indexer_dagster.dex.build import build_dex, inputs_of
+from indexer_dagster.persist.datasets import DEX, DEX_TABLES
 from indexer_dagster.resources import IndexerConfigResource, StateStoreResource
 from indexer_dagster.sync.realtime import dex_lease
 
@@ -26,11 +27,10 @@ DESCRIPTIONS = {
 
 def build_dex_assets(cfg: IndexerConfig) -> list:
     chain = cfg.chain.name
-    src = source_tables(cfg)
-    deps = [dg.AssetKey([chain, t]) for tables in src.values() for t in tables]
     specs = [
-        dg.AssetSpec([chain, "dex", t], deps=deps, group_name="dex", kinds={"parquet", "duckdb"},
-                     description=DESCRIPTIONS[t])
+        dg.AssetSpec([chain, "dex", t], deps=_deps(cfg, t), group_name="dex", kinds={"parquet", "duckdb"},
+                     description=f"{DESCRIPTIONS[t]} On {chain_label(cfg)}.",
+                     metadata=table_metadata(cfg, t, DEX, t))
         for t in DEX_TABLES
     ]
 
@@ -44,12 +44,20 @@ def build_dex_assets(cfg: IndexerConfig) -> list:
         preview = _markdown(res.top_pools)
         for spec in specs:
             table = spec.key.path[-1]
-            meta: dict[str, float | dg.MetadataValue] = {"rows": res.rows.get(table, 0), "seconds": round(res.seconds, 3)}
+            meta: dict[str, float | dg.MetadataValue] = {ROW_COUNT: res.rows.get(table, 0), "seconds": round(res.seconds, 3)}
             if table == "pool_state" and preview:
                 meta["top_pools"] = dg.MetadataValue.md(preview)
             yield dg.MaterializeResult(asset_key=spec.key, metadata=meta)
 
     return [dex_tables]
+
+
+def _deps(cfg: IndexerConfig, table: str) -> list[dg.AssetKey]:
+    """Only the decoded and DEX tables `table` is computed from (`dex.build.READS`), so the graph shows
+    which event feeds which table instead of every table hanging off every Uniswap event."""
+    decoded, dex = inputs_of(cfg, table)
+    chain = cfg.chain.name
+    return [dg.AssetKey([chain, t]) for t in decoded] + [dg.AssetKey([chain, "dex", t]) for t in dex]
 
 
 def _markdown(df) -> str:

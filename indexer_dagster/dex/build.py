@@ -50,6 +50,27 @@ def source_tables(cfg: IndexerConfig) -> dict[str, list[str]]:
     return out
 
 
+# What `compute` reads to build each DEX table: Uniswap V2 event kinds (keys of UNISWAP_V2, i.e. their
+# decoded tables) and other DEX tables. The asset graph draws these edges, so keep them in step with it.
+READS: dict[str, tuple[str, ...]] = {
+    "pools": ("pair_created", "swap", "sync"),  # PairCreated, plus pairs seen in Swap/Sync without one
+    "tokens": ("pools",),
+    "swaps": ("swap", "pools", "tokens"),
+    "pool_reserves": ("sync", "pools", "tokens"),
+    "pool_state": ("pool_reserves",),
+    "liquidity_events": ("mint", "burn", "pools", "tokens"),
+    "pool_volume": ("swaps",),
+    "pool_candles": ("swaps",),
+}
+
+
+def inputs_of(cfg: IndexerConfig, table: str) -> tuple[list[str], list[str]]:
+    """(decoded tables, DEX tables) that `table` is computed from under this config."""
+    src = source_tables(cfg)
+    reads = READS[table]
+    return [t for kind in reads if kind in src for t in src[kind]], [t for t in reads if t not in src]
+
+
 def enabled(cfg: IndexerConfig) -> bool:
     t = source_tables(cfg)
     return bool(t["swap"] and t["sync"])

@@ -190,6 +190,24 @@ def _renamed(sql: str, dataset: str) -> str:
     return f"SELECT * RENAME ({pairs}) FROM ({sql})"
 
 
+def view_columns(dataset: str, schema: ds.Schema, big: list[str] | None = None) -> list[tuple[str, str]]:
+    """(name, DuckDB type) of the columns the view over `dataset` shows, in order, before `status`: the
+    files' `schema` renamed as `VIEW_RENAMES` says, with `<column>_num` after each big integer's `_f64`
+    (`big`: see `number_columns`). What the view's SQL selects, for those who describe it (Dagster)."""
+    renames = VIEW_RENAMES.get(dataset, {})
+    out = []
+    for c, dtype in schema.items():
+        try:
+            typ = duck_type(dtype)  # type: ignore[arg-type]  # a dtype class equals its instance
+        except TypeError:  # a type the empty-view mapping lacks: Polars' name still says what it is
+            typ = str(dtype)
+        out.append((renames.get(c, c), typ))
+        base = c.removesuffix("_f64")
+        if c.endswith("_f64") and base in (big or []):
+            out.append((f"{base}_num", "DECIMAL(38,0)"))
+    return out
+
+
 def number_columns(spec: EventSpec) -> list[str]:
     """The big-integer columns (uint/int wider than 64 bits, stored as exact text) that the view also shows
     as `<column>_num DECIMAL(38,0)`, a number DuckDB sums exactly (NULL when |value| >= 10^38); not when an

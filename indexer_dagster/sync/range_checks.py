@@ -46,6 +46,10 @@ CHECKS: dict[str, tuple[str, str]] = {
     "row_counts_match_node": (LOGS_ASSET, "For a sample of blocks, the node's eth_getLogs returns exactly the "
                                           "stored log rows."),
 }
+# Metadata keys of a CheckResult that count something (rows, offending blocks or logs): the Dagster skin
+# sums them over a run's ranges as numbers, so the UI can plot them per evaluation.
+COUNTERS = ("rows", "missing", "duplicated", "outside", "duplicated_keys", "without_header", "wrong_hash",
+            "links_checked", "broken", "mismatches")
 DEFAULT_SAMPLES = 3
 _EXAMPLES = 5  # offending values listed in metadata
 
