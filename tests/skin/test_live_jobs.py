@@ -15,7 +15,14 @@ from indexer_dagster.devnet.uniswap import generate_traffic
 from indexer_dagster.devnet.uniswap import reorg as anvil_reorg
 from indexer_dagster.jobs.names import live_job_name, reorg_job_name
 from indexer_dagster.query import query
-from tests.sync.test_reorg import assert_views_equal_node, cfg_path, chain, follow_until_synced, indexed_live
+from tests.sync.test_reorg import (
+    assert_views_equal_node,
+    cfg_path,
+    chain,
+    follow_until_synced,
+    indexed_live,
+    reorg_found_live,
+)
 
 pytestmark = pytest.mark.slow
 __all__ = ["chain"]  # the fixture
@@ -24,12 +31,9 @@ __all__ = ["chain"]  # the fixture
 def test_a_reorg_run_reports_each_phase_and_its_summary(chain, monkeypatch):
     from indexer_dagster.sync import repair as repair_module
 
-    node, dep, cfg = chain
+    node, _dep, cfg = chain
     monkeypatch.setenv("INDEXER_CONFIG", str(cfg_path(cfg)))
-    store = indexed_live(cfg, node, dep, blocks=6, txs_per_block=6, seed=11)
-    expected = anvil_reorg(node.url, dep, depth=3, txs_per_block=5, seed=99)
-    assert follow_until_synced(cfg, store)[-1].action == "reorg"
-    r = store.active_reorg(cfg.chain.name)
+    _store, r, expected = reorg_found_live(chain)
     # The fork changes once under the repair (expected on a live chain): the run retries it quietly.
     real_restore, calls = repair_module.restore, []
 

@@ -98,6 +98,16 @@ def indexed_live(cfg, node, dep, blocks, txs_per_block, seed):
     return store
 
 
+def reorg_found_live(chain, depth: int = 3):
+    """Six blocks indexed live, then a reorg of `depth` the follower has found and not yet repaired:
+    (store, the active reorg, what anvil_reorg expected)."""
+    node, dep, cfg = chain
+    store = indexed_live(cfg, node, dep, blocks=6, txs_per_block=6, seed=11)
+    expected = anvil_reorg(node.url, dep, depth=depth, txs_per_block=5, seed=99)
+    assert follow_until_synced(cfg, store)[-1].action == "reorg"
+    return store, store.active_reorg(cfg.chain.name), expected
+
+
 def assert_views_equal_node(cfg, node):
     build_catalog(cfg)
     head = node.block_number()
@@ -163,10 +173,7 @@ def test_a_restore_retried_after_the_head_moved_leaves_one_live_copy(chain, monk
     from indexer_dagster.sync import repair as repair_module
 
     node, dep, cfg = chain
-    store = indexed_live(cfg, node, dep, blocks=6, txs_per_block=6, seed=11)
-    anvil_reorg(node.url, dep, depth=3, txs_per_block=5, seed=99)
-    assert follow_until_synced(cfg, store)[-1].action == "reorg"
-    r = store.active_reorg(cfg.chain.name)
+    store, r, _expected = reorg_found_live(chain)
     real_check, calls = repair_module._check_ranges_match, []
 
     def fail_once_after_the_publish(lake, keys, headers):
@@ -190,11 +197,8 @@ def test_a_follower_starting_during_a_restore_leaves_its_segment_alone(chain, mo
     stored tip and deleted it: the restored blocks were gone for good. It waits for the reorg now."""
     from indexer_dagster.sync import repair as repair_module
 
-    node, dep, cfg = chain
-    store = indexed_live(cfg, node, dep, blocks=6, txs_per_block=6, seed=11)
-    anvil_reorg(node.url, dep, depth=3, txs_per_block=5, seed=99)
-    assert follow_until_synced(cfg, store)[-1].action == "reorg"
-    r = store.active_reorg(cfg.chain.name)
+    node, _dep, cfg = chain
+    store, r, _expected = reorg_found_live(chain)
     real_check, removed = repair_module._check_ranges_match, []
 
     def a_follower_starts_now(lake, keys, headers):
