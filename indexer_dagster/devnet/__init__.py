@@ -82,7 +82,7 @@ __all__ = [
 ]
 
 #: bump when deployment/traffic generation changes, so cached chain states are regenerated
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3  # 3: named OpenZeppelin tokens
 
 
 def build_devnet(

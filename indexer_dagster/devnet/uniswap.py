@@ -78,7 +78,7 @@ __all__ = [
 ARTIFACT_NAMES = ("UniswapV2Factory", "UniswapV2Pair", "ERC20")
 
 # gas limits per transaction kind (measured gas used: transfer 51k, approve 46k, swap 63k,
-# mint 70k (first mint 155k), burn 91k, createPair 2.52M, factory 3.05M, ERC20 0.72M).
+# mint 70k (first mint 155k), burn 91k, createPair 2.52M, factory 3.05M, OpenZeppelin ERC20 0.72M).
 GAS = {
     "transfer": 90_000,
     "approve": 80_000,
@@ -90,7 +90,7 @@ GAS = {
     "deploy_token": 1_000_000,
 }
 
-TOKEN_SUPPLY = 10**30  # minted to the deployer by ERC20's constructor
+TOKEN_SUPPLY = 10**30  # minted to the deployer (the constructor's owner)
 HOLDER_GRANT = 10**27  # tokens each holder receives per token at deployment
 MINIMUM_LIQUIDITY = 1000
 
@@ -105,15 +105,30 @@ def artifact_dir() -> Path:
 
 
 def artifact_paths() -> dict[str, Path]:
-    """``{"UniswapV2Factory": path, "UniswapV2Pair": path, "ERC20": path}`` (npm artifacts)."""
+    """``{"UniswapV2Factory": path, "UniswapV2Pair": path, "ERC20": path}`` (npm artifacts). The tokens are
+    OpenZeppelin's ERC20PresetFixedSupply (a name and a symbol of their own; v2-core's test ERC20 calls
+    every token "UNI-V2"): the same Transfer and Approval events."""
     d = artifact_dir()
-    out = {n: d / f"{n}.json" for n in ARTIFACT_NAMES}
+    out = {n: d / f"{n}.json" for n in ARTIFACT_NAMES if n != "ERC20"}
+    out["ERC20"] = (repo_root() / "node_modules" / "@openzeppelin" / "contracts" / "build" / "contracts"
+                    / "ERC20PresetFixedSupply.json")
     missing = [str(p) for p in out.values() if not p.is_file()]
     if missing:
         raise FileNotFoundError(
-            f"Uniswap V2 artifacts missing ({', '.join(missing)}): run `npm ci` in {repo_root()}"
+            f"Uniswap V2 / OpenZeppelin artifacts missing ({', '.join(missing)}): run `npm ci` in {repo_root()}"
         )
     return out
+
+
+# Names and symbols of the devnet's tokens, in deployment order (a pair reads like a market: WETH/DAI).
+TOKEN_NAMES = [("Wrapped Ether", "WETH"), ("Dai Stablecoin", "DAI"), ("ChainLink Token", "LINK"),
+               ("Uniswap", "UNI"), ("Aave Token", "AAVE"), ("Maker", "MKR"), ("Compound", "COMP"),
+               ("Curve DAO Token", "CRV")]
+
+
+def token_name(i: int) -> tuple[str, str]:
+    name, symbol = TOKEN_NAMES[i % len(TOKEN_NAMES)]
+    return (name, symbol) if i < len(TOKEN_NAMES) else (f"{name} {i}", f"{symbol}{i}")
 
 
 @cache
@@ -404,8 +419,9 @@ def deploy_uniswap(
         erc = load_artifact("ERC20")
         txs = [{"from": trader, "data": "0x" + fac["bytecode"].removeprefix("0x") + encode(["address"], [trader]).hex(),
                 "gas": hex(GAS["deploy_factory"]), "nonce": hex(nxt())}]
-        for _ in range(n_tokens):
-            txs.append({"from": trader, "data": "0x" + erc["bytecode"].removeprefix("0x") + encode(["uint256"], [TOKEN_SUPPLY]).hex(),
+        for i in range(n_tokens):
+            args = encode(["string", "string", "uint256", "address"], [*token_name(i), TOKEN_SUPPLY, trader])
+            txs.append({"from": trader, "data": "0x" + erc["bytecode"].removeprefix("0x") + args.hex(),
                         "gas": hex(GAS["deploy_token"]), "nonce": hex(nxt())})
         receipts: list[dict] = []
         for chunk in _chunks_by_gas(txs, budget):
