@@ -162,3 +162,35 @@ def test_big_integers_have_a_column_duckdb_sums_exactly(indexed):
         assert con.sql("select count(*) from orphaned_erc20_transfer where value_num is not null").fetchall() == [(0,)]
     out = run_cli(path, "query", "--format", "csv", "select sum(value_num) total from erc20_transfer")
     assert out.split() == ["total", str(sum(values))]
+
+
+def readme_queries() -> list[str]:
+    """The statements of the README's analyst-queries block, in order."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = text.split("<!-- analyst-queries -->", 1)[1].split("<!-- /analyst-queries -->", 1)[0]
+    sql = block.split("```sql", 1)[1].rsplit("```", 1)[0]
+    return [q.strip() for q in sql.split(";") if q.strip()]
+
+
+def test_the_readme_answers_analyst_questions_in_one_query_each(indexed):
+    cfg, path = indexed
+    price, transfers, markets = readme_queries()
+    with connect(cfg.duckdb_path) as ix:
+        candles = ix.sql(price)
+        assert candles.height > 0 and (candles["low"] <= candles["high"]).all()
+        both = ix.sql("select pool from pools where 'WETH' in (symbol0, symbol1) and 'DAI' in (symbol0, symbol1)")
+        assert both.height == 1
+        largest = ix.sql(transfers)
+        weth = ix.sql("select address from tokens where symbol = 'WETH'")["address"][0]
+        exact = ix.sql(f"select value from erc20_transfer where address = '{weth}'")["value"]
+        top = sorted((int(v) for v in exact), reverse=True)[:10]
+        assert largest.height == 10
+        assert [round(a, 6) for a in largest["amount"]] == [round(v / 10**18, 6) for v in top]
+        busiest = ix.sql(markets)
+        assert busiest.height == 6 and busiest["swaps"].to_list() == sorted(busiest["swaps"], reverse=True)
+        assert busiest["swaps"].sum() == ix.sql("select count(*) n from swaps")["n"][0]
+    # The same queries through the CLI.
+    for q in (price, transfers, markets):
+        assert run_cli(path, "query", "--format", "csv", "--", q).count("\n") > 1  # (-- ends the options)
