@@ -75,6 +75,21 @@ class ChainConfig(_Strict):
     reorg_window: int | None = Field(
         default=None, ge=1, description="Canonical headers kept to detect reorgs; default max(2 x confirmations, 64)."
     )
+    reference_token: str | None = Field(
+        default=None, description="Token whose units DEX volumes are also given in (`volume_ref`), e.g. WETH's "
+        "address: pools of different tokens ranked by one volume.")
+
+    @field_validator("reference_token")
+    @classmethod
+    def _reference_token(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        if not isinstance(v, str) or not is_hex_address(v):
+            raise ValueError(f"reference_token {v!r} is not an address: expected 0x followed by 40 hex characters")
+        if v != v.lower() and not is_checksum_address(v):
+            raise ValueError(f"reference_token {v!r} has a wrong EIP-55 checksum (a typo?); the checksummed form "
+                             f"of these bytes is {to_checksum_address(v)}, or write it all lower-case")
+        return v.lower()
 
     @field_validator("name")
     @classmethod

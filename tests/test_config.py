@@ -110,3 +110,16 @@ def test_abi_not_json(tmp_path):
 def test_redact_to_host_hides_keys():
     assert redact_to_host("https://eth-mainnet.g.alchemy.com/v2/SECRETKEY") == "https://eth-mainnet.g.alchemy.com/…"
     assert "SECRET" not in redact_to_host("https://user:SECRET@host:8545/x?key=SECRET")
+
+
+def test_reference_token_is_an_address_with_a_clear_error(tmp_path):
+    from indexer_dagster.config import ChainConfig
+
+    base = {"name": "x", "chain_id": 1, "rpc_url": "http://127.0.0.1:8545"}
+    weth = "0xC02aaA39b223FE8D0A0e5C4F27eAD9083C756Cc2"
+    assert ChainConfig.model_validate({**base, "reference_token": weth}).reference_token == weth.lower()
+    assert ChainConfig.model_validate(base).reference_token is None
+    with pytest.raises(ValueError, match="reference_token 'WETH' is not an address"):
+        ChainConfig.model_validate({**base, "reference_token": "WETH"})
+    with pytest.raises(ValueError, match="wrong EIP-55 checksum"):
+        ChainConfig.model_validate({**base, "reference_token": weth[:-1] + "C"})

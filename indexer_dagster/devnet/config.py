@@ -145,6 +145,8 @@ def write_config(
             "confirmations": int(confirmations),
             "start_block": int(start_block),
             "blocks_per_partition": int(blocks_per_partition),
+            # DEX volumes also in WETH (the first token), to rank the pools by one volume.
+            "reference_token": to_checksum_address(deployment.tokens[0]),
         },
         "contracts": contracts,
         "storage": {"data_dir": data_rel, "duckdb_path": duck_rel},

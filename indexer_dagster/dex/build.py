@@ -128,8 +128,8 @@ def compute(cfg: IndexerConfig) -> dict[str, pl.DataFrame]:
     pair_addresses = set(swap["address"]) | set(sync["address"])
     pools = asyncio.run(_extra_pools(cfg, pools, pair_addresses))
     tokens = asyncio.run(_tokens(cfg, lake, set(pools["token0"]) | set(pools["token1"])))
-    swaps = dex.swaps(swap, pools, tokens)
     reserves = dex.pool_reserves(sync, pools, tokens)
+    swaps = dex.value_in(dex.swaps(swap, pools, tokens), reserves, cfg.chain.reference_token)
     out = {
         "pools": dex.label_pools(pools, tokens),
         "tokens": tokens,

@@ -473,6 +473,39 @@ def _aggregate(swaps: pl.DataFrame, interval: str, where: str, extra: Sequence[p
     ).sort(["chain_id", "pool", "bucket_start"])
 
 
+def value_in(swaps: pl.DataFrame, reserves: pl.DataFrame, reference: str | None) -> pl.DataFrame:
+    """`swaps` with `volume_ref` (Float64): what each swap moved, valued in the `reference` token (human
+    units), so pools of different tokens can be ranked by one volume.
+
+    A pool holding the reference token: the reference token it moved (amount in + out). Another pool:
+    its token0 moved (else its token1) times that token's price in the reference token at the swap —
+    from the latest `Sync`, at or before the swap's (block, log index), of a pool pairing that token with
+    the reference token (one hop; none: null). None for `reference`: the column, all null."""
+    moved = [(pl.col(f"amount{i}_in_h") + pl.col(f"amount{i}_out_h")) for i in (0, 1)]
+    if reference is None or swaps.height == 0:
+        return swaps.with_columns(pl.lit(None, pl.Float64).alias("volume_ref"))
+    ref = reference.lower()
+    position = (pl.col("block_number") * (1 << 24) + pl.col("log_index")).alias("_at")
+    # The reference token's price of each token paired with it, after each Sync of such a pool.
+    quotes = reserves.filter((pl.col("token0") == ref) | (pl.col("token1") == ref)).select(
+        "chain_id", position,
+        pl.when(pl.col("token0") == ref).then(pl.col("token1")).otherwise(pl.col("token0")).alias("_token"),
+        pl.when(pl.col("token0") == ref).then(pl.col("price")).otherwise(pl.col("inverse_price")).alias("_quote"),
+    ).drop_nulls("_quote").sort("_at")
+    out = swaps.with_columns(position).sort("_at")
+    for i in (0, 1):
+        out = out.join_asof(
+            quotes.rename({"_token": f"token{i}", "_quote": f"_quote{i}"}), on="_at", by=["chain_id", f"token{i}"],
+            strategy="backward", check_sortedness=False,  # both sides sorted by `_at` above
+        )
+    direct = (pl.when(pl.col("token0") == ref).then(moved[0])
+              .when(pl.col("token1") == ref).then(moved[1]))
+    via = pl.when(pl.col("_quote0").is_not_null()).then(moved[0] * pl.col("_quote0")).otherwise(
+        moved[1] * pl.col("_quote1"))
+    return out.with_columns(pl.coalesce(direct, via).alias("volume_ref")).drop(
+        "_at", "_quote0", "_quote1").sort(_ROW_ORDER)
+
+
 def pool_volume(swaps: pl.DataFrame, interval: str) -> pl.DataFrame:
     """Volume per pool per time bucket, from the output of `swaps`.
 
@@ -485,10 +518,17 @@ def pool_volume(swaps: pl.DataFrame, interval: str) -> pl.DataFrame:
     exact sum / 10**decimals), first_block, last_block (min / max block_number of the bucket).
     Sorted by (chain_id, pool, bucket_start).
     """
-    f = _aggregate(swaps, interval, "pool_volume")
+    valued = "volume_ref" in swaps.columns
+    ref = pl.col("volume_ref")
+    # A bucket holding a swap no price reaches has no reference volume (not a partial sum).
+    extra = [pl.when(ref.null_count() == 0).then(ref.sum()).alias("volume_ref")] if valued else []
+    f = _aggregate(swaps, interval, "pool_volume", extra)
+    if not valued:
+        f = f.with_columns(pl.lit(None, pl.Float64).alias("volume_ref"))
     return f.select(
         "chain_id", "pool", "token0", "token1", *_LABEL_COLUMNS, "bucket_start", "swap_count",
-        "volume_token0", "volume_token1", "volume_token0_h", "volume_token1_h", "first_block", "last_block",
+        "volume_token0", "volume_token1", "volume_token0_h", "volume_token1_h", "volume_ref", "first_block",
+        "last_block",
     )
 
 

@@ -610,3 +610,31 @@ def test_pool_volume_sums_are_exact(rows, interval):
         for g in vol.iter_rows(named=True)
     }
     assert got == expected
+
+
+def test_volume_in_a_reference_token_uses_the_pools_prices_at_swap_time(pools_df):
+    """Issue 15: ranking pools by volume needs one unit. With B as the reference token, P1 (A/B) is valued
+    directly (B moved); P2 (C/A) through A, at the B-per-A price of P1's latest Sync at or before each
+    swap (block, log index); P3 (A/D) likewise through A. A bucket with a swap no price reaches is null."""
+    syncs = frame([
+        {**key(100, 0, P1), **big(reserve0=1000 * E18, reserve1=2000 * E6)},  # 2 B per A
+        {**key(105, 0, P1), **big(reserve0=1000 * E18, reserve1=3000 * E6)},  # 3 B per A
+    ], SYNC_SCHEMA)
+    reserves = dex.pool_reserves(syncs, pools_df, TOKENS)
+    swaps = dex.swaps(swap_frame([
+        swap_row(P1, 104, 2, 0, 7 * E6, E18, 0),                 # B moved: 7
+        swap_row(P2, 103, 1, 0, 10 * E18, 4 * E18, 0),           # A moved: 10, at 2 B per A -> 20
+        swap_row(P2, 106, 1, 0, 5 * E18, 2 * E18, 0),            # 5 A at 3 B per A -> 15
+        swap_row(P2, 100, 1, 0, E18, E18, 0),                    # before P1's first Sync at (100, 0)? no: after
+        swap_row(P2, 99, 9, 0, E18, E18, 0),                     # before any B-per-A price: no value
+    ]), pools_df, TOKENS)
+    valued = dex.value_in(swaps, reserves, B)
+    got = dict(zip(valued["block_number"], valued["volume_ref"]))
+    assert got[104] == pytest.approx(7.0) and got[103] == pytest.approx(20.0)
+    assert got[106] == pytest.approx(15.0) and got[100] == pytest.approx(2.0) and got[99] is None
+    vol = dex.pool_volume(valued, "1h")
+    per_pool = {p: v for p, v in zip(vol["pool"], vol["volume_ref"])}
+    assert per_pool[P1] == pytest.approx(7.0)
+    assert per_pool[P2] is None  # its hour holds the swap no price reaches: not a partial sum
+    # Without a reference token the column is there, empty.
+    assert dex.pool_volume(dex.value_in(swaps, reserves, None), "1h")["volume_ref"].null_count() == vol.height
