@@ -23,10 +23,11 @@ from dagster._core.utils import make_new_backfill_id
 from dagster._utils.error import SerializableErrorInfo
 
 from indexer_dagster.persist.lake import _alive  # is that process still running
+from indexer_dagster.state import StateStore
+from indexer_dagster.sync.realtime import lease_held, run_lease
 
 LAUNCHED_BY_TAG = "indexer/launched_by"
 PID_TAG = "indexer/cli_pid"
-PGID_TAG = "indexer/cli_pgid"  # the CLI's process group: its worker processes too
 HOST_TAG = "indexer/cli_host"
 UNFINISHED_RUNS = [dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED]
 STOPPED = (BulkActionStatus.CANCELING, BulkActionStatus.CANCELED)
@@ -46,7 +47,7 @@ class CliBackfill:
         backfill = PartitionBackfill.from_asset_partitions(
             backfill_id=self.backfill_id, asset_graph=asset_graph, partition_names=list(range_keys),
             asset_selection=list(asset_keys), backfill_timestamp=time.time(),
-            tags={LAUNCHED_BY_TAG: "cli", PID_TAG: str(os.getpid()), PGID_TAG: str(os.getpgid(0)),
+            tags={LAUNCHED_BY_TAG: "cli", PID_TAG: str(os.getpid()),
                   HOST_TAG: socket.gethostname()},
             dynamic_partitions_store=instance, all_partitions=False, title=title,
             description=None,  # a re-execution from the UI copies it, and is not run by the CLI
@@ -120,10 +121,11 @@ def is_stopped(instance: dg.DagsterInstance, backfill_id: str) -> bool:
     return backfill is not None and backfill.status in STOPPED
 
 
-def close_abandoned(instance: dg.DagsterInstance) -> list[str]:
+def close_abandoned(instance: dg.DagsterInstance, store: StateStore) -> list[str]:
     """Mark failed the CLI backfills still in progress whose `indexer backfill` process on this host is gone
-    (killed before it could record the outcome), and their runs left started once no process of that CLI's
-    process group is left to finish them; returns the backfills' ids. Without a daemon nothing else would."""
+    (killed before it could record the outcome), and the runs they left started whose run lease nobody
+    holds (a range run holds it from its start to its last result; a lease dies with its process, zombie
+    or not); returns the backfills' ids. Without a daemon nothing else would."""
     host = socket.gethostname()
     closed = []
     for backfill in instance.get_backfills(filters=BulkActionsFilter(
@@ -140,24 +142,11 @@ def close_abandoned(instance: dg.DagsterInstance) -> list[str]:
         instance.update_backfill(backfill.with_status(BulkActionStatus.FAILED).with_error(error)
                                  .with_end_timestamp(time.time()))
         closed.append(backfill.backfill_id)
-        if not _group_alive(int(backfill.tags.get(PGID_TAG, "0"))):
-            for run in instance.get_runs(dg.RunsFilter(tags={BACKFILL_ID_TAG: backfill.backfill_id},
-                                                       statuses=UNFINISHED_RUNS)):
+        for run in instance.get_runs(dg.RunsFilter(tags={BACKFILL_ID_TAG: backfill.backfill_id},
+                                                   statuses=UNFINISHED_RUNS)):
+            if not lease_held(store, run_lease(run.run_id)):  # else a worker of that CLI still runs it
                 instance.report_run_failed(run, f"the process of indexer backfill (pid {pid}) that ran it is gone")
     return closed
-
-
-def _group_alive(pgid: int) -> bool:
-    """Whether any process of the group is left (unknown group: assumed alive, nothing is failed)."""
-    if pgid <= 0:
-        return True
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _backfill_daemon_running(instance: dg.DagsterInstance) -> bool:
