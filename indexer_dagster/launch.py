@@ -21,7 +21,6 @@ from indexer_dagster.assets.ranges import RANGES_PER_RUN, block_ranges
 from indexer_dagster.block_range import BlockRange, ranges_between
 from indexer_dagster.config import CHAIN_ENV_VAR, CONFIG_ENV_VAR, IndexerConfig, load_config
 from indexer_dagster.jobs.names import historical_job_name
-from indexer_dagster.state import open_state
 
 DEPLOY_DIR = Path(__file__).resolve().parents[1] / "deploy"
 DEFAULT_INSTANCE_YAML = DEPLOY_DIR / "dagster.yaml"
@@ -224,8 +223,7 @@ def run_backfill(
     from indexer_dagster.jobs.backfills import close_abandoned
 
     ensure_rpc_pool(instance, cfg.chain.name)
-    with open_state(cfg.state_url) as store:
-        close_abandoned(instance, store)  # a CLI backfill killed earlier would otherwise stay "in progress"
+    close_abandoned(instance, cfg.state_url)  # a CLI backfill killed earlier would otherwise stay "in progress"
     batches = plan_batches(ranges)
     keys_of = {b[0].key: [r.key for r in b] for b in batches}
     backfill = start_cli_backfill(instance, cfg, [r.key for r in ranges])

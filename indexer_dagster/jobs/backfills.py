@@ -23,7 +23,7 @@ from dagster._core.utils import make_new_backfill_id
 from dagster._utils.error import SerializableErrorInfo
 
 from indexer_dagster.persist.lake import _alive  # is that process still running
-from indexer_dagster.state import StateStore
+from indexer_dagster.state import open_state
 from indexer_dagster.sync.realtime import lease_held, run_lease
 
 LAUNCHED_BY_TAG = "indexer/launched_by"
@@ -121,7 +121,7 @@ def is_stopped(instance: dg.DagsterInstance, backfill_id: str) -> bool:
     return backfill is not None and backfill.status in STOPPED
 
 
-def close_abandoned(instance: dg.DagsterInstance, store: StateStore) -> list[str]:
+def close_abandoned(instance: dg.DagsterInstance, state_url: str) -> list[str]:
     """Mark failed the CLI backfills still in progress whose `indexer backfill` process on this host is gone
     (killed before it could record the outcome), and the runs they left started whose run lease nobody
     holds (a range run holds it from its start to its last result; a lease dies with its process, zombie
@@ -142,10 +142,13 @@ def close_abandoned(instance: dg.DagsterInstance, store: StateStore) -> list[str
         instance.update_backfill(backfill.with_status(BulkActionStatus.FAILED).with_error(error)
                                  .with_end_timestamp(time.time()))
         closed.append(backfill.backfill_id)
-        for run in instance.get_runs(dg.RunsFilter(tags={BACKFILL_ID_TAG: backfill.backfill_id},
-                                                   statuses=UNFINISHED_RUNS)):
-            if not lease_held(store, run_lease(run.run_id)):  # else a worker of that CLI still runs it
-                instance.report_run_failed(run, f"the process of indexer backfill (pid {pid}) that ran it is gone")
+        runs = instance.get_runs(dg.RunsFilter(tags={BACKFILL_ID_TAG: backfill.backfill_id}, statuses=UNFINISHED_RUNS))
+        if not runs:
+            continue
+        with open_state(state_url) as store:  # only then: a full disk must still fail with its clear message
+            for run in runs:
+                if not lease_held(store, run_lease(run.run_id)):  # else a worker of that CLI still runs it
+                    instance.report_run_failed(run, f"the process of indexer backfill (pid {pid}) that ran it is gone")
     return closed
 
 

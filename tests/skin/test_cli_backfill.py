@@ -23,7 +23,6 @@ from indexer_dagster.block_range import ranges_between
 from indexer_dagster.definitions import build_definitions
 from indexer_dagster.jobs.backfills import BACKFILL_ID_TAG, close_abandoned
 from indexer_dagster.launch import run_batch, start_cli_backfill
-from indexer_dagster.state import open_state
 from tests.conftest import REPO, cfg_of, cli_env
 
 pytestmark = pytest.mark.slow
@@ -137,8 +136,7 @@ def test_a_killed_cli_backfill_is_closed_by_the_next(make_config, dagster_home, 
         assert dead_record is not None
         rerun = dead_record._replace(backfill_id="rerun", tags={**dead_record.tags, PARENT_BACKFILL_ID_TAG: dead})
         instance.add_backfill(rerun)
-        with open_state(cfg_of(path).state_url) as store:
-            assert close_abandoned(instance, store) == [dead]
+        assert close_abandoned(instance, cfg_of(path).state_url) == [dead]
         assert instance.get_backfill("rerun").status == BulkActionStatus.REQUESTED  # type: ignore[union-attr]
         closed = instance.get_backfill(dead)
         assert closed is not None and closed.status == BulkActionStatus.FAILED
