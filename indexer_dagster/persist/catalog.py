@@ -336,7 +336,13 @@ def register_lake_filesystem(con: duckdb.DuckDBPyConnection, url: str, options: 
     if not names & set(con.list_filesystems()):
         con.register_filesystem(fs)
     # Objects are replaced under the same name: never serve a cached copy of an older one.
-    con.execute("SET enable_external_file_cache = false")
+    _set_if_known(con, "enable_external_file_cache", "false")
+
+
+def _set_if_known(con: duckdb.DuckDBPyConnection, name: str, value: str) -> None:
+    """`SET name = value` where this DuckDB has the setting (the catalog runs on DuckDB 1.4 and 2)."""
+    if con.execute("SELECT count(*) FROM duckdb_settings() WHERE name = ?", [name]).fetchall()[0][0]:
+        con.execute(f"SET {name} = {value}")
 
 
 VERSION_VIEW = internal("_catalog_version")
@@ -458,7 +464,7 @@ def open_catalog(path: Path) -> duckdb.DuckDBPyConnection:
             # Timestamps come back in UTC whatever the machine's zone, and local Parquet files are
             # never served from a cache (a file replaced by rename must be read afresh).
             con.execute("SET TimeZone = 'UTC'")
-            con.execute("SET cache_local_files = false")
+            _set_if_known(con, "cache_local_files", "false")  # DuckDB 2 caches local files; 1.4 never did
             con.execute("SET parquet_metadata_cache = false")
             attach_lake(con)  # a lake on object storage: its filesystem
             return con
