@@ -55,7 +55,7 @@ def source_tables(cfg: IndexerConfig) -> dict[str, list[str]]:
 READS: dict[str, tuple[str, ...]] = {
     "pools": ("pair_created", "swap", "sync"),  # PairCreated, plus pairs seen in Swap/Sync without one
     "tokens": ("pools",),
-    "swaps": ("swap", "pools", "tokens"),
+    "swaps": ("swap", "pools", "tokens", "pool_reserves"),  # reserves: `volume_ref` prices (dex.value_in)
     "pool_reserves": ("sync", "pools", "tokens"),
     "pool_state": ("pool_reserves",),
     "liquidity_events": ("mint", "burn", "pools", "tokens"),

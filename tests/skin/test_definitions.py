@@ -133,7 +133,7 @@ def test_each_dex_asset_depends_only_on_what_it_reads(make_config):
     assert edges == {
         (f"{factory}_pair_created", "pools"), (f"{pair}_swap", "pools"), (f"{pair}_sync", "pools"),
         ("dex/pools", "tokens"),
-        (f"{pair}_swap", "swaps"), ("dex/pools", "swaps"), ("dex/tokens", "swaps"),
+        (f"{pair}_swap", "swaps"), ("dex/pools", "swaps"), ("dex/tokens", "swaps"), ("dex/pool_reserves", "swaps"),
         (f"{pair}_sync", "pool_reserves"), ("dex/pools", "pool_reserves"), ("dex/tokens", "pool_reserves"),
         ("dex/pool_reserves", "pool_state"),
         (f"{pair}_mint", "liquidity_events"), (f"{pair}_burn", "liquidity_events"),
