@@ -228,8 +228,8 @@ def build_live_jobs(cfg: IndexerConfig, historical_keys: list[dg.AssetKey]) -> l
             "rows_archived": sum(r.rows_archived.values()),
             **{f"rows_archived/{ds}": n for ds, n in sorted(r.rows_archived.items())},
             "restored_partitions": ",".join(restored),
-            "live_blocks": f"{res.live_blocks[0]}-{res.live_blocks[1]}" if res.live_blocks else "",
-            "live_logs": res.live_logs, "seconds": round(res.seconds, 3),
+            "live_blocks": "-".join(map(str, res.restored.live_blocks)) if res.restored.live_blocks else "",
+            "live_logs": res.restored.live_logs, "seconds": round(res.seconds, 3),
             **{f"seconds/{phase}": round(t, 3) for phase, t in res.phase_seconds.items()},
             "ranges_failing_checks": ",".join(failed),
         })

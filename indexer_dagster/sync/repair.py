@@ -67,14 +67,16 @@ class Restored:
 @dataclass
 class RepairResult:
     reorg: Reorg
-    restored_partitions: list[str] = field(default_factory=list)
+    restored: Restored = field(default_factory=Restored)  # what this run's (last) restore re-fetched
     archived: dict[str, int] = field(default_factory=dict)
     # The range checks of each restored range (sync.range_checks), run once the reorg is done.
     checks: dict[str, list[CheckResult]] = field(default_factory=dict)
     seconds: float = 0.0
     phase_seconds: dict[str, float] = field(default_factory=dict)  # this run's time in each phase
-    live_blocks: tuple[int, int] | None = None
-    live_logs: int = 0
+
+    @property
+    def restored_partitions(self) -> list[str]:
+        return self.restored.partitions
 
 
 def _number_col(dataset: str) -> str:
@@ -388,14 +390,12 @@ def _repair(
         if reorg.phase is Phase.RESTORING:
             try:
                 with timed(Phase.RESTORING):
-                    restored = restore(cfg, store, reorg, on_partition or (lambda _k: None))
+                    restored = result.restored = restore(cfg, store, reorg, on_partition or (lambda _k: None))
             except ForkChanged as e:
                 # A second reorg under the first: merge it, roll back to the new ancestor, restore again.
                 report(f"the node changed fork during the restore ({e}): merging the new fork and repairing again")
                 reorg = _rewalk_and_reopen(cfg, store, reorg)
                 continue
-            result.restored_partitions = restored.partitions
-            result.live_blocks, result.live_logs = restored.live_blocks, restored.live_logs
             live = (f"live blocks {restored.live_blocks[0]}..{restored.live_blocks[1]} ({restored.live_logs} logs)"
                     if restored.live_blocks else "no live blocks")
             report(f"restored from the new fork: ranges {', '.join(restored.partitions) or 'none'}, {live} "
