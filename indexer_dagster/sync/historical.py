@@ -31,7 +31,7 @@ from indexer_dagster.persist.datasets import (
     live_datasets,
     live_segments,
 )
-from indexer_dagster.persist.files import column_span, open_parquet
+from indexer_dagster.persist.files import open_parquet
 from indexer_dagster.persist.lake import Lake, StreamWriter, Transaction, open_lake
 from indexer_dagster.persist.meta import record_head
 from indexer_dagster.reorg.guard import publish_guard
@@ -47,7 +47,7 @@ from indexer_dagster.sync.contracts import (
     stored_children,
     wanted_coverage,
 )
-from indexer_dagster.sync.supervise import segment_covered
+from indexer_dagster.sync.supervise import highest_block, segment_covered
 from indexer_dagster.urls import redact_to_host
 
 log = get_logger(__name__)
@@ -159,9 +159,7 @@ def _drop_covered_live_segments(cfg: IndexerConfig, covered: BlockRange) -> None
                 continue
             for r in ranges_between(first, last, width):
                 if r.key not in coverage:
-                    file = lake.path(BLOCKS, r.key)
-                    high = column_span(file, "number")[2] if file.exists() else None
-                    coverage[r.key] = high if high is not None else -1
+                    coverage[r.key] = highest_block(lake.path(BLOCKS, r.key))
             if segment_covered(first, last, coverage, width):
                 path.unlink(missing_ok=True)
 

@@ -42,7 +42,7 @@ from indexer_dagster.persist.datasets import (
     live_datasets,
     live_segments,
 )
-from indexer_dagster.persist.files import column_span, read_parquet
+from indexer_dagster.persist.files import read_parquet
 from indexer_dagster.persist.lake import open_lake
 from indexer_dagster.persist.meta import record_head
 from indexer_dagster.reorg.detect import Extend, LocalChain, Reorg, TooDeep, Wait, next_step
@@ -56,6 +56,7 @@ from indexer_dagster.sync.contracts import (
     wanted_coverage,
 )
 from indexer_dagster.sync.historical import Decoder, new_sizer
+from indexer_dagster.sync.supervise import highest_block
 from indexer_dagster.urls import redact_to_host
 
 log = get_logger(__name__)
@@ -151,11 +152,12 @@ def headers_frame(chain_id: int, headers: list[Header]) -> pl.DataFrame:
 
 
 class _RangeFilesForked(Exception):
-    """Range files hold blocks of another fork where the follower is about to extend (`stale`)."""
+    """Range files hold blocks of another fork where the follower is about to extend: their blocks from
+    there on (`stale`), the first of which differs from the node's at block `fork`."""
 
-    def __init__(self, stale: pl.DataFrame) -> None:
-        super().__init__(f"range files hold another fork from block {stale['number'][0]}")
-        self.stale = stale
+    def __init__(self, stale: pl.DataFrame, fork: int) -> None:
+        super().__init__(f"range files hold another fork from block {fork}")
+        self.stale, self.fork = stale, fork
 
 
 class Follower:
@@ -373,8 +375,8 @@ class Follower:
                 tip = self.store.tip(self.chain)
                 if self.store.active_reorg(self.chain) is not None or tip is None or tip.hash != parent.hash:
                     raise ForkChanged("the local chain changed while the new blocks were fetched")
-                if (stale := self._range_blocks_of_another_fork(headers)) is not None:
-                    raise _RangeFilesForked(stale)
+                if (forked := self._range_blocks_of_another_fork(headers)) is not None:
+                    raise _RangeFilesForked(*forked)
                 yield
                 # Files are visible; now the headers (a crash in between is cleaned up at start).
                 self.store.put_headers(self.chain, headers)
@@ -393,8 +395,7 @@ class Follower:
         except _RangeFilesForked as e:
             # A range run wrote these blocks before the follower got here, from a fork the node has left:
             # the blocks both agree on join the local chain, the rest is a reorg above them.
-            ours = {h.number: h.hash for h in headers}
-            fork = min(n for n, h in e.stale.select("number", "hash").rows() if ours.get(n, h) != h)
+            fork = e.fork
             agreed = [h for h in headers if h.number < fork]
             if agreed:
                 with self.store.writer_lock(self.chain):
@@ -413,20 +414,21 @@ class Follower:
         return TickResult("extended", blocks=len(headers), logs=logs.height, tip=headers[-1].number,
                           tip_hash=headers[-1].hash)
 
-    def _range_blocks_of_another_fork(self, headers: list[Header]) -> pl.DataFrame | None:
-        """The range-file blocks from `headers[0]` on (number, hash, parent_hash, timestamp), if one of
-        them differs from the node's block in `headers`. Range files are written up to the node's head
-        of their run, which may pass the follower's tip (a CLI backfill, the follower down meanwhile);
-        the views prefer them, so they are checked here, where the follower reaches those blocks."""
+    def _range_blocks_of_another_fork(self, headers: list[Header]) -> tuple[pl.DataFrame, int] | None:
+        """(the range-file blocks from `headers[0]` on (number, hash, parent_hash, timestamp), the first
+        block number where they differ from the node's in `headers`), if they do. Range files are written
+        up to the node's head of their run, which may pass the follower's tip (a CLI backfill, the follower
+        down meanwhile); the views prefer them, so they are checked here, where the follower reaches them."""
         ours = {h.number: h.hash for h in headers}
         for r in ranges_between(headers[0].number, headers[-1].number, self.cfg.chain.blocks_per_partition):
             path = self.lake.path(BLOCKS, r.key)
-            if not path.exists() or (column_span(path, "number")[2] or -1) < headers[0].number:
+            if highest_block(path) < headers[0].number:
                 continue
             held = read_parquet(path, columns=["number", "hash", "parent_hash", "timestamp"]).filter(
                 pl.col("number") >= headers[0].number).sort("number")
-            if any(ours.get(n, h) != h for n, h in held.select("number", "hash").rows()):
-                return held
+            differ = [n for n, h in held.select("number", "hash").rows() if ours.get(n, h) != h]
+            if differ:
+                return held, differ[0]
         return None
 
     # -- the loop ----------------------------------------------------------------------------

@@ -91,14 +91,16 @@ def plan(f: Facts) -> Plan:
     return p
 
 
+def highest_block(blocks_file: LakePath) -> int:
+    """The highest block number a range's `blocks` file holds (its Parquet footer statistics); -1 when the
+    file is missing or empty."""
+    high = column_span(blocks_file, "number")[2] if blocks_file.exists() else None
+    return high if high is not None else -1
+
+
 def range_coverage(blocks_dir: LakePath) -> dict[str, int]:
     """Range key -> the highest block number in its `blocks` file (from the Parquet footer statistics)."""
-    out: dict[str, int] = {}
-    for p in data_files(blocks_dir):
-        high = column_span(p, "number")[2]
-        if high is not None:
-            out[p.stem] = high
-    return out
+    return {p.stem: high for p in data_files(blocks_dir) if (high := highest_block(p)) >= 0}
 
 
 def segment_covered(first: int, last: int, coverage: Mapping[str, int], width: int) -> bool:
