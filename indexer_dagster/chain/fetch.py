@@ -10,7 +10,8 @@ also checked against the headers' `logsBloom` (and, in `double` mode, fetched tw
 
 import asyncio
 import io
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import orjson
@@ -102,25 +103,37 @@ def _unknown_block_retries(info: RpcErrorInfo) -> int | None:
     return UNKNOWN_BLOCK_RETRIES if _unknown_block(info) else None
 
 
+@contextmanager
+def _unknown_block_is_a_fork_change(block: str) -> Iterator[None]:
+    """An "unknown block" answer to a by-hash request: the block was reorganised away (or a replica has
+    not seen it yet), a fork to re-check rather than an RPC failure."""
+    try:
+        yield
+    except RpcError as e:
+        if _unknown_block(e.info):
+            raise ForkChanged(f"{block} is not on the node's chain (any more): {e.info.message}") from None
+        raise
+
+
+def _of_block(logs: pl.DataFrame, block_hash: str) -> pl.DataFrame:
+    """`logs`, answered for the block `block_hash`; ForkChanged if any is of another block."""
+    if logs.height and not (logs["block_hash"] == block_hash).all():
+        raise ForkChanged("the node answered logs of another block")
+    return logs
+
+
 async def logs_by_hash(rpc: RpcClient, block_hash: str, addresses: Sequence[str], chain_id: int) -> pl.DataFrame:
     """The logs of `addresses` in one block, by its hash (EIP-234), parsed inside the client's retries (a
     truncated 200 body is fetched again). ForkChanged when the node does not know the block (any more) or
     answers logs of another block: a fork to re-check, not a failure."""
-    groups = address_groups(addresses)
-    try:
+    with _unknown_block_is_a_fork_change(f"block {block_hash}"):
         frames = await asyncio.gather(*[
             rpc.call_raw("eth_getLogs", [{"blockHash": block_hash, "address": list(g)}],
                          parse=lambda b: parse_logs_body(b, chain_id), retries_for=_unknown_block_retries)
-            for g in groups
+            for g in address_groups(addresses)
         ])
-    except RpcError as e:
-        if _unknown_block(e.info):
-            raise ForkChanged(f"block {block_hash} is not on the node's chain (any more): {e.info.message}") from None
-        raise
-    out = pl.concat(frames, how="vertical") if frames else parse_logs_body(b'{"result":[]}', chain_id)
-    if out.height and not (out["block_hash"] == block_hash).all():
-        raise ForkChanged("the node answered logs of another block")
-    return out
+    return _of_block(pl.concat(frames, how="vertical") if frames else parse_logs_body(b'{"result":[]}', chain_id),
+                     block_hash)
 
 
 class RangeFetcher:
@@ -197,19 +210,10 @@ class RangeFetcher:
         block, by its hash (EIP-234), all in one JSON-RPC batch: the narrow questions of the bloom check."""
         params = [[{"blockHash": hashes[n], "address": addresses, **({"topics": [topics]} if topics else {})}]
                   for n, addresses, topics in queries]
-        try:
+        with _unknown_block_is_a_fork_change("a block"):
             results = await self.rpc.batch("eth_getLogs", params)
-        except RpcError as e:
-            if _unknown_block(e.info):
-                raise ForkChanged(f"a block is not on the node's chain (any more): {e.info.message}") from None
-            raise
-        out = []
-        for (n, _a, _t), result in zip(queries, results, strict=True):
-            frame = parse_logs_body(orjson.dumps({"result": result or []}), self.chain_id)
-            if frame.height and not (frame["block_hash"] == hashes[n]).all():
-                raise ForkChanged("the node answered logs of another block")
-            out.append(frame)
-        return out
+        return [_of_block(parse_logs_body(orjson.dumps({"result": result or []}), self.chain_id), hashes[n])
+                for (n, _a, _t), result in zip(queries, results, strict=True)]
 
     async def logs(self, from_block: int, to_block: int) -> pl.DataFrame:
         """Logs of all addresses in [from_block, to_block], splitting the range when the node says it is too big."""

@@ -271,11 +271,10 @@ async def _settle_by_matching(
     stats["verify:matching_refetches"] += len(queries) * MATCHING_ANSWERS
     for i, (n, _addresses, _topics) in enumerate(queries):
         mine = logs.filter(pl.col("block_number") == n)
-        known = set(mine["log_index"].to_list())
-        extra = [a[i].filter(~pl.col("log_index").is_in(list(known))) for a in answers]
-        new = pl.concat(extra, how="vertical").unique("log_index", keep="first") if any(e.height for e in extra) \
-            else None
-        if new is None:
+        new = (pl.concat([a[i] for a in answers], how="vertical")
+               .filter(~pl.col("log_index").is_in(mine["log_index"].implode()))
+               .unique("log_index", keep="first", maintain_order=True))
+        if new.height == 0:
             # Neither answer has a log of the suspect pairs that the fetch lacked: a bloom false positive
             # (another contract's logs set those bits).
             stats["verify:bloom_unsettled"] += len(found.pop(n).missing)
