@@ -8,8 +8,8 @@ import dagster as dg
 
 from indexer_dagster.assets.table_metadata import ROW_COUNT, chain_label, table_metadata
 from indexer_dagster.config import IndexerConfig
-from indexer_dagster.dex.build import build_dex, inputs_of
-from indexer_dagster.persist.datasets import DEX, DEX_TABLES
+from indexer_dagster.dex.build import build_dex, build_order, inputs_of
+from indexer_dagster.persist.datasets import DEX
 from indexer_dagster.resources import IndexerConfigResource, StateStoreResource
 from indexer_dagster.sync.realtime import dex_lease
 
@@ -31,7 +31,7 @@ def build_dex_assets(cfg: IndexerConfig) -> list:
         dg.AssetSpec([chain, "dex", t], deps=_deps(cfg, t), group_name="dex", kinds={"parquet", "duckdb"},
                      description=f"{DESCRIPTIONS[t]} On {chain_label(cfg)}.",
                      metadata=table_metadata(cfg, t, DEX, t))
-        for t in DEX_TABLES
+        for t in build_order()  # a multi-asset yields its assets after those they depend on
     ]
 
     @dg.multi_asset(name=f"{chain}_dex_tables", specs=specs,

@@ -9,6 +9,7 @@ tables as a computation from scratch on the new fork. Each table is one Parquet 
 import asyncio
 import time
 from dataclasses import dataclass, field
+from graphlib import TopologicalSorter
 
 import polars as pl
 
@@ -17,7 +18,14 @@ from indexer_dagster.config import IndexerConfig
 from indexer_dagster.dex import derive as dex
 from indexer_dagster.dex.tokens import pair_tokens, token_metadata
 from indexer_dagster.persist.catalog import build_catalog, read_views
-from indexer_dagster.persist.datasets import CANDLE_INTERVALS, DEX, POOL_SCHEMA, TOKEN_SCHEMA, VOLUME_INTERVALS
+from indexer_dagster.persist.datasets import (
+    CANDLE_INTERVALS,
+    DEX,
+    DEX_TABLES,
+    POOL_SCHEMA,
+    TOKEN_SCHEMA,
+    VOLUME_INTERVALS,
+)
 from indexer_dagster.persist.files import read_parquet
 from indexer_dagster.persist.lake import Lake, open_lake
 from indexer_dagster.reorg.guard import publish_guard
@@ -62,6 +70,11 @@ READS: dict[str, tuple[str, ...]] = {
     "pool_volume": ("swaps",),
     "pool_candles": ("swaps",),
 }
+
+
+def build_order() -> list[str]:
+    """The DEX tables, each after the DEX tables it reads (`READS`): the order their asset materializes."""
+    return list(TopologicalSorter({t: [r for r in READS[t] if r in DEX_TABLES] for t in DEX_TABLES}).static_order())
 
 
 def inputs_of(cfg: IndexerConfig, table: str) -> tuple[list[str], list[str]]:
