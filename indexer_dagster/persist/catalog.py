@@ -202,10 +202,15 @@ def view_columns(dataset: str, schema: ds.Schema, big: list[str] | None = None) 
         except TypeError:  # a type the empty-view mapping lacks: Polars' name still says what it is
             typ = str(dtype)
         out.append((renames.get(c, c), typ))
-        base = c.removesuffix("_f64")
-        if c.endswith("_f64") and base in (big or []):
+        if (base := _numbered(c, big or [])) is not None:
             out.append((f"{base}_num", "DECIMAL(38,0)"))
     return out
+
+
+def _numbered(column: str, big: list[str]) -> str | None:
+    """The big integer whose `<base>_num` the view shows right after `column`, its `<base>_f64`; else None."""
+    base = column.removesuffix("_f64")
+    return base if column.endswith("_f64") and base in big else None
 
 
 def number_columns(spec: EventSpec) -> list[str]:
@@ -223,8 +228,7 @@ def _with_numbers(sql: str, schema: ds.Schema, big: list[str]) -> str:
     cols = []
     for c in schema:
         cols.append(quote_name(c))
-        base = c.removesuffix("_f64")
-        if c.endswith("_f64") and base in big:
+        if (base := _numbered(c, big)) is not None:
             cols.append(f"TRY_CAST({quote_name(base)} AS DECIMAL(38,0)) AS {quote_name(base + '_num')}")
     return f"SELECT {', '.join(cols)} FROM ({sql})"
 
