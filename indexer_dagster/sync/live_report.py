@@ -6,7 +6,7 @@ Plain module (no Dagster): the live job turns these into materializations of the
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from indexer_dagster.block_range import BlockRange, range_for_block
+from indexer_dagster.block_range import BlockRange, ranges_between
 from indexer_dagster.config import IndexerConfig
 from indexer_dagster.persist.catalog import build_catalog, read_views
 from indexer_dagster.persist.datasets import BLOCKS, LOGS
@@ -34,7 +34,7 @@ class Written:
 
     def add(self, blocks: int, logs: int, tip: int, tip_hash: str) -> None:
         first = tip - blocks + 1
-        self.ranges.update(range_for_block(n, self.width) for n in (first, tip))
+        self.ranges.update(ranges_between(first, tip, self.width))  # a catch-up can span several ranges
         self.blocks, self.logs = self.blocks + blocks, self.logs + logs
         self.first = first if self.first is None else self.first
         self.tip = (tip, tip_hash)
@@ -48,7 +48,7 @@ class Written:
     def take(self) -> tuple[list[BlockRange], tuple[int, str] | None]:
         """The ranges written and the tip since the last call; starts counting afresh."""
         out = sorted(self.ranges), self.tip
-        self.ranges, self.blocks, self.logs, self.first = set(), 0, 0, None
+        self.ranges, self.blocks, self.logs, self.first, self.tip = set(), 0, 0, None, None
         return out
 
 
