@@ -52,13 +52,12 @@ def fail_dead_runs(
     history_runs = instance.get_runs(dg.RunsFilter(job_name=historical_job, statuses=IN_PROGRESS), limit=100)
     _fail_dead(instance, [r for r in history_runs if not run_alive(store, r)],
                "the range run's process is gone (no lease held)", grace_s)
-    # A reorg run left "started" would keep every writer of the chain waiting for good.
-    reorg_runs = _runs(instance, chain, REORG_ROLE, IN_PROGRESS)
-    _fail_dead(instance, [r for r in reorg_runs if not run_alive(store, r)],
-               "the reorg run's process is gone (no lease held)", grace_s)
-    dex_follow_runs = _runs(instance, chain, DEX_ROLE, IN_PROGRESS)
-    _fail_dead(instance, [r for r in dex_follow_runs if not run_alive(store, r)],
-               "the DEX run's process is gone (no lease held)", grace_s)
+    # Reorg runs (one left "started" would keep every writer of the chain waiting for good) and the
+    # long-running DEX run hold their run's lease too.
+    for role, what in ((REORG_ROLE, "reorg run"), (DEX_ROLE, "DEX run")):
+        runs = _runs(instance, chain, role, IN_PROGRESS)
+        _fail_dead(instance, [r for r in runs if not run_alive(store, r)],
+                   f"the {what}'s process is gone (no lease held)", grace_s)
     if dex_job and not lease_held(store, dex_lease(chain)):
         dex_runs = instance.get_runs(dg.RunsFilter(job_name=dex_job, statuses=IN_PROGRESS), limit=10)
         _fail_dead(instance, dex_runs, "the DEX run's process is gone (no lease held)", grace_s)
