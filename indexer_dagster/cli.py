@@ -382,8 +382,7 @@ def reorgs(config_path: str | None, chain: str | None, as_json: bool) -> None:
 
     cfg = _load(config_path)
     out = []
-    store = open_state(cfg.state_url)
-    try:
+    with open_state(cfg.state_url) as store:
         for c in _selected_chains(cfg, chain):
             name = c.chain.name
             halt = store.halted(name)
@@ -391,8 +390,6 @@ def reorgs(config_path: str | None, chain: str | None, as_json: bool) -> None:
             out.append({"chain": name, "halted": None if halt is None else {
                 "reason": halt.reason, "reorg_id": halt.reorg_id, "since": halt.halted_at.isoformat()},
                 "reorgs": ledger})
-    finally:
-        store.close()
     if as_json:
         click.echo(json.dumps(out, indent=2, default=str))
         return
@@ -417,11 +414,8 @@ def resume(config_path: str | None, chain: str) -> None:
     cfg = _load(config_path)
     if chain not in {c.chain.name for c in cfg.chains}:
         raise click.ClickException(f"chain {chain!r} is not in the config")
-    store = open_state(cfg.state_url)
-    try:
+    with open_state(cfg.state_url) as store:
         halt = store.resume(chain)
-    finally:
-        store.close()
     click.echo(f"{chain}: resumed (it was halted since {halt.halted_at:%Y-%m-%d %H:%M:%S} UTC: {halt.reason})"
                if halt else f"{chain} was not halted")
 
