@@ -313,10 +313,12 @@ def retry_on_changed_files(con: duckdb.DuckDBPyConnection, run, attempts: int = 
 
 
 def _drop_listing(con: duckdb.DuckDBPyConnection) -> None:
+    if not con.list_filesystems():
+        return  # a local lake (no fsspec filesystem registered): DuckDB lists it afresh for every query
     try:
         _reader_filesystem(*_lake_of(con)).invalidate_cache()
     except duckdb.CatalogException:
-        pass  # a local lake: DuckDB lists it afresh for every query
+        pass  # no lake named in the catalog
 
 
 def _lake_of(con: duckdb.DuckDBPyConnection) -> tuple[str, dict]:
