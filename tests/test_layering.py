@@ -14,7 +14,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("storage", ("state", "persist")),
     ("chain access", ("chain",)),
     ("reorg detection", ("reorg",)),
-    ("derivation and operations", ("dex.derive", "dex.tokens", "dex.build", "health")),
+    ("derivation and operations", ("dex.derive", "dex.tokens", "dex.sources", "dex.incremental", "dex.build", "health")),
     ("pipelines", ("sync",)),
     ("query", ("query", "dex.queries", "api")),
     ("Dagster skin", ("resources", "assets", "jobs", "sensors", "dex.assets", "definitions")),

@@ -29,7 +29,7 @@ from indexer_dagster.parse.abi import EventSpec
 from indexer_dagster.persist import datasets as ds
 from indexer_dagster.persist.duck_lock import lock_message
 from indexer_dagster.persist.files import is_remote
-from indexer_dagster.persist.lake import StorageError, open_lake
+from indexer_dagster.persist.lake import SCHEMA_FILE, StorageError, open_lake
 from indexer_dagster.persist.meta import ensure_failed_checks
 
 _DUCK_TYPES = {
@@ -166,14 +166,26 @@ def view_statements(cfg: IndexerConfig) -> dict[str, str]:
         orphans = {**schema, **ds.ORPHAN_COLUMNS}
         views[f"orphaned_{name}"] = _renamed(_with_numbers(src(ds.orphaned(dataset), orphans), orphans, big), dataset)
     views["reorgs"] = meta(ds.REORGS, ds.REORGS_SCHEMA)
-    # Derived DEX tables (one file per chain and table): a view once the first build wrote them.
+    # Derived DEX tables (dex.incremental): a view once the first step wrote them.
     for table, col in ds.DEX_TABLES.items():
-        files = [str(p) for lake in lakes if (p := lake.path(ds.DEX, table)).is_file()]
+        if table in (*ds.DEX_ROW_TABLES, *ds.DEX_DAY_TABLES):
+            # A directory of step or day files, each with its schema file once written (see `Lake.glob`).
+            files = [lake.glob(ds.dex(table)) for lake in lakes if lake.exists(ds.dex(table), SCHEMA_NAME)]
+        else:
+            files = [str(p) for lake in lakes if (p := lake.path(ds.DEX, table)).is_file()]
         if not files:
             continue
         sql = f"SELECT * FROM {_read(files)}"
         views[table] = with_status(sql, col) if col else sql
+        if table in ds.DEX_ROW_TABLES:
+            archives = [lake.glob(ds.orphaned(ds.dex(table))) for lake in lakes
+                        if lake.exists(ds.orphaned(ds.dex(table)), SCHEMA_NAME)]
+            if archives:
+                views[f"orphaned_{table}"] = f"SELECT * FROM {_read(archives)}"
     return views
+
+
+SCHEMA_NAME = SCHEMA_FILE.removesuffix(".parquet")  # the key of a dataset's schema file
 
 
 # Columns a view names differently from its files: one name for one thing across the views (`blocks`

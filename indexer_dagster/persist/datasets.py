@@ -13,7 +13,10 @@ A chain's files live under `<lake root>/<chain>/`:
     _meta/failed_checks.parquet            ranges whose last range checks failed (FAILED_CHECKS_SCHEMA)
     _meta/reorgs.parquet                   the reorg ledger, exported from the state store (REORGS_SCHEMA)
     _meta/rpc_stats.json                   RPC request / retry / error counters
-    dex/<table>.parquet                    derived DEX tables (DEX_TABLES)
+    dex/<table>/<first>-<last>.parquet     DEX rows derived from blocks first..last (DEX_ROW_TABLES)
+    dex/<table>/<yyyymmdd>.parquet         DEX aggregates, every bucket of one UTC day (DEX_DAY_TABLES)
+    dex/<table>.parquet                    pool_state and tokens: one small file each
+    dex/_cursor.parquet, dex/_undo/        how far the DEX tables are derived; how to undo recent steps
 
 A `<range>` is a zero-padded block-range key (`indexer_dagster.block_range`). Only `persist.lake` turns a
 (dataset, key) pair into a path; everything else names datasets with the constants below.
@@ -155,7 +158,7 @@ REORGS_SCHEMA: Schema = {
     "updated_at": UTC_TIME, "finished_at": UTC_TIME, "note": pl.String,
 }
 
-# -- derived DEX tables (`dex/<table>.parquet`, one file per chain and table) -----------------------
+# -- derived DEX tables (maintained step by step by `dex.incremental`) ----------------------------
 
 DEX = "dex"
 # Each table, with the column whose block decides the row's finality (None: always final).
@@ -168,6 +171,26 @@ DEX_TABLES: dict[str, str | None] = {
     "liquidity_events": "block_number",
     "pool_volume": "last_block",
     "pool_candles": "last_block",
+}
+
+# Rows of the blocks one step derived, a file per step (merged per partition once final).
+DEX_ROW_TABLES = ("pools", "swaps", "pool_reserves", "liquidity_events")
+# Time buckets, a file per UTC day (every bucket of the two intervals each table stores).
+DEX_DAY_TABLES = ("pool_volume", "pool_candles")
+DEX_CURSOR = "_cursor"  # dex/_cursor.parquet: the last block the DEX tables are derived through
+DEX_UNDO = "dex/_undo"  # <first>-<last>.parquet: what undoes the step of those blocks (files it replaced/created)
+DEX_UNDO_COPIES = "dex/_undo_copies"  # the files a step replaced, as they were before it
+
+
+def dex(table: str) -> str:
+    """The dataset (a directory of files) of a DEX row or day table."""
+    return f"{DEX}/{table}"
+
+
+CURSOR_SCHEMA: Schema = {"block_number": pl.Int64, "block_hash": pl.String}
+UNDO_SCHEMA: Schema = {
+    "prev_block": pl.Int64, "prev_hash": pl.String,  # the cursor before the step
+    "action": pl.String, "dataset": pl.String, "key": pl.String,  # "restore" (from a copy) or "delete"
 }
 
 CANDLE_INTERVALS = ("1m", "1h")  # the buckets `pool_candles` stores

@@ -29,8 +29,11 @@ from indexer_dagster.block_range import BlockRange, parse_key
 from indexer_dagster.chain.fetch import ForkChanged
 from indexer_dagster.chain.rpc import call_sync, rpc_client
 from indexer_dagster.config import IndexerConfig
+from indexer_dagster.dex.incremental import rollback as dex_rollback
+from indexer_dagster.dex.sources import enabled as dex_enabled
 from indexer_dagster.persist.datasets import (
     BLOCK_SCHEMA,
+    DEX_ROW_TABLES,
     LIVE,
     LOG_SCHEMA,
     META,
@@ -40,6 +43,7 @@ from indexer_dagster.persist.datasets import (
     REORGS_SCHEMA,
     live_datasets,
 )
+from indexer_dagster.persist.datasets import dex as dex_dataset
 from indexer_dagster.persist.files import LakePath, read_parquet, scan_parquet
 from indexer_dagster.persist.lake import Lake, open_lake
 from indexer_dagster.persist.meta import record_head
@@ -110,6 +114,12 @@ def roll_back(cfg: IndexerConfig, store: StateStore, reorg: Reorg) -> dict[str, 
     ancestor = reorg.common_ancestor
     orphaned_at = datetime.now(UTC)
     archived: dict[str, int] = {}
+    if dex_enabled(cfg):  # derived data first: the DEX steps above the ancestor undone, their rows archived
+        dex_rollback(cfg, ancestor, reorg.id)
+        for table in DEX_ROW_TABLES:  # counted from the archive: a re-run after a crash counts the same
+            if n := _archived_rows(lake, dex_dataset(table), reorg.id):
+                archived[dex_dataset(table)] = n
+                store.add_rows_archived(reorg.id, dex_dataset(table), n)
     for dataset in reversed(live_datasets(cfg)):  # events, then logs, then blocks
         col = _number_col(dataset)
         # Blocks a range file held: their live copies were hidden duplicates. Read from this pass's
