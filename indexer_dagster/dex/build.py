@@ -63,13 +63,15 @@ def _with_interval(frames: dict[str, pl.DataFrame]) -> pl.DataFrame:
     return pl.concat([f.with_columns(pl.lit(i).alias("interval")) for i, f in frames.items()], how="vertical")
 
 
-def compute(cfg: IndexerConfig) -> dict[str, pl.DataFrame]:
-    """All DEX tables at once from the catalog's canonical event views (the reference; see the module)."""
+def compute(cfg: IndexerConfig, through: int | None = None) -> dict[str, pl.DataFrame]:
+    """All DEX tables at once from the catalog's canonical event views (the reference; see the module),
+    of the blocks up to `through` (None: all)."""
     build_catalog(cfg)
     src = source_tables(cfg)
-    swap, sync = read_events(cfg, src["swap"]), read_events(cfg, src["sync"])
-    mint, burn = read_events(cfg, src["mint"]), read_events(cfg, src["burn"])
-    created = read_events(cfg, src["pair_created"])
+    blocks = (cfg.start_block, through) if through is not None else None
+    swap, sync = read_events(cfg, src["swap"], blocks), read_events(cfg, src["sync"], blocks)
+    mint, burn = read_events(cfg, src["mint"], blocks), read_events(cfg, src["burn"], blocks)
+    created = read_events(cfg, src["pair_created"], blocks)
     if swap is None or sync is None:
         raise ValueError("the DEX tables need the Uniswap V2 Swap and Sync events in the config (see `enabled`)")
     pools = dex.pools(created) if created is not None and created.height else pl.DataFrame(schema=POOL_SCHEMA)
