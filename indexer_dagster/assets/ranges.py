@@ -20,8 +20,11 @@ from indexer_dagster.assets.table_metadata import (
     table_metadata,
 )
 from indexer_dagster.block_range import parse_key
+from indexer_dagster.chain.fetch import ForkChanged
 from indexer_dagster.chain.rpc import RpcStats
 from indexer_dagster.config import IndexerConfig
+from indexer_dagster.dex.build import build_dex
+from indexer_dagster.dex.build import enabled as dex_enabled
 from indexer_dagster.health.logs import bind
 from indexer_dagster.persist import datasets as ds
 from indexer_dagster.persist.catalog import build_catalog
@@ -164,6 +167,8 @@ def build_historical_assets(cfg: IndexerConfig, partitions_def: dg.PartitionsDef
             except Exception as e:
                 _fail_fast_on_storage(cfg, e)
                 raise
+            if fetch and dex_enabled(cfg):
+                _derive_dex(context, cfg, store)
             spec: dg.AssetSpec | dg.AssetCheckSpec  # the loops below go over both kinds
             for spec in specs:  # in spec order, which is topological (raw before decoded)
                 if spec.key in selected:
@@ -174,6 +179,19 @@ def build_historical_assets(cfg: IndexerConfig, partitions_def: dg.PartitionsDef
                     yield check_result(spec, checked[spec.name])
 
     return [historical]
+
+
+def _derive_dex(context: dg.AssetExecutionContext, cfg: IndexerConfig, store) -> None:
+    """The DEX tables derived in the same runs as the ranges (a backfill's runs take turns): through the
+    highest block up to which every range is in. A reorg beginning meanwhile leaves it to the next run."""
+    try:
+        res = build_dex(cfg, store=store)
+    except ForkChanged as e:
+        context.log.info(f"{cfg.chain.name}: DEX tables not derived ({e}); the next run or the DEX run will")
+        return
+    if res.blocks is not None:
+        context.log.info(f"{cfg.chain.name}: DEX tables derived for blocks {res.blocks[0]}..{res.blocks[1]} "
+                         f"({res.steps} steps, {res.seconds:.2f} s)")
 
 
 def _fail_fast_on_storage(cfg: IndexerConfig, e: Exception) -> None:

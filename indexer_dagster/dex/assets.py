@@ -11,7 +11,6 @@ from indexer_dagster.config import IndexerConfig
 from indexer_dagster.dex.build import build_dex, build_order, inputs_of
 from indexer_dagster.persist.datasets import DEX
 from indexer_dagster.resources import IndexerConfigResource, StateStoreResource
-from indexer_dagster.sync.realtime import dex_lease
 
 DESCRIPTIONS = {
     "pools": "Uniswap V2 pools (PairCreated, or token0()/token1() of configured pairs).",
@@ -38,9 +37,8 @@ def build_dex_assets(cfg: IndexerConfig) -> list:
                     retry_policy=dg.RetryPolicy(max_retries=3, delay=2))
     def dex_tables(context: dg.AssetExecutionContext, indexer: IndexerConfigResource, state: StateStoreResource):
         cfg = indexer.for_chain(chain)
-        # The lease tells the sensor this run is alive (a run killed with its daemon is replaced).
-        with state.store.writer_lock(dex_lease(chain), timeout_s=600):
-            res = build_dex(cfg, store=state.store)
+        # Its lease (taken by build_dex) tells the sensor this run is alive (one killed with its daemon is replaced).
+        res = build_dex(cfg, store=state.store)
         preview = _markdown(res.top_pools)
         for spec in specs:
             table = spec.key.path[-1]

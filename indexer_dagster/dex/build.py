@@ -11,7 +11,7 @@ import polars as pl
 
 from indexer_dagster.config import IndexerConfig
 from indexer_dagster.dex import derive as dex
-from indexer_dagster.dex.incremental import DexResult, advance
+from indexer_dagster.dex.incremental import DexResult, advance, dex_lease
 from indexer_dagster.dex.sources import (
     UNISWAP_V2,
     enabled,
@@ -97,5 +97,5 @@ def build_dex(cfg: IndexerConfig, *, store: StateStore | None = None, max_steps:
     """Bring the DEX tables up to the indexed tip, deriving only the blocks since the last call
     (`dex.incremental`); refused (ForkChanged) if a reorg began meanwhile. `store`: the run's state store
     (None: one opened for this call)."""
-    with store_or_open(cfg.state_url, store) as s:
+    with store_or_open(cfg.state_url, store) as s, s.writer_lock(dex_lease(cfg.chain.name), timeout_s=600):
         return advance(cfg, s, max_steps=max_steps)

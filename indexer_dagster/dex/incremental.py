@@ -63,6 +63,11 @@ STEP_BLOCKS = 10_000
 MERGE_AT = 2
 
 
+def dex_lease(chain: str) -> str:
+    """Held while the chain's DEX tables are derived: one deriver at a time (and the sensor's sign of life)."""
+    return f"{chain}:dex"
+
+
 @dataclass
 class DexResult:
     rows: dict[str, int] = field(default_factory=dict)  # rows of each table (the files' footers)

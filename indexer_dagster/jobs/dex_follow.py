@@ -18,7 +18,7 @@ from indexer_dagster.jobs.names import CHAIN_TAG, DEX_ROLE, ROLE_TAG, SINGLETON_
 from indexer_dagster.persist.datasets import DEX_TABLES
 from indexer_dagster.resources import IndexerConfigResource, StateStoreResource
 from indexer_dagster.state import ChainHalted
-from indexer_dagster.sync.realtime import dex_lease, run_lease
+from indexer_dagster.sync.realtime import run_lease
 
 
 class DexFollowConfig(dg.Config):
@@ -53,8 +53,7 @@ def build_dex_follow_job(cfg: IndexerConfig) -> dg.JobDefinition:
                 if not idle:
                     assert tip is not None and now_at is not None
                     try:
-                        with store.writer_lock(dex_lease(chain), timeout_s=600):
-                            res = build_dex(cfg, store=store)
+                        res = build_dex(cfg, store=store)
                     except (ForkChanged, ChainHalted) as e:
                         context.log.info(f"{chain}: DEX build at tip {tip.number} not published ({e}); again")
                     else:

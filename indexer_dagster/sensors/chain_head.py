@@ -6,6 +6,7 @@ import dagster as dg
 
 from indexer_dagster.chain.rpc import rpc_client
 from indexer_dagster.config import IndexerConfig
+from indexer_dagster.dex.incremental import dex_lease
 from indexer_dagster.jobs.live import IN_PROGRESS, ReorgConfig
 from indexer_dagster.jobs.names import (
     CHAIN_TAG,
@@ -22,7 +23,7 @@ from indexer_dagster.persist.lake import open_lake
 from indexer_dagster.persist.meta import failed_ranges
 from indexer_dagster.resources import IndexerConfigResource
 from indexer_dagster.state import open_state
-from indexer_dagster.sync.realtime import ANCHOR, dex_lease, follower_alive, lease_held, run_lease
+from indexer_dagster.sync.realtime import ANCHOR, follower_alive, lease_held, run_lease
 from indexer_dagster.sync.supervise import Facts, plan, range_coverage, ranges_with_live_segments
 from indexer_dagster.sync.supplement import ranges_to_supplement
 

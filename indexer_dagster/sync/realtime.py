@@ -105,11 +105,6 @@ def range_lease(chain: str, key: str) -> str:
     return f"{chain}:range:{key}"
 
 
-def dex_lease(chain: str) -> str:
-    """Held by a DEX build while it runs (the sensor's sign of life)."""
-    return f"{chain}:dex"
-
-
 def run_lease(run_id: str) -> str:
     """Held by a Dagster run's step for as long as it runs (the sensor's sign of life)."""
     return f"run:{run_id}"
