@@ -34,7 +34,7 @@ from indexer_dagster.dex.sources import (
     source_tables,
     with_unindexed_pools,
 )
-from indexer_dagster.persist.catalog import build_catalog, read_views
+from indexer_dagster.persist.catalog import ViewReader, build_catalog, view_reader
 from indexer_dagster.persist.datasets import (
     CANDLE_INTERVALS,
     CURSOR_SCHEMA,
@@ -53,10 +53,11 @@ from indexer_dagster.persist.datasets import (
 )
 from indexer_dagster.persist.datasets import dex as dex_dataset
 from indexer_dagster.persist.files import parquet_metadata, read_parquet
-from indexer_dagster.persist.lake import Lake, open_lake
+from indexer_dagster.persist.lake import SCHEMA_FILE, Lake, open_lake
 from indexer_dagster.reorg.guard import publish_guard
 from indexer_dagster.state import StateStore
 
+SCHEMA_NAME = SCHEMA_FILE.removesuffix(".parquet")  # the key of a dataset's schema file
 # Blocks one step derives at most (memory stays bounded in a backfill; live steps are a few blocks).
 STEP_BLOCKS = 10_000
 # Step files of a final partition merged into one once there are this many.
@@ -210,10 +211,6 @@ def _as_reserves(state: pl.DataFrame) -> pl.DataFrame:
                          "last_timestamp": "block_timestamp"})
 
 
-def _day(ts: datetime) -> str:
-    return ts.strftime("%Y%m%d")
-
-
 def _with_interval(frames: dict[str, pl.DataFrame]) -> pl.DataFrame:
     return pl.concat([f.with_columns(pl.lit(i).alias("interval")) for i, f in frames.items()], how="vertical")
 
@@ -233,13 +230,11 @@ def _day_swaps(lake: Lake, day: str, new: pl.DataFrame) -> pl.DataFrame:
     return pl.concat(parts, how="vertical_relaxed").sort("block_number", "log_index")
 
 
-def derive_step(cfg: IndexerConfig, lake: Lake, first: int, last: int) -> dict[str, pl.DataFrame]:
+def derive_step(cfg: IndexerConfig, lake: Lake, read: ViewReader, first: int, last: int) -> dict[str, pl.DataFrame]:
     """The files a step of blocks first..last writes, by (dataset, key) -> frame, from the tables as of first-1."""
     src = source_tables(cfg)
-    blocks = (first, last)
-    swap, sync = read_events(cfg, src["swap"], blocks), read_events(cfg, src["sync"], blocks)
-    mint, burn = read_events(cfg, src["mint"], blocks), read_events(cfg, src["burn"], blocks)
-    created = read_events(cfg, src["pair_created"], blocks)
+    swap, sync, mint, burn, created = (
+        read_events(cfg, src[kind], (first, last), read) for kind in ("swap", "sync", "mint", "burn", "pair_created"))
     assert swap is not None and sync is not None  # `enabled`
 
     known = _read_all(lake, dex_dataset("pools"))
@@ -274,7 +269,7 @@ def derive_step(cfg: IndexerConfig, lake: Lake, first: int, last: int) -> dict[s
             out[(dex_dataset(table), key)] = frame
     if reserves.height:
         out[(DEX, "pool_state")] = dex.pool_state(quotes)
-    for day in sorted({_day(t) for t in swaps["block_timestamp"]}):
+    for day in swaps["block_timestamp"].dt.strftime("%Y%m%d").unique().sort():
         day_swaps = _day_swaps(lake, day, swaps)
         out[(dex_dataset("pool_volume"), day)] = _with_interval(
             {i: dex.pool_volume(day_swaps, i) for i in VOLUME_INTERVALS})
@@ -286,8 +281,9 @@ def derive_step(cfg: IndexerConfig, lake: Lake, first: int, last: int) -> dict[s
 
 
 def _publish_step(cfg: IndexerConfig, lake: Lake, store: StateStore, first: int, last: int,
-                  blocks: pl.DataFrame, at: tuple[int, str] | None, files: dict) -> None:
-    """An undo record, then the step's files under the chain's publish guard, the cursor last."""
+                  blocks: pl.DataFrame, at: tuple[int, str] | None, files: dict) -> bool:
+    """An undo record, then the step's files under the chain's publish guard, the cursor last. True when
+    a table got its first file (the catalog needs its view)."""
     guard = publish_guard(store, cfg.chain.name, "a reorg began while the DEX tables were derived; again",
                           blocks=lambda: blocks)
     step = _step_key(first, last)
@@ -305,7 +301,9 @@ def _publish_step(cfg: IndexerConfig, lake: Lake, store: StateStore, first: int,
         record = pl.DataFrame(
             [(at[0] if at else None, at[1] if at else None, *a) for a in actions], schema=UNDO_SCHEMA, orient="row")
         tx.writer(DEX_UNDO, step, UNDO_SCHEMA, marker=True).write(record)  # after its copies
-    for (dataset, _key), frame in files.items():
+    new_table = False
+    for (dataset, key), frame in files.items():
+        new_table |= not (lake.exists(dataset, SCHEMA_NAME) if dataset != DEX else lake.exists(dataset, key))
         if dataset != DEX:  # views over an emptied directory still bind; the archive's view exists from the start
             lake.ensure_schema_file(dataset, dict(frame.schema))
             if dataset.split("/")[-1] in DEX_ROW_TABLES:
@@ -316,6 +314,7 @@ def _publish_step(cfg: IndexerConfig, lake: Lake, store: StateStore, first: int,
         for (dataset, key), frame in files.items():
             tx.writer(dataset, key, dict(frame.schema)).write(frame)
         tx.writer(DEX, DEX_CURSOR, CURSOR_SCHEMA, marker=True).write(cursor)
+    return new_table
 
 
 def _settle(cfg: IndexerConfig, lake: Lake, cursor: int) -> None:
@@ -347,22 +346,22 @@ def _settle(cfg: IndexerConfig, lake: Lake, cursor: int) -> None:
                           dict(merged.schema)).write(merged)
 
 
-def _canonical(cfg: IndexerConfig, first: int, last: int) -> pl.DataFrame:
+def _canonical(cfg: IndexerConfig, read: ViewReader, first: int, last: int) -> pl.DataFrame:
     """(number, hash) of the canonical blocks first..last the lake holds, from `first` up to the first gap."""
-    got = read_views(cfg.duckdb_path, (
+    got = read(
         f"SELECT number, hash FROM blocks WHERE chain_id = {int(cfg.chain.chain_id)} "
-        f"AND number BETWEEN {int(first)} AND {int(last)} ORDER BY number"))
+        f"AND number BETWEEN {int(first)} AND {int(last)} ORDER BY number")
     if got.height == 0 or got["number"][0] != first:
         return got.clear()
     gaps = got.with_row_index("i").filter(pl.col("number") != pl.col("i") + first)
     return got if gaps.height == 0 else got.head(int(gaps["i"][0]))
 
 
-def _behind_fork(cfg: IndexerConfig, lake: Lake) -> None:
+def _behind_fork(cfg: IndexerConfig, lake: Lake, read: ViewReader) -> None:
     """Undo the steps whose last block the lake's canonical blocks no longer hold (a reorg the DEX tables
     missed): the tables go back to a cursor on the canonical chain."""
     while (at := read_cursor(lake)) is not None:
-        got = _canonical(cfg, at[0], at[0])
+        got = _canonical(cfg, read, at[0], at[0])
         if got.height and got["hash"][0] == at[1]:
             return
         records = [r for r in _records(lake) if r[1] == at[0]]
@@ -378,29 +377,36 @@ def advance(cfg: IndexerConfig, store: StateStore, max_steps: int | None = None)
     started = time.perf_counter()
     lake = open_lake(cfg)
     res = DexResult()
-    build_catalog(cfg)
+    if any(lake.exists(DEX, t) for t in (*DEX_ROW_TABLES, *DEX_DAY_TABLES)):
+        reset(lake)  # a lake of the layout before steps (one file per table): derived again, step by step
+        build_catalog(cfg)
+    elif not cfg.duckdb_path.is_file():
+        build_catalog(cfg)  # (the writers of the events build it as they add tables)
     recover(lake)
-    _behind_fork(cfg, lake)
     width = cfg.chain.blocks_per_partition
-    while max_steps is None or res.steps < max_steps:
-        if store.active_reorg(cfg.chain.name) is not None:
-            break
-        at = read_cursor(lake)
-        first = at[0] + 1 if at else cfg.start_block
-        end = min(range_for_block(first, width).end, first + STEP_BLOCKS - 1)
-        blocks = _canonical(cfg, first, end)
-        if blocks.height == 0:
-            break
-        last = int(blocks["number"][-1])
-        files = derive_step(cfg, lake, first, last)
-        _publish_step(cfg, lake, store, first, last, blocks, at, files)
-        res.steps += 1
-        res.blocks = (res.blocks[0] if res.blocks else first, last)
+    new_tables = False
+    with view_reader(cfg.duckdb_path) as read:
+        _behind_fork(cfg, lake, read)
+        while max_steps is None or res.steps < max_steps:
+            if store.active_reorg(cfg.chain.name) is not None:
+                break
+            at = read_cursor(lake)
+            first = at[0] + 1 if at else cfg.start_block
+            end = min(range_for_block(first, width).end, first + STEP_BLOCKS - 1)
+            blocks = _canonical(cfg, read, first, end)
+            if blocks.height == 0:
+                break
+            last = int(blocks["number"][-1])
+            files = derive_step(cfg, lake, read, first, last)
+            new_tables |= _publish_step(cfg, lake, store, first, last, blocks, at, files)
+            res.steps += 1
+            res.blocks = (res.blocks[0] if res.blocks else first, last)
     at = read_cursor(lake)
     res.cursor = at[0] if at else None
-    if at is not None:
+    if at is not None and res.steps:
         _settle(cfg, lake, at[0])
-    build_catalog(cfg)  # the DEX views appear once their files exist
+    if new_tables:
+        build_catalog(cfg)  # a DEX view appears once its table has a file
     res.rows = table_rows(lake)
     res.top_pools = _top_pools(lake)
     res.seconds = time.perf_counter() - started

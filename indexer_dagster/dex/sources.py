@@ -8,7 +8,7 @@ import polars as pl
 from indexer_dagster.chain.rpc import rpc_client
 from indexer_dagster.config import IndexerConfig
 from indexer_dagster.dex.tokens import pair_tokens, token_metadata
-from indexer_dagster.persist.catalog import read_views
+from indexer_dagster.persist.catalog import ViewReader, read_views
 from indexer_dagster.persist.datasets import DEX, POOL_SCHEMA, TOKEN_SCHEMA
 from indexer_dagster.persist.files import read_parquet
 from indexer_dagster.persist.lake import Lake
@@ -38,9 +38,10 @@ def enabled(cfg: IndexerConfig) -> bool:
     return bool(t["swap"] and t["sync"])
 
 
-def read_events(cfg: IndexerConfig, tables: list[str], blocks: tuple[int, int] | None = None) -> pl.DataFrame | None:
+def read_events(cfg: IndexerConfig, tables: list[str], blocks: tuple[int, int] | None = None,
+                read: ViewReader | None = None) -> pl.DataFrame | None:
     """The canonical rows of `tables` (one event kind) on this chain, of `blocks` (first, last) or all;
-    None when the config has no such table."""
+    None when the config has no such table. `read`: a `view_reader` to ask through."""
     if not tables:
         return None
     where = f"chain_id = {int(cfg.chain.chain_id)}"
@@ -48,7 +49,7 @@ def read_events(cfg: IndexerConfig, tables: list[str], blocks: tuple[int, int] |
         where += f" AND block_number BETWEEN {int(blocks[0])} AND {int(blocks[1])}"
     # The views span every chain of the config; this chain's DEX tables come from its own rows.
     sql = " UNION ALL ".join(f'SELECT * EXCLUDE (status) FROM "{t}" WHERE {where}' for t in tables)
-    return read_views(cfg.duckdb_path, sql)
+    return read(sql) if read is not None else read_views(cfg.duckdb_path, sql)
 
 
 def cached_tokens(lake: Lake) -> pl.DataFrame:

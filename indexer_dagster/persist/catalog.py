@@ -18,6 +18,8 @@ import json
 import os
 import time
 import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import duckdb
@@ -504,11 +506,22 @@ def open_catalog(path: Path) -> duckdb.DuckDBPyConnection:
     raise AssertionError("unreachable")
 
 
-def read_views(path: Path, sql: str) -> pl.DataFrame:
-    """The result of `sql` over the catalog's views, for the indexer's own derivations (the DEX tables
-    read the canonical rows the views merge from range files and live segments)."""
+ViewReader = Callable[[str], pl.DataFrame]
+
+
+@contextmanager
+def view_reader(path: Path) -> Iterator[ViewReader]:
+    """`read(sql)` over the catalog's views on one connection, for the indexer's own derivations (the
+    DEX tables read the canonical rows the views merge from range files and live segments); opening
+    the catalog costs more than a small query, so work that asks many keeps one reader."""
     con = open_catalog(path)
     try:
-        return retry_on_changed_files(con, lambda: con.sql(sql).pl())
+        yield lambda sql: retry_on_changed_files(con, lambda: con.sql(sql).pl())
     finally:
         con.close()
+
+
+def read_views(path: Path, sql: str) -> pl.DataFrame:
+    """The result of one `sql` over the catalog's views (see `view_reader`)."""
+    with view_reader(path) as read:
+        return read(sql)

@@ -10,7 +10,7 @@ from indexer_dagster.config import load_config
 from indexer_dagster.devnet import Anvil, build_devnet, write_config
 from indexer_dagster.devnet.uniswap import generate_traffic
 from indexer_dagster.devnet.uniswap import reorg as anvil_reorg
-from indexer_dagster.dex.build import build_dex
+from indexer_dagster.dex.build import build_dex, compute
 from indexer_dagster.dex.incremental import read_cursor, rollback
 from indexer_dagster.persist import lake as lake_module
 from indexer_dagster.persist.lake import open_lake
@@ -123,5 +123,18 @@ def test_a_dex_step_killed_after_any_of_its_renames_is_undone_and_derived_again(
         equal_from_scratch(cfg, 19)
     assert renames > 6  # the undo record's files, then the step's, then its cursor
     build_dex(cfg, store=store)
+    equal_from_scratch(cfg)
+    check_against_chain(cfg, node)
+
+
+def test_a_lake_of_the_layout_before_steps_is_derived_again_step_by_step(devnet):
+    """Before steps, each DEX table was one file (`dex/<table>.parquet`): such a lake's tables are
+    derived again from the first block, and the old files go (they would shadow nothing, but confuse)."""
+    node, _dep, cfg = devnet
+    lake = open_lake(cfg)
+    for table, frame in compute(cfg).items():
+        lake.write("dex", table, frame)
+    build_dex(cfg)
+    assert not any(lake.exists("dex", t) for t in ("swaps", "pools", "pool_volume", "pool_candles"))
     equal_from_scratch(cfg)
     check_against_chain(cfg, node)

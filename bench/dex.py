@@ -1,0 +1,184 @@
+#!/usr/bin/env python
+"""DEX-table benchmark: the cost of keeping the DEX tables current must follow the new blocks, not the history.
+
+1. A devnet (anvil, real Uniswap V2) is backfilled range by range (`sync_range`), then its DEX tables
+   derived (`build_dex`): the DEX share of a backfill's time.
+2. Its blocks of swaps are the template of a synthetic history appended after them: range files of
+   `--partition` blocks with `--swaps-per-block` Swap (and as many Sync) events of the devnet's pools,
+   in the lake's own layout, so the views and the DEX steps read them as they read synced ranges. The
+   history grows to 1x, 10x, 100x `--base-swaps` swaps; at each size the DEX tables are caught up
+   (timed: DEX seconds per million swaps), then one new block of swaps is appended as a live segment
+   (as the follower writes it) and absorbed, `--new-blocks` times: the median time and bytes read
+   (`rchar` of /proc/self/io: what DuckDB and Parquet readers asked the kernel for) per new block.
+   The aim: flat per-block cost (within 2x from 1x to 100x).
+
+    .venv/bin/python bench/dex.py [--base-swaps 500000 --scales 1,10,100 --swaps-per-block 10]
+"""
+
+import argparse
+import cProfile
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import polars as pl  # noqa: E402
+
+from indexer_dagster.block_range import BlockRange, ranges_between  # noqa: E402
+from indexer_dagster.config import load_config  # noqa: E402
+from indexer_dagster.devnet import Anvil, build_devnet, write_config  # noqa: E402
+from indexer_dagster.dex.build import build_dex  # noqa: E402
+from indexer_dagster.dex.sources import source_tables  # noqa: E402
+from indexer_dagster.persist.datasets import BLOCKS, events, live  # noqa: E402
+from indexer_dagster.persist.lake import open_lake  # noqa: E402
+from indexer_dagster.state import open_state  # noqa: E402
+from indexer_dagster.sync.historical import sync_range  # noqa: E402
+
+
+def rchar() -> int:
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    return 0
+
+
+class History:
+    """Synthetic blocks after the devnet's head: each block the template's swaps and syncs, new hashes."""
+
+    def __init__(self, cfg, swap_table: str, sync_table: str, swaps_per_block: int) -> None:
+        self.cfg, self.lake = cfg, open_lake(cfg)
+        self.tables = {"swap": swap_table, "sync": sync_table}
+        swap = pl.concat([pl.read_parquet(p) for p in self.lake.files(events(swap_table))])
+        sync = pl.concat([pl.read_parquet(p) for p in self.lake.files(events(sync_table))])
+        blocks = pl.concat([pl.read_parquet(p) for p in self.lake.files(BLOCKS)]).sort("number")
+        self.head = int(blocks["number"].max())  # type: ignore[arg-type]
+        self.head_hash = blocks["hash"][-1]
+        self.head_time = blocks["timestamp"][-1]
+        # One block's worth: the first `swaps_per_block` swaps and their pools' syncs, log indexes 0..2n-1.
+        sw = swap.sort("block_number", "log_index").head(swaps_per_block).with_row_index("i")
+        sy = sync.sort("block_number", "log_index").head(swaps_per_block).with_row_index("i")
+        # Each swap after a sync of its own pool: Uniswap V2 emits Sync before Swap.
+        sy = sy.with_columns(sw["address"].alias("address"))
+        self.swap_tpl = sw.with_columns((pl.col("i") * 2 + 1).cast(pl.Int64).alias("log_index")).drop("i")
+        self.sync_tpl = sy.with_columns((pl.col("i") * 2).cast(pl.Int64).alias("log_index")).drop("i")
+        self.block_tpl = blocks.tail(1)
+        self.n = swaps_per_block
+
+    def _rows(self, tpl: pl.DataFrame, first: int, count: int) -> pl.DataFrame:
+        numbers = pl.DataFrame({"block_number": pl.int_range(first, first + count, eager=True)})
+        out = numbers.join(tpl.drop("block_number"), how="cross")
+        offset = (pl.col("block_number") - self.head)
+        return out.with_columns(
+            pl.format("0x{}", pl.col("block_number").cast(pl.String).str.zfill(64)).alias("block_hash"),
+            (pl.lit(self.head_time) + pl.duration(seconds=offset * 12)).alias("block_timestamp"),
+            pl.format("0x{}{}", pl.col("block_number").cast(pl.String).str.zfill(48),
+                      pl.col("log_index").cast(pl.String).str.zfill(16)).alias("transaction_hash"),
+        ).select(tpl.columns)
+
+    def _blocks(self, first: int, count: int) -> pl.DataFrame:
+        n = pl.int_range(first, first + count, eager=True)
+        df = pl.DataFrame({"number": n})
+        return df.with_columns(
+            pl.lit(self.cfg.chain.chain_id, pl.Int64).alias("chain_id"),
+            pl.format("0x{}", pl.col("number").cast(pl.String).str.zfill(64)).alias("hash"),
+            pl.when(pl.col("number") == self.head + 1).then(pl.lit(self.head_hash)).otherwise(
+                pl.format("0x{}", (pl.col("number") - 1).cast(pl.String).str.zfill(64))).alias("parent_hash"),
+            (pl.lit(self.head_time) + pl.duration(seconds=(pl.col("number") - self.head) * 12)).alias("timestamp"),
+        ).select(self.block_tpl.columns)
+
+    def write(self, first: int, last: int, as_live: bool = False) -> None:
+        """Blocks first..last with their swaps and syncs: range files (a whole partition) or a live segment."""
+        key = f"{first}-{last}" if as_live else BlockRange(first, last).key
+        wrap = live if as_live else (lambda d: d)
+        count = last - first + 1
+        self.lake.write(wrap(events(self.tables["swap"])), key, self._rows(self.swap_tpl, first, count))
+        self.lake.write(wrap(events(self.tables["sync"])), key, self._rows(self.sync_tpl, first, count))
+        self.lake.write(wrap(BLOCKS), key, self._blocks(first, count))  # last: coverage is read from blocks
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base-swaps", type=int, default=500_000)
+    ap.add_argument("--scales", default="1,10,100")
+    ap.add_argument("--swaps-per-block", type=int, default=10)
+    ap.add_argument("--partition", type=int, default=10_000, help="blocks per range file")
+    ap.add_argument("--new-blocks", type=int, default=7)
+    ap.add_argument("--devnet-blocks", type=int, default=300)
+    ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--profile", help="write a cProfile of the new blocks' absorbs to this file")
+    args = ap.parse_args()
+    profile = cProfile.Profile() if args.profile else None
+    work = Path(tempfile.mkdtemp(prefix="bench-dex-"))
+    node = Anvil(chain_id=31337).start()
+    try:
+        dep = build_devnet(node, blocks=args.devnet_blocks, txs_per_block=20, seed=1)
+        cfg = load_config(write_config(work / "indexer.yaml", node.url, 31337, dep, "data",
+                                       blocks_per_partition=args.partition, confirmations=12))
+        head = node.block_number()
+        t0 = time.perf_counter()
+        for r in ranges_between(cfg.start_block, head, cfg.chain.blocks_per_partition):
+            sync_range(cfg, r)
+        sync_s = time.perf_counter() - t0
+        store = open_state(cfg.state_url)
+        t0 = time.perf_counter()
+        res = build_dex(cfg, store=store)
+        dex_s = time.perf_counter() - t0
+        print(f"devnet backfill: {head + 1} blocks, {res.rows['swaps']:,} swaps: sync {sync_s:.2f} s, DEX "
+              f"{dex_s:.2f} s = {dex_s / (sync_s + dex_s):.1%} of the backfill")
+        src = source_tables(cfg)
+        hist = History(cfg, src["swap"][0], src["sync"][0], args.swaps_per_block)
+        nxt = hist.head + 1
+        # Synthetic ranges start on a partition boundary (the devnet's own partition holds its blocks).
+        first_free = (nxt // args.partition + 1) * args.partition
+        if first_free > nxt:  # fill the rest of the devnet's partition as a live segment: no gap
+            hist.write(nxt, first_free - 1, as_live=True)
+            nxt = first_free
+        print(f"{'history swaps':>14} {'range files':>11} {'catch-up s':>10} {'s/M swaps':>9} "
+              f"{'new block ms':>12} {'MB read':>8} {'x 1x':>5}")
+        base_ms = None
+        for scale in [int(s) for s in args.scales.split(",")]:
+            target_blocks = scale * args.base_swaps // args.swaps_per_block
+            while nxt - hist.head - 1 < target_blocks:
+                hist.write(nxt, nxt + args.partition - 1)
+                nxt += args.partition
+            t0 = time.perf_counter()
+            res = build_dex(cfg, store=store)
+            catch_up = time.perf_counter() - t0
+            swaps_total = res.rows["swaps"]
+            times, reads = [], []
+            # One new block after the history, each absorbed alone (the next ranges start after them).
+            for _ in range(args.new_blocks):
+                hist.write(nxt, nxt, as_live=True)
+                nxt_block = nxt
+                nxt += 1
+                r0, t0 = rchar(), time.perf_counter()
+                if profile is not None:
+                    profile.enable()
+                res = build_dex(cfg, store=store)
+                if profile is not None:
+                    profile.disable()
+                times.append(time.perf_counter() - t0)
+                reads.append(rchar() - r0)
+                assert res.cursor == nxt_block, (res.cursor, nxt_block)
+            ms = statistics.median(times) * 1000
+            base_ms = base_ms or ms
+            files = len(open_lake(cfg).files(events(src["swap"][0])))
+            print(f"{swaps_total:>14,} {files:>11,} {catch_up:>10.1f} {catch_up / max(swaps_total, 1) * 1e6:>9.1f} "
+                  f"{ms:>12.1f} {statistics.median(reads) / 1e6:>8.2f} {ms / base_ms:>5.2f}", flush=True)
+        if profile is not None:
+            profile.dump_stats(args.profile)
+    finally:
+        node.stop()
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            print(f"kept {work}")
+
+
+if __name__ == "__main__":
+    main()
