@@ -83,10 +83,24 @@ class DexResult:
 
 
 def read_cursor(lake: Lake) -> tuple[int, str] | None:
+    """(number, hash) of the last block the DEX tables are derived through; None before the first step."""
     if not lake.exists(DEX, DEX_CURSOR):
         return None
     row = read_parquet(lake.path(DEX, DEX_CURSOR)).row(0)
     return int(row[0]), str(row[1])
+
+
+def _first_block(lake: Lake) -> int | None:
+    """The block the DEX tables were derived from (None before the first step)."""
+    if not lake.exists(DEX, DEX_CURSOR):
+        return None
+    return int(read_parquet(lake.path(DEX, DEX_CURSOR))["first_block"][0])
+
+
+def _write_cursor(tx, number: int, block_hash: str, first_block: int) -> None:
+    """The cursor, published after everything else of its transaction."""
+    row = {"block_number": [number], "block_hash": [block_hash], "first_block": [first_block]}
+    tx.writer(DEX, DEX_CURSOR, CURSOR_SCHEMA, marker=True).write(pl.DataFrame(row, schema=CURSOR_SCHEMA))
 
 
 def _step_key(first: int, last: int) -> str:
@@ -128,6 +142,7 @@ def _undo(lake: Lake, first: int, last: int, fork: int | None = None, reorg_id: 
                 lake.write(orphaned(dataset), f"r{reorg_id or 0:06d}-{step}", gone)
                 archived[table] = archived.get(table, 0) + gone.height
     prev_block, prev_hash = record["prev_block"][0], record["prev_hash"][0]
+    base = _first_block(lake)
     with lake.transaction() as tx:
         for action, dataset, key in record.select("action", "dataset", "key").rows():
             if action == "restore":
@@ -135,11 +150,10 @@ def _undo(lake: Lake, first: int, last: int, fork: int | None = None, reorg_id: 
                 tx.writer(dataset, key, dict(copy.schema)).write(copy)
             else:
                 tx.delete(lake.path(dataset, key))
-        if prev_block is None:
+        if prev_block is None or base is None:
             tx.delete(lake.path(DEX, DEX_CURSOR))
         else:
-            cursor = pl.DataFrame({"block_number": [prev_block], "block_hash": [prev_hash]}, schema=CURSOR_SCHEMA)
-            tx.writer(DEX, DEX_CURSOR, CURSOR_SCHEMA, marker=True).write(cursor)
+            _write_cursor(tx, prev_block, prev_hash, base)
     _drop_record(lake, first, last, record)
     return archived
 
@@ -281,7 +295,7 @@ def derive_step(cfg: IndexerConfig, lake: Lake, read: ViewReader, first: int, la
 
 
 def _publish_step(cfg: IndexerConfig, lake: Lake, store: StateStore, first: int, last: int,
-                  blocks: pl.DataFrame, at: tuple[int, str] | None, files: dict) -> bool:
+                  blocks: pl.DataFrame, at: tuple[int, str] | None, files: dict, base: int) -> bool:
     """An undo record, then the step's files under the chain's publish guard, the cursor last. True when
     a table got its first file (the catalog needs its view)."""
     guard = publish_guard(store, cfg.chain.name, "a reorg began while the DEX tables were derived; again",
@@ -309,11 +323,10 @@ def _publish_step(cfg: IndexerConfig, lake: Lake, store: StateStore, first: int,
             if dataset.split("/")[-1] in DEX_ROW_TABLES:
                 lake.ensure_schema_file(orphaned(dataset), {**frame.schema, **ORPHAN_COLUMNS})
     head = blocks.row(blocks.height - 1, named=True)
-    cursor = pl.DataFrame({"block_number": [head["number"]], "block_hash": [head["hash"]]}, schema=CURSOR_SCHEMA)
     with lake.transaction(guard) as tx:
         for (dataset, key), frame in files.items():
             tx.writer(dataset, key, dict(frame.schema)).write(frame)
-        tx.writer(DEX, DEX_CURSOR, CURSOR_SCHEMA, marker=True).write(cursor)
+        _write_cursor(tx, head["number"], head["hash"], base)
     return new_table
 
 
@@ -387,18 +400,27 @@ def advance(cfg: IndexerConfig, store: StateStore, max_steps: int | None = None)
     new_tables = False
     with view_reader(cfg.duckdb_path) as read:
         _behind_fork(cfg, lake, read)
+        # From the lowest block the lake holds (a backfill may start above the config's start block);
+        # blocks below where the tables began, backfilled since, mean deriving them again from there.
+        [lowest] = read(f"SELECT min(number) AS n FROM blocks WHERE chain_id = {int(cfg.chain.chain_id)}")["n"]
+        base = _first_block(lake)
+        if lowest is not None and base is not None and lowest < base:
+            reset(lake)
+            base = None
+        if base is None:
+            base = max(int(lowest), cfg.start_block) if lowest is not None else cfg.start_block
         while max_steps is None or res.steps < max_steps:
             if store.active_reorg(cfg.chain.name) is not None:
                 break
             at = read_cursor(lake)
-            first = at[0] + 1 if at else cfg.start_block
+            first = at[0] + 1 if at else base
             end = min(range_for_block(first, width).end, first + STEP_BLOCKS - 1)
             blocks = _canonical(cfg, read, first, end)
             if blocks.height == 0:
                 break
             last = int(blocks["number"][-1])
             files = derive_step(cfg, lake, read, first, last)
-            new_tables |= _publish_step(cfg, lake, store, first, last, blocks, at, files)
+            new_tables |= _publish_step(cfg, lake, store, first, last, blocks, at, files, base)
             res.steps += 1
             res.blocks = (res.blocks[0] if res.blocks else first, last)
     at = read_cursor(lake)

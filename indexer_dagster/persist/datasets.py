@@ -187,7 +187,8 @@ def dex(table: str) -> str:
     return f"{DEX}/{table}"
 
 
-CURSOR_SCHEMA: Schema = {"block_number": pl.Int64, "block_hash": pl.String}
+# The last block derived, and the first (the lowest block the lake held when the DEX tables began).
+CURSOR_SCHEMA: Schema = {"block_number": pl.Int64, "block_hash": pl.String, "first_block": pl.Int64}
 UNDO_SCHEMA: Schema = {
     "prev_block": pl.Int64, "prev_hash": pl.String,  # the cursor before the step
     "action": pl.String, "dataset": pl.String, "key": pl.String,  # "restore" (from a copy) or "delete"
