@@ -82,7 +82,7 @@ __all__ = [
 ]
 
 #: bump when deployment/traffic generation changes, so cached chain states are regenerated
-GENERATOR_VERSION = 3  # 3: named OpenZeppelin tokens
+GENERATOR_VERSION = 4  # 3: named OpenZeppelin tokens; 4: USDC (6 decimals), pools seeded at nominal prices
 
 
 def build_devnet(

@@ -46,6 +46,7 @@ from eth_abi import decode, encode
 from eth_utils import keccak, to_checksum_address
 
 from .anvil import Anvil, RpcClient, RpcError, repo_root
+from .token import token_artifact_path
 
 __all__ = [
     "ARTIFACT_NAMES",
@@ -78,7 +79,7 @@ __all__ = [
 ARTIFACT_NAMES = ("UniswapV2Factory", "UniswapV2Pair", "ERC20")
 
 # gas limits per transaction kind (measured gas used: transfer 51k, approve 46k, swap 63k,
-# mint 70k (first mint 155k), burn 91k, createPair 2.52M, factory 3.05M, OpenZeppelin ERC20 0.72M).
+# mint 70k (first mint 155k), burn 91k, createPair 2.52M, factory 3.05M, DevnetToken 0.72M).
 GAS = {
     "transfer": 90_000,
     "approve": 80_000,
@@ -90,8 +91,8 @@ GAS = {
     "deploy_token": 1_000_000,
 }
 
-TOKEN_SUPPLY = 10**30  # minted to the deployer (the constructor's owner)
-HOLDER_GRANT = 10**27  # tokens each holder receives per token at deployment
+TOKEN_SUPPLY = 10**12  # whole tokens minted to the deployer (the constructor's owner), of each token
+HOLDER_GRANT = 10**9  # whole tokens each holder receives of each token at deployment
 MINIMUM_LIQUIDITY = 1000
 
 
@@ -105,13 +106,12 @@ def artifact_dir() -> Path:
 
 
 def artifact_paths() -> dict[str, Path]:
-    """``{"UniswapV2Factory": path, "UniswapV2Pair": path, "ERC20": path}`` (npm artifacts). The tokens are
-    OpenZeppelin's ERC20PresetFixedSupply (a name and a symbol of their own; v2-core's test ERC20 calls
-    every token "UNI-V2"): the same Transfer and Approval events."""
+    """``{"UniswapV2Factory": path, "UniswapV2Pair": path, "ERC20": path}``: v2-core's npm artifacts, and the
+    tokens' DevnetToken (OpenZeppelin's ERC20 with a name, a symbol and decimals of its own, compiled by
+    solc-js: see :mod:`.token`; v2-core's test ERC20 calls every token "UNI-V2")."""
     d = artifact_dir()
     out = {n: d / f"{n}.json" for n in ARTIFACT_NAMES if n != "ERC20"}
-    out["ERC20"] = (repo_root() / "node_modules" / "@openzeppelin" / "contracts" / "build" / "contracts"
-                    / "ERC20PresetFixedSupply.json")
+    out["ERC20"] = token_artifact_path()
     missing = [str(p) for p in out.values() if not p.is_file()]
     if missing:
         raise FileNotFoundError(
@@ -120,15 +120,24 @@ def artifact_paths() -> dict[str, Path]:
     return out
 
 
-# Names and symbols of the devnet's tokens, in deployment order (a pair reads like a market: WETH/DAI).
-TOKEN_NAMES = [("Wrapped Ether", "WETH"), ("Dai Stablecoin", "DAI"), ("ChainLink Token", "LINK"),
-               ("Uniswap", "UNI"), ("Aave Token", "AAVE"), ("Maker", "MKR"), ("Compound", "COMP"),
-               ("Curve DAO Token", "CRV")]
+@dataclass(frozen=True)
+class TokenSpec:
+    name: str
+    symbol: str
+    decimals: int
+    usd: float  # a nominal price: the pools are seeded near it, so WETH/USDC starts around 3000
 
 
-def token_name(i: int) -> tuple[str, str]:
-    name, symbol = TOKEN_NAMES[i % len(TOKEN_NAMES)]
-    return (name, symbol) if i < len(TOKEN_NAMES) else (f"{name} {i}", f"{symbol}{i}")
+# The devnet's tokens, in deployment order: a pair reads like a market (WETH/USDC), with 18 and 6 decimals.
+TOKENS = [TokenSpec("Wrapped Ether", "WETH", 18, 3000.0), TokenSpec("USD Coin", "USDC", 6, 1.0),
+          TokenSpec("Dai Stablecoin", "DAI", 18, 1.0), TokenSpec("ChainLink Token", "LINK", 18, 15.0),
+          TokenSpec("Uniswap", "UNI", 18, 8.0), TokenSpec("Aave Token", "AAVE", 18, 90.0),
+          TokenSpec("Maker", "MKR", 18, 1500.0), TokenSpec("Tether USD", "USDT", 6, 1.0)]
+
+
+def token_spec(i: int) -> TokenSpec:
+    t = TOKENS[i % len(TOKENS)]
+    return t if i < len(TOKENS) else TokenSpec(f"{t.name} {i}", f"{t.symbol}{i}", t.decimals, t.usd)
 
 
 @cache
@@ -253,6 +262,7 @@ class Deployment:
     seed_block: int  # block holding the initial liquidity (first mints) and holder grants
     trader: str  # account 0: deployer, sends every pair-touching tx
     holders: list[str]  # accounts making plain ERC20 transfers / approvals
+    token_decimals: list[int] = field(default_factory=list)  # decimals() of each token, as deployed
     artifacts: dict[str, str] = field(default_factory=dict)  # name -> artifact JSON path
     traffic: dict = field(default_factory=dict)  # stats of the last generate_traffic (build_devnet)
 
@@ -263,6 +273,14 @@ class Deployment:
     @property
     def pair_addresses(self) -> list[str]:
         return [p.address for p in self.pairs]
+
+    def decimals_of(self, token: str) -> int:
+        """``decimals()`` of one of the deployment's tokens."""
+        return self.token_decimals[self.tokens.index(token)] if self.token_decimals else 18
+
+    def grant(self, token: str) -> int:
+        """A holder's grant of ``token`` in its smallest unit (HOLDER_GRANT whole tokens)."""
+        return HOLDER_GRANT * 10 ** self.decimals_of(token)
 
     def contract_kind(self) -> dict[str, str]:
         """lower-case address -> "UniswapV2Factory" | "UniswapV2Pair" | "ERC20"."""
@@ -419,8 +437,10 @@ def deploy_uniswap(
         erc = load_artifact("ERC20")
         txs = [{"from": trader, "data": "0x" + fac["bytecode"].removeprefix("0x") + encode(["address"], [trader]).hex(),
                 "gas": hex(GAS["deploy_factory"]), "nonce": hex(nxt())}]
-        for i in range(n_tokens):
-            args = encode(["string", "string", "uint256", "address"], [*token_name(i), TOKEN_SUPPLY, trader])
+        specs = [token_spec(i) for i in range(n_tokens)]
+        for spec in specs:
+            args = encode(["string", "string", "uint8", "uint256", "address"],
+                          [spec.name, spec.symbol, spec.decimals, TOKEN_SUPPLY * 10**spec.decimals, trader])
             txs.append({"from": trader, "data": "0x" + erc["bytecode"].removeprefix("0x") + args.hex(),
                         "gas": hex(GAS["deploy_token"]), "nonce": hex(nxt())})
         receipts: list[dict] = []
@@ -448,17 +468,18 @@ def deploy_uniswap(
             assert _addr_key(t0) < _addr_key(t1)
             pairs.append(PairInfo(addr, t0, t1, int(r["blockNumber"], 16)))
 
-        # 3. initial liquidity (random prices) + holder grants
+        # 3. initial liquidity (1M..50M USD a side, at the tokens' nominal prices) + holder grants
+        spec_of = dict(zip(tokens, specs))
         txs = []
         for p in pairs:
-            a0 = rng.randint(1, 50) * 10**24 + rng.randint(0, 10**21)
-            a1 = rng.randint(1, 50) * 10**24 + rng.randint(0, 10**21)
-            txs.append(transfer_tx(trader, p.token0, p.address, a0, nxt()))
-            txs.append(transfer_tx(trader, p.token1, p.address, a1, nxt()))
+            usd = rng.randint(10**6, 50 * 10**6)
+            for t in (p.token0, p.token1):
+                s = spec_of[t]
+                txs.append(transfer_tx(trader, t, p.address, usd * 10**s.decimals * 100 // round(s.usd * 100), nxt()))
             txs.append(mint_call_tx(trader, p.address, trader, nxt()))
         for h in holders:
-            for t in tokens:
-                txs.append(transfer_tx(trader, t, h, HOLDER_GRANT, nxt()))
+            for t, s in zip(tokens, specs):
+                txs.append(transfer_tx(trader, t, h, HOLDER_GRANT * 10**s.decimals, nxt()))
         receipts = []
         for chunk in _chunks_by_gas(txs, budget):
             receipts += _receipts(c, _send_block(c, chunk))
@@ -474,6 +495,7 @@ def deploy_uniswap(
         seed_block=seed_block,
         trader=trader,
         holders=holders,
+        token_decimals=[s.decimals for s in specs],
         artifacts={k: str(v) for k, v in artifact_paths().items()},
     )
 
@@ -729,7 +751,7 @@ class TrafficGenerator:
                     s = rng.choice([*d.holders, trader])
                     t = rng.choice(d.tokens)
                     bal = st.balances[(s, t)]
-                    amount = int(min(bal, HOLDER_GRANT) * rng.uniform(1e-4, 2e-2))
+                    amount = int(min(bal, d.grant(t)) * rng.uniform(1e-4, 2e-2))
                     if amount <= 0:
                         raise ValueError("holder has no tokens")
                     r = rng.choice([a for a in [trader, *d.holders] if a != s] or [trader])

@@ -69,8 +69,8 @@ def create_pair(node: Anvil, dep: Deployment, i: int, j: int, extra_blocks_txs: 
         nonce = int(c.call("eth_getTransactionCount", [dep.trader, "pending"]), 16)
         txs = [
             _tx(dep.trader, dep.factory, data, GAS["create_pair"], nonce),
-            transfer_tx(dep.trader, t0, pair, 3 * 10**24, nonce + 1),
-            transfer_tx(dep.trader, t1, pair, 5 * 10**24, nonce + 2),
+            transfer_tx(dep.trader, t0, pair, 3 * 10 ** (6 + dep.decimals_of(t0)), nonce + 1),  # 3M whole tokens
+            transfer_tx(dep.trader, t1, pair, 5 * 10 ** (6 + dep.decimals_of(t1)), nonce + 2),
             mint_call_tx(dep.trader, pair, dep.trader, nonce + 3),
         ]
         receipts = _receipts(c, _send_block(c, txs))

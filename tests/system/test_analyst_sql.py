@@ -49,9 +49,9 @@ def test_every_pool_view_names_its_pair(indexed):
     with connect(cfg.duckdb_path) as ix:
         for view in POOL_VIEWS:
             labels = ix.sql(f"select distinct symbol0, symbol1, pair from {view} order by pair")
-            # The devnet's tokens are named ERC-20s (WETH, DAI, LINK, UNI); every pair says which market.
+            # The devnet's tokens are named ERC-20s (WETH, USDC, DAI, LINK); every pair says which market.
             assert labels.height > 0 and all(p == f"{a}/{b}" for a, b, p in labels.rows()), view
-            assert set(labels["symbol0"]) | set(labels["symbol1"]) <= {"WETH", "DAI", "LINK", "UNI"}, view
+            assert set(labels["symbol0"]) | set(labels["symbol1"]) <= {"WETH", "USDC", "DAI", "LINK"}, view
         pools = ix.sql("select pair from pools order by pair")["pair"].to_list()
         assert len(pools) == 6 and len(set(pools)) == 6  # six distinct markets, one per pair of tokens
         assert ix.sql("select count(*) n from pools where pair is null")["n"][0] == 0
@@ -131,7 +131,7 @@ def test_a_wide_result_is_shown_one_column_per_line(indexed):
         assert max(len(line) for line in out.splitlines()) <= 100
     # A narrow result stays a table; --format table keeps one even when it does not fit.
     narrow = run_cli(path, "query", "select pair, count(*) n from swaps group by 1", columns=100)
-    assert " = " not in narrow and "┆" in narrow and any(f"/{t}" in narrow for t in ("DAI", "LINK", "UNI"))
+    assert " = " not in narrow and "┆" in narrow and any(f"/{t}" in narrow for t in ("WETH", "USDC", "DAI", "LINK"))
     forced = run_cli(path, "query", "--format", "table", wide, columns=100)
     assert " = " not in forced and "shape: (3, " in forced
     # A long wide result is cut to 100 records in the terminal, and says so.
