@@ -43,13 +43,19 @@ def _node_package_version(name: str) -> str:
     return json.loads(pkg.read_text())["version"]
 
 
-@cache
 def token_artifact_path() -> Path:
     """The compiled DevnetToken artifact (compiled now if this checkout has not compiled this source yet)."""
-    source = SOURCE.read_text()
+    return compile_contract(SOURCE, CONTRACT)
+
+
+@cache
+def compile_contract(source_file: Path, contract: str) -> Path:
+    """The artifact of `contract` in the Solidity file `source_file` (imports from node_modules), compiled by
+    solc-js unless this checkout already holds it."""
+    source = source_file.read_text()
     versions = {n: _node_package_version(n) for n in ("solc", "@openzeppelin/contracts")}
     key = hashlib.sha256(json.dumps([source, SETTINGS, versions], sort_keys=True).encode()).hexdigest()[:16]
-    path = repo_root() / "node_modules" / ".cache" / "indexer-dagster" / f"{CONTRACT}-{key}.json"
+    path = repo_root() / "node_modules" / ".cache" / "indexer-dagster" / f"{contract}-{key}.json"
     if path.is_file():
         return path
     node = shutil.which("node")
@@ -57,8 +63,8 @@ def token_artifact_path() -> Path:
         raise FileNotFoundError("node is not on PATH: the devnet compiles its ERC-20 with solc-js (`npm ci` needs node too)")
     standard_input = {
         "language": "Solidity",
-        "sources": {SOURCE.name: {"content": source}},
-        "settings": {**SETTINGS, "outputSelection": {SOURCE.name: {CONTRACT: ["abi", "evm.bytecode.object"]}}},
+        "sources": {source_file.name: {"content": source}},
+        "settings": {**SETTINGS, "outputSelection": {source_file.name: {contract: ["abi", "evm.bytecode.object"]}}},
     }
     done = subprocess.run([node, "-e", _COMPILE_JS], input=json.dumps(standard_input), capture_output=True,
                           text=True, cwd=repo_root(), timeout=300)
@@ -67,9 +73,9 @@ def token_artifact_path() -> Path:
     result = json.loads(done.stdout)
     errors = [e for e in result["output"].get("errors", []) if e.get("severity") == "error"]
     if errors:
-        raise RuntimeError(f"{SOURCE.name} does not compile: " + "; ".join(e["formattedMessage"] for e in errors))
-    compiled = result["output"]["contracts"][SOURCE.name][CONTRACT]
-    artifact = {"contractName": CONTRACT, "compiler": result["version"], "abi": compiled["abi"],
+        raise RuntimeError(f"{source_file.name} does not compile: " + "; ".join(e["formattedMessage"] for e in errors))
+    compiled = result["output"]["contracts"][source_file.name][contract]
+    artifact = {"contractName": contract, "compiler": result["version"], "abi": compiled["abi"],
                 "bytecode": "0x" + compiled["evm"]["bytecode"]["object"]}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # two processes compiling at once: one rename wins
