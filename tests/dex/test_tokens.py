@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,11 @@ contract Bytes32Symbol {
 def deploy(node: Anvil, artifact: Path, args: bytes) -> str:
     code = json.loads(artifact.read_text())["bytecode"]
     tx = node.rpc("eth_sendTransaction", [{"from": node.accounts()[0], "data": code + args.hex(), "gas": hex(3_000_000)}])
-    return node.rpc("eth_getTransactionReceipt", [tx])["contractAddress"]
+    for _ in range(500):  # automine: mined at once, the receipt a moment later
+        if (receipt := node.rpc("eth_getTransactionReceipt", [tx])) is not None:
+            return receipt["contractAddress"]
+        time.sleep(0.01)
+    raise AssertionError(f"{tx} not mined")
 
 
 def test_metadata_of_string_and_bytes32_symbols_and_of_what_is_no_token(tmp_path):
