@@ -15,10 +15,10 @@ except ImportError:  # running from a checkout without `pip install -e .`
 
 from eth_abi import decode
 from eth_utils import is_checksum_address, to_checksum_address
+from web3.exceptions import Web3RPCError
 
 from indexer_dagster.devnet import (
     Anvil,
-    RpcError,
     build_devnet,
     count_logs,
     plan_reorg,
@@ -78,11 +78,12 @@ def _get_logs(url: str, frm: int, to: int, address, topic0: str | None = None) -
 def test_rpc_helpers(chain):
     node, _ = chain
     assert int(rpc(node.url, "eth_chainId"), 16) == 31337
-    with pytest.raises(RpcError) as ei:
+    with pytest.raises(Web3RPCError) as ei:  # web3.py's error for a JSON-RPC error answer
         node.rpc("eth_noSuchMethod")
-    assert ei.value.code == -32601
+    assert ei.value.rpc_response["error"]["code"] == -32601
     got = node.batch([("eth_chainId", []), ("eth_noSuchMethod", [])], raise_on_error=False)
-    assert got[0] == "0x7a69" and isinstance(got[1], RpcError)
+    assert got[0] == "0x7a69" and isinstance(got[1], Web3RPCError)
+    assert got[1].rpc_response["error"]["code"] == -32601
 
 
 def test_deployment_logs(chain):
