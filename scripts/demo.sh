@@ -46,12 +46,13 @@ q() { echo; echo "\$ indexer query \"$1\""; "${INDEXER[@]}" query "$1"; }
 echo
 echo "== 3. example queries (read-only DuckDB views over the Parquet lake)"
 q "select status, count(*) as blocks, min(number) as first, max(number) as last from blocks group by status order by first"
-q "select address as pair, count(*) as swaps, sum(amount0_in_f64) / 1e18 as token0_in, sum(amount1_in_f64) / 1e18 as token1_in from uniswap_v2_pair_swap group by address order by swaps desc"
+q "select address as pool, count(*) as swaps, sum(amount0_in_num) as amount0_in, sum(amount1_in_num) as amount1_in from uniswap_v2_pair_swap group by address order by swaps desc"
 q "select block_number, address as pair, reserve0, reserve1, status from uniswap_v2_pair_sync order by block_number desc, log_index desc limit 5"
 q "select token0, token1, pair, block_number from uniswap_v2_factory_pair_created order by block_number, log_index"
 echo
 echo "== DEX tables (derived from the canonical events)"
 q "select pair, pool, reserve0_h, reserve1_h, price, last_block, status from pool_state order by pool"
+q "select pair, count(*) as swaps, sum(amount0_in_h) as token0_in, sum(amount1_in_h) as token1_in from swaps group by pair order by swaps desc"
 q "select pair, interval, bucket_start, swap_count, volume_token0_h, volume_token1_h from pool_volume where interval = '1h' order by bucket_start desc, swap_count desc limit 6"
 q "select pair, bucket_start, open, high, low, close, swap_count from pool_candles where interval = '1h' order by bucket_start desc limit 6"
 

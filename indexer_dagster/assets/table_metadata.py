@@ -12,7 +12,7 @@ import dagster as dg
 from indexer_dagster.config import ContractConfig, IndexerConfig
 from indexer_dagster.parse.abi import EventSpec
 from indexer_dagster.persist import datasets as ds
-from indexer_dagster.persist.catalog import number_columns, view_columns
+from indexer_dagster.persist.catalog import number_columns, token_amount, view_columns
 from indexer_dagster.persist.lake import open_lake
 
 ROW_COUNT = "dagster/row_count"
@@ -30,11 +30,11 @@ KEY_COLUMNS = {
 
 
 def column_schema(dataset: str, schema: ds.Schema, descriptions: dict[str, str], big: list[str] | None = None,
-                  with_status: bool = True) -> dg.TableSchema:
+                  with_status: bool = True, amount: str | None = None) -> dg.TableSchema:
     """The columns of the view over `dataset` (files of `schema`) with DuckDB types, as the catalog
     declares them (`persist.catalog.view_columns`)."""
     columns = [dg.TableColumn(name, _spelled(dtype), description=descriptions.get(name))
-               for name, dtype in view_columns(dataset, schema, big)]
+               for name, dtype in view_columns(dataset, schema, big, amount)]
     return dg.TableSchema(columns=[*columns, STATUS_COLUMN] if with_status else columns)
 
 
@@ -48,7 +48,12 @@ def event_columns(spec: EventSpec) -> dg.TableSchema:
             described[p.f64_column] = f"{p.name or p.column} as a double (rounded; for sorting and charts)"
         if p.is_big_int:
             described[f"{p.column}_num"] = f"{p.name or p.column} as an exact DECIMAL(38,0) (NULL from 10^38)"
-    return column_schema(ds.events(spec.table), ds.Schema(spec.schema()), described, number_columns(spec))
+    amount = token_amount(spec)
+    if amount is not None:
+        described[f"{amount}_h"] = (f"{amount} / 10^decimals of the token (the emitting contract), as the `tokens` "
+                                    "table read them; NULL where unknown")
+    return column_schema(ds.events(spec.table), ds.Schema(spec.schema()), described, number_columns(spec),
+                         amount=amount)
 
 
 def table_metadata(cfg: IndexerConfig, view: str, dataset: str, file: str | None = None) -> dict[str, str]:

@@ -1,6 +1,6 @@
 """A local EVM devnet for tests, demos and benchmarks (plain Python, no Dagster).
 
-* :mod:`.anvil`   – start/stop anvil, tiny JSON-RPC client (:func:`rpc`, :class:`Anvil`).
+* :mod:`.anvil`   – start/stop anvil; JSON-RPC through web3.py (:func:`rpc`, :func:`call`, ``Anvil.w3``).
 * :mod:`.uniswap` – deploy the real Uniswap V2 contracts, generate traffic, replacement forks.
 * :mod:`.config`  – write an indexer YAML config (+ ABIs) for a deployment.
 
@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .anvil import Anvil, AnvilNotFoundError, AnvilStartError, RpcClient, RpcError, find_anvil, rpc, rpc_batch
+from .anvil import Anvil, AnvilNotFoundError, AnvilStartError, batch, call, find_anvil, rpc, rpc_batch, web3_for
 from .config import write_config
 from .uniswap import (
     ChainState,
@@ -55,12 +55,12 @@ __all__ = [
     "ChainState",
     "Deployment",
     "PairInfo",
-    "RpcClient",
-    "RpcError",
     "approve_tx",
+    "batch",
     "build_devnet",
     "burn_call_tx",
     "burn_txs",
+    "call",
     "count_logs",
     "deploy_uniswap",
     "find_anvil",
@@ -78,11 +78,12 @@ __all__ = [
     "swap_txs",
     "transfer_tx",
     "verify_traffic",
+    "web3_for",
     "write_config",
 ]
 
 #: bump when deployment/traffic generation changes, so cached chain states are regenerated
-GENERATOR_VERSION = 3  # 3: named OpenZeppelin tokens
+GENERATOR_VERSION = 4  # 3: named OpenZeppelin tokens; 4: USDC (6 decimals), pools seeded at nominal prices
 
 
 def build_devnet(
@@ -107,14 +108,14 @@ def build_devnet(
     """
     c = _url_client(anvil_or_url)
     if block_interval:
-        c.call("anvil_setBlockTimestampInterval", [int(block_interval)])
+        call(c, "anvil_setBlockTimestampInterval", [int(block_interval)])
     try:
         dep = deploy_uniswap(c, n_tokens=n_tokens, n_pairs=n_pairs, seed=seed)
         if blocks > 0:
             dep.traffic = generate_traffic(c, dep, blocks, txs_per_block, seed, verify=verify, progress=progress)
     finally:
         if block_interval:
-            c.call("anvil_removeBlockTimestampInterval")
+            call(c, "anvil_removeBlockTimestampInterval")
     return dep
 
 

@@ -1,9 +1,10 @@
 """Start and talk to a local anvil node (plain Python, no Dagster).
 
 ``Anvil`` runs the native anvil binary shipped by the ``@foundry-rs/anvil`` npm package
-(``npm ci`` in the repository root installs it) on a free localhost port. ``rpc`` /
-``RpcClient`` are a tiny synchronous JSON-RPC client (``http.client`` + orjson, one kept-alive
-connection per thread and URL) that raises :class:`RpcError` on JSON-RPC errors.
+(``npm ci`` in the repository root installs it) on a free localhost port. JSON-RPC goes through
+web3.py (``Anvil.w3``, :func:`web3_for`; :func:`call` / :func:`batch` for anvil's own methods and raw
+batches, which raise web3's ``Web3RPCError``). The indexer's bulk path has a client of its own
+(``indexer_dagster.chain.rpc``): see ``bench/web3_logs.py`` for why.
 
 anvil is always started with ``--hardfork cancun``: with the default hardfork each new block
 got slower as the chain grew.  ``--prune-history`` is never passed, because it breaks
@@ -13,8 +14,6 @@ got slower as the chain grew.  ``--prune-history`` is never passed, because it b
 from __future__ import annotations
 
 import atexit
-import http.client
-import itertools
 import os
 import shutil
 import signal
@@ -23,25 +22,27 @@ import subprocess
 import tempfile
 import threading
 import time
-import urllib.parse
 import weakref
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
-import orjson
+from web3 import HTTPProvider, Web3
+from web3.exceptions import Web3RPCError
+from web3.types import RPCEndpoint
 
 __all__ = [
     "Anvil",
     "AnvilNotFoundError",
     "AnvilStartError",
-    "RpcClient",
-    "RpcError",
+    "batch",
+    "call",
     "find_anvil",
     "free_port",
     "repo_root",
     "rpc",
     "rpc_batch",
+    "web3_for",
 ]
 
 #: ``indexer_dagster/devnet/anvil.py`` -> repository root (holds package.json / node_modules)
@@ -59,20 +60,6 @@ class AnvilNotFoundError(FileNotFoundError):
 
 class AnvilStartError(RuntimeError):
     """anvil exited or did not answer ``eth_chainId`` in time."""
-
-
-class RpcError(RuntimeError):
-    """A JSON-RPC error object returned by the node (or a malformed answer)."""
-
-    def __init__(self, method: str, code: int | None, message: str, data: Any = None):
-        self.method = method
-        self.code = code
-        self.message = message
-        self.data = data
-        text = f"{method}: JSON-RPC error {code}: {message}"
-        if data is not None:
-            text += f" (data: {str(data)[:300]})"
-        super().__init__(text)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,142 +104,75 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# JSON-RPC client
+# JSON-RPC: web3.py
 # ---------------------------------------------------------------------------------------------
 
 
-class RpcClient:
-    """Synchronous JSON-RPC over HTTP with one kept-alive connection (not thread-safe)."""
+def web3_for(url: str, timeout: float = 600.0) -> Web3:
+    """A web3.py ``Web3`` on ``url`` with no middleware (anvil's own methods and raw batches pass as
+    they are) and no retries (a node that is down says so at once: the start-up probe relies on it)."""
+    return Web3(HTTPProvider(url, request_kwargs={"timeout": timeout}, exception_retry_configuration=None),
+                middleware=[])
 
-    def __init__(self, url: str, timeout: float = 120.0):
-        self.url = url
-        self.timeout = timeout
-        u = urllib.parse.urlsplit(url)
-        if u.scheme not in ("http", "https"):
-            raise ValueError(f"only http(s) JSON-RPC URLs are supported, got {url!r}")
-        self._https = u.scheme == "https"
-        self._host = u.hostname or "127.0.0.1"
-        self._port = u.port or (443 if self._https else 80)
-        self._path = (u.path or "/") + (f"?{u.query}" if u.query else "")
-        self._conn: http.client.HTTPConnection | None = None
-        self._ids = itertools.count(1)
 
-    # -- transport ------------------------------------------------------------------------------
-    def _connect(self) -> http.client.HTTPConnection:
-        cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
-        return cls(self._host, self._port, timeout=self.timeout)
+def call(w3: Web3, method: str, params: Sequence[Any] | None = None) -> Any:
+    """One JSON-RPC call; returns ``result`` or raises web3's ``Web3RPCError``."""
+    return w3.manager.request_blocking(RPCEndpoint(method), list(params or []))
 
-    def post(self, body: bytes) -> bytes:
-        """POST raw bytes, return the raw response body (one reconnect on a dropped socket)."""
-        for attempt in (0, 1):
-            if self._conn is None:
-                self._conn = self._connect()
-            try:
-                self._conn.request(
-                    "POST", self._path, body=body, headers={"Content-Type": "application/json"}
-                )
-                resp = self._conn.getresponse()
-                data = resp.read()
-            except (http.client.HTTPException, ConnectionError, OSError):
-                self.close()
-                if attempt:
-                    raise
-                continue
-            if resp.status != 200:
-                # JSON-RPC errors normally come with 200; keep the body for the message
-                try:
-                    orjson.loads(data)
-                except orjson.JSONDecodeError:
-                    raise RpcError("<http>", resp.status, data[:500].decode(errors="replace")) from None
-            return data
-        raise AssertionError("unreachable")
 
-    def close(self) -> None:
-        if self._conn is not None:
-            try:
-                self._conn.close()
-            finally:
-                self._conn = None
+def batch(w3: Web3, calls: Iterable[tuple[str, Sequence[Any] | None]], raise_on_error: bool = True) -> list[Any]:
+    """``[(method, params), ...]`` as ONE JSON-RPC batch; results in call order. With ``raise_on_error=False``
+    a failed entry is returned as its ``Web3RPCError`` instead of raising the first one."""
+    calls = list(calls)
+    if not calls:
+        return []
+    provider = cast(HTTPProvider, w3.provider)
+    out = provider.make_batch_request([(RPCEndpoint(m), list(p or [])) for m, p in calls])
+    if not isinstance(out, list):  # the whole batch was rejected
+        raise Web3RPCError(f"batch rejected: {out.get('error')}", rpc_response=out)
+    results: list[Any] = []
+    for (method, _), r in zip(calls, out, strict=True):
+        if r.get("error") is None:
+            results.append(r.get("result"))
+            continue
+        err = Web3RPCError(f"{method}: {r['error']}", rpc_response=r)
+        if raise_on_error:
+            raise err
+        results.append(err)
+    return results
 
-    # -- calls ----------------------------------------------------------------------------------
-    def call(self, method: str, params: Sequence[Any] | None = None) -> Any:
-        """One call; returns ``result`` or raises :class:`RpcError`."""
-        req = {"jsonrpc": "2.0", "id": next(self._ids), "method": method, "params": list(params or [])}
-        out = orjson.loads(self.post(orjson.dumps(req)))
-        if isinstance(out, dict) and "error" in out and out["error"] is not None:
-            e = out["error"]
-            raise RpcError(method, e.get("code"), e.get("message", ""), e.get("data"))
-        if not isinstance(out, dict) or "result" not in out:
-            raise RpcError(method, None, f"malformed response: {str(out)[:300]}")
-        return out["result"]
 
-    def batch(
-        self, calls: Iterable[tuple[str, Sequence[Any] | None] | list], raise_on_error: bool = True
-    ) -> list[Any]:
-        """Send ``[(method, params), ...]`` as ONE JSON-RPC batch; results in call order.
-
-        With ``raise_on_error=False`` failed entries are returned as :class:`RpcError` objects
-        instead of raising the first one.
-        """
-        calls = list(calls)
-        if not calls:
-            return []
-        first = next(self._ids)
-        reqs = []
-        for i, c in enumerate(calls):
-            method, params = c[0], (c[1] if len(c) > 1 else None)
-            reqs.append({"jsonrpc": "2.0", "id": first + i, "method": method, "params": list(params or [])})
-        for _ in range(len(calls) - 1):
-            next(self._ids)
-        out = orjson.loads(self.post(orjson.dumps(reqs)))
-        if isinstance(out, dict):  # the whole batch was rejected
-            e = out.get("error") or {}
-            raise RpcError("<batch>", e.get("code"), e.get("message", str(out)[:300]), e.get("data"))
-        by_id = {r.get("id"): r for r in out}
-        results: list[Any] = []
-        for i, c in enumerate(calls):
-            r = by_id.get(first + i)
-            if r is None:
-                err: Any = RpcError(c[0], None, "no response for this batch entry")
-            elif r.get("error") is not None:
-                e = r["error"]
-                err = RpcError(c[0], e.get("code"), e.get("message", ""), e.get("data"))
-            else:
-                results.append(r.get("result"))
-                continue
-            if raise_on_error:
-                raise err
-            results.append(err)
-        return results
-
-    def __enter__(self) -> RpcClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+def _close(w3: Web3) -> None:
+    """Close the HTTP sessions of ``w3``'s provider (its kept-alive connections to the node)."""
+    manager = getattr(w3.provider, "_request_session_manager", None)
+    cache = getattr(manager, "session_cache", None)
+    if cache is not None:
+        for _key, session in list(cache.items()):
+            session.close()
+        cache.clear()
 
 
 _local = threading.local()
 
 
-def _client(url: str) -> RpcClient:
+def _client(url: str) -> Web3:
     cache = getattr(_local, "clients", None)
     if cache is None:
         cache = _local.clients = {}
     c = cache.get(url)
     if c is None:
-        c = cache[url] = RpcClient(url)
+        c = cache[url] = web3_for(url)
     return c
 
 
 def rpc(url: str, method: str, params: Sequence[Any] | None = None) -> Any:
-    """One synchronous JSON-RPC call to ``url`` (connection kept per thread); raises RpcError."""
-    return _client(url).call(method, params)
+    """One synchronous JSON-RPC call to ``url`` (a ``Web3`` kept per thread); raises ``Web3RPCError``."""
+    return call(_client(url), method, params)
 
 
 def rpc_batch(url: str, calls: Iterable[tuple[str, Sequence[Any] | None]], raise_on_error: bool = True) -> list[Any]:
-    """One JSON-RPC batch to ``url``; see :meth:`RpcClient.batch`."""
-    return _client(url).batch(calls, raise_on_error=raise_on_error)
+    """One JSON-RPC batch to ``url``; see :func:`batch`."""
+    return batch(_client(url), calls, raise_on_error=raise_on_error)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,7 +235,7 @@ class Anvil:
         self.proc: subprocess.Popen | None = None
         self._log_file: IO[bytes] | None = None
         self._own_log = False
-        self._client: RpcClient | None = None
+        self._w3: Web3 | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
     @property
@@ -386,9 +306,9 @@ class Anvil:
             cmd, stdin=subprocess.DEVNULL, stdout=self._log_file, stderr=subprocess.STDOUT,
             start_new_session=True,  # a Ctrl-C in the parent's terminal doesn't hit anvil
         )
-        self._client = RpcClient(self.url, timeout=600.0)
+        self._w3 = web3_for(self.url)
         deadline = time.monotonic() + self.startup_timeout
-        probe = RpcClient(self.url, timeout=2.0)
+        probe = web3_for(self.url, timeout=2.0)
         try:
             while True:
                 if self.proc.poll() is not None:
@@ -396,8 +316,8 @@ class Anvil:
                         f"anvil exited with code {self.proc.returncode}: {' '.join(cmd)}\n{self._log_tail()}"
                     )
                 try:
-                    got = int(probe.call("eth_chainId"), 16)
-                except (OSError, http.client.HTTPException, RpcError):
+                    got = int(call(probe, "eth_chainId"), 16)
+                except (OSError, Web3RPCError):  # requests' errors are OSErrors
                     got = None
                 if got is not None:
                     if got != self.chain_id:
@@ -409,7 +329,7 @@ class Anvil:
                     )
                 time.sleep(0.05)
         finally:
-            probe.close()
+            _close(probe)
 
     def _log_tail(self, n: int = 4000) -> str:
         f = self._log_file
@@ -432,9 +352,9 @@ class Anvil:
         return rc
 
     def _terminate(self, kill_after: float) -> int | None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None
+        if self._w3 is not None:
+            _close(self._w3)
+            self._w3 = None
         p, self.proc = self.proc, None
         rc = None
         if p is not None:
@@ -463,18 +383,20 @@ class Anvil:
         return f"<Anvil chain_id={self.chain_id} {state}>"
 
     # -- RPC ------------------------------------------------------------------------------------
-    def client(self) -> RpcClient:
-        if self._client is None:
+    @property
+    def w3(self) -> Web3:
+        """web3.py on this node (no middleware: see :func:`web3_for`)."""
+        if self._w3 is None:
             raise RuntimeError("anvil is not started")
-        return self._client
+        return self._w3
 
     def rpc(self, method: str, params: Sequence[Any] | None = None) -> Any:
-        """One JSON-RPC call; returns ``result`` or raises :class:`RpcError`."""
-        return self.client().call(method, params)
+        """One JSON-RPC call; returns ``result`` or raises ``Web3RPCError``."""
+        return call(self.w3, method, params)
 
     def batch(self, calls: Iterable[tuple[str, Sequence[Any] | None]], raise_on_error: bool = True) -> list[Any]:
-        """One JSON-RPC batch ``[(method, params), ...]``; results in call order."""
-        return self.client().batch(calls, raise_on_error=raise_on_error)
+        """One JSON-RPC batch ``[(method, params), ...]``; results in call order (see :func:`batch`)."""
+        return batch(self.w3, calls, raise_on_error=raise_on_error)
 
     # -- small conveniences ---------------------------------------------------------------------
     def block_number(self) -> int:

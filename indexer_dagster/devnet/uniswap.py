@@ -41,11 +41,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import cache
 from pathlib import Path
+from typing import cast
 
 from eth_abi import decode, encode
 from eth_utils import keccak, to_checksum_address
+from web3 import Web3
+from web3.contract import Contract
+from web3.exceptions import Web3RPCError
+from web3.types import BlockIdentifier
 
-from .anvil import Anvil, RpcClient, RpcError, repo_root
+from .anvil import Anvil, batch, call, repo_root, web3_for
+from .token import token_artifact_path
 
 __all__ = [
     "ARTIFACT_NAMES",
@@ -78,7 +84,7 @@ __all__ = [
 ARTIFACT_NAMES = ("UniswapV2Factory", "UniswapV2Pair", "ERC20")
 
 # gas limits per transaction kind (measured gas used: transfer 51k, approve 46k, swap 63k,
-# mint 70k (first mint 155k), burn 91k, createPair 2.52M, factory 3.05M, OpenZeppelin ERC20 0.72M).
+# mint 70k (first mint 155k), burn 91k, createPair 2.52M, factory 3.05M, DevnetToken 0.72M).
 GAS = {
     "transfer": 90_000,
     "approve": 80_000,
@@ -90,8 +96,8 @@ GAS = {
     "deploy_token": 1_000_000,
 }
 
-TOKEN_SUPPLY = 10**30  # minted to the deployer (the constructor's owner)
-HOLDER_GRANT = 10**27  # tokens each holder receives per token at deployment
+TOKEN_SUPPLY = 10**12  # whole tokens minted to the deployer (the constructor's owner), of each token
+HOLDER_GRANT = 10**9  # whole tokens each holder receives of each token at deployment
 MINIMUM_LIQUIDITY = 1000
 
 
@@ -105,13 +111,12 @@ def artifact_dir() -> Path:
 
 
 def artifact_paths() -> dict[str, Path]:
-    """``{"UniswapV2Factory": path, "UniswapV2Pair": path, "ERC20": path}`` (npm artifacts). The tokens are
-    OpenZeppelin's ERC20PresetFixedSupply (a name and a symbol of their own; v2-core's test ERC20 calls
-    every token "UNI-V2"): the same Transfer and Approval events."""
+    """``{"UniswapV2Factory": path, "UniswapV2Pair": path, "ERC20": path}``: v2-core's npm artifacts, and the
+    tokens' DevnetToken (OpenZeppelin's ERC20 with a name, a symbol and decimals of its own, compiled by
+    solc-js: see :mod:`.token`; v2-core's test ERC20 calls every token "UNI-V2")."""
     d = artifact_dir()
     out = {n: d / f"{n}.json" for n in ARTIFACT_NAMES if n != "ERC20"}
-    out["ERC20"] = (repo_root() / "node_modules" / "@openzeppelin" / "contracts" / "build" / "contracts"
-                    / "ERC20PresetFixedSupply.json")
+    out["ERC20"] = token_artifact_path()
     missing = [str(p) for p in out.values() if not p.is_file()]
     if missing:
         raise FileNotFoundError(
@@ -120,21 +125,39 @@ def artifact_paths() -> dict[str, Path]:
     return out
 
 
-# Names and symbols of the devnet's tokens, in deployment order (a pair reads like a market: WETH/DAI).
-TOKEN_NAMES = [("Wrapped Ether", "WETH"), ("Dai Stablecoin", "DAI"), ("ChainLink Token", "LINK"),
-               ("Uniswap", "UNI"), ("Aave Token", "AAVE"), ("Maker", "MKR"), ("Compound", "COMP"),
-               ("Curve DAO Token", "CRV")]
+@dataclass(frozen=True)
+class TokenSpec:
+    name: str
+    symbol: str
+    decimals: int
+    usd: float  # a nominal price: the pools are seeded near it, so WETH/USDC starts around 3000
 
 
-def token_name(i: int) -> tuple[str, str]:
-    name, symbol = TOKEN_NAMES[i % len(TOKEN_NAMES)]
-    return (name, symbol) if i < len(TOKEN_NAMES) else (f"{name} {i}", f"{symbol}{i}")
+# The devnet's tokens, in deployment order: a pair reads like a market (WETH/USDC), with 18 and 6 decimals.
+TOKENS = [TokenSpec("Wrapped Ether", "WETH", 18, 3000.0), TokenSpec("USD Coin", "USDC", 6, 1.0),
+          TokenSpec("Dai Stablecoin", "DAI", 18, 1.0), TokenSpec("ChainLink Token", "LINK", 18, 15.0),
+          TokenSpec("Uniswap", "UNI", 18, 8.0), TokenSpec("Aave Token", "AAVE", 18, 90.0),
+          TokenSpec("Maker", "MKR", 18, 1500.0), TokenSpec("Tether USD", "USDT", 6, 1.0)]
+
+
+def token_spec(i: int) -> TokenSpec:
+    t = TOKENS[i % len(TOKENS)]
+    return t if i < len(TOKENS) else TokenSpec(f"{t.name} {i}", f"{t.symbol}{i}", t.decimals, t.usd)
 
 
 @cache
 def load_artifact(name: str) -> dict:
     with open(artifact_paths()[name], "rb") as f:
         return json.load(f)
+
+
+def contract(w3: Web3, name: str) -> type[Contract]:
+    """A web3.py contract class of one of ARTIFACT_NAMES (ABI and bytecode from its artifact): it encodes
+    constructor and function calls. The traffic's own transactions are encoded with eth_abi directly:
+    web3.py's ``encode_abi`` takes ~0.9 ms a call here, eth_abi ~0.03 ms, and a benchmark chain has a
+    million transactions."""
+    art = load_artifact(name)
+    return w3.eth.contract(abi=art["abi"], bytecode=art["bytecode"])
 
 
 def _sig(item: dict) -> str:
@@ -253,6 +276,7 @@ class Deployment:
     seed_block: int  # block holding the initial liquidity (first mints) and holder grants
     trader: str  # account 0: deployer, sends every pair-touching tx
     holders: list[str]  # accounts making plain ERC20 transfers / approvals
+    token_decimals: list[int] = field(default_factory=list)  # decimals() of each token, as deployed
     artifacts: dict[str, str] = field(default_factory=dict)  # name -> artifact JSON path
     traffic: dict = field(default_factory=dict)  # stats of the last generate_traffic (build_devnet)
 
@@ -263,6 +287,14 @@ class Deployment:
     @property
     def pair_addresses(self) -> list[str]:
         return [p.address for p in self.pairs]
+
+    def decimals_of(self, token: str) -> int:
+        """``decimals()`` of one of the deployment's tokens."""
+        return self.token_decimals[self.tokens.index(token)] if self.token_decimals else 18
+
+    def grant(self, token: str) -> int:
+        """A holder's grant of ``token`` in its smallest unit (HOLDER_GRANT whole tokens)."""
+        return HOLDER_GRANT * 10 ** self.decimals_of(token)
 
     def contract_kind(self) -> dict[str, str]:
         """lower-case address -> "UniswapV2Factory" | "UniswapV2Pair" | "ERC20"."""
@@ -292,8 +324,8 @@ class Deployment:
         return cls(**d)
 
 
-def _url_client(node: str | Anvil | RpcClient) -> RpcClient:
-    if isinstance(node, RpcClient):
+def _url_client(node: str | Anvil | Web3) -> Web3:
+    if isinstance(node, Web3):
         return node
     if isinstance(node, Anvil):
         if node.block_time and not float(node.block_time).is_integer():
@@ -303,28 +335,28 @@ def _url_client(node: str | Anvil | RpcClient) -> RpcClient:
                 "anvil was started with a fractional --block-time; start it without block_time, "
                 "deploy/generate, then enable mining (evm_setIntervalMining or a restart)"
             )
-        return node.client()
-    return RpcClient(node, timeout=600.0)
+        return node.w3
+    return web3_for(node)
 
 
-def _mine(c: RpcClient) -> None:
-    c.call("evm_mine", [])
+def _mine(c: Web3) -> None:
+    call(c, "evm_mine", [])
 
 
-def _send_block(c: RpcClient, txs: Sequence[dict]) -> list[str]:
+def _send_block(c: Web3, txs: Sequence[dict]) -> list[str]:
     """Send txs as one batch (automine must be off), mine one block, return the tx hashes."""
-    hashes = c.batch([("eth_sendTransaction", [tx]) for tx in txs]) if txs else []
+    hashes = batch(c, [("eth_sendTransaction", [tx]) for tx in txs]) if txs else []
     _mine(c)
     return hashes
 
 
-def _receipts(c: RpcClient, hashes: Sequence[str]) -> list[dict]:
-    out = c.batch([("eth_getTransactionReceipt", [h]) for h in hashes])
+def _receipts(c: Web3, hashes: Sequence[str]) -> list[dict]:
+    out = batch(c, [("eth_getTransactionReceipt", [h]) for h in hashes])
     for _ in range(200):  # receipts appear right after evm_mine, but be patient
         if all(r is not None for r in out):
             break
         time.sleep(0.02)
-        out = c.batch([("eth_getTransactionReceipt", [h]) for h in hashes])
+        out = batch(c, [("eth_getTransactionReceipt", [h]) for h in hashes])
     bad = [(h, r and r.get("status")) for h, r in zip(hashes, out) if r is None or r.get("status") != "0x1"]
     if bad:
         raise RuntimeError(f"{len(bad)} deployment transaction(s) failed or were not mined: {bad[:3]}")
@@ -334,34 +366,34 @@ def _receipts(c: RpcClient, hashes: Sequence[str]) -> list[dict]:
 class _Automine:
     """Manual mining for the duration (automine off, interval mining paused), then restore."""
 
-    def __init__(self, c: RpcClient):
+    def __init__(self, c: Web3):
         self.c = c
         self.prev_auto = True
         self.prev_interval = 0
 
     def __enter__(self) -> _Automine:
         try:
-            self.prev_auto = bool(self.c.call("anvil_getAutomine"))
-        except RpcError:
+            self.prev_auto = bool(call(self.c, "anvil_getAutomine"))
+        except Web3RPCError:
             self.prev_auto = True
         try:
-            self.prev_interval = int(self.c.call("anvil_getIntervalMining") or 0)
-        except (RpcError, TypeError, ValueError):
+            self.prev_interval = int(call(self.c, "anvil_getIntervalMining") or 0)
+        except (Web3RPCError, TypeError, ValueError):
             self.prev_interval = 0
         if self.prev_interval:
-            self.c.call("evm_setIntervalMining", [0])
-        self.c.call("evm_setAutomine", [False])
+            call(self.c, "evm_setIntervalMining", [0])
+        call(self.c, "evm_setAutomine", [False])
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self.prev_interval:
-            self.c.call("evm_setIntervalMining", [self.prev_interval])
+            call(self.c, "evm_setIntervalMining", [self.prev_interval])
         else:
-            self.c.call("evm_setAutomine", [self.prev_auto])
+            call(self.c, "evm_setAutomine", [self.prev_auto])
 
 
-def _block_gas_limit(c: RpcClient) -> int:
-    return int(c.call("eth_getBlockByNumber", ["latest", False])["gasLimit"], 16)
+def _block_gas_limit(c: Web3) -> int:
+    return int(call(c, "eth_getBlockByNumber", ["latest", False])["gasLimit"], 16)
 
 
 def _chunks_by_gas(txs: Sequence[dict], budget: int) -> list[list[dict]]:
@@ -378,7 +410,7 @@ def _chunks_by_gas(txs: Sequence[dict], budget: int) -> list[list[dict]]:
 
 
 def deploy_uniswap(
-    node: str | Anvil | RpcClient,
+    node: str | Anvil | Web3,
     n_tokens: int = 4,
     n_pairs: int | None = None,
     seed: int = 0,
@@ -398,15 +430,15 @@ def deploy_uniswap(
     if not 1 <= n_pairs <= len(combos):
         raise ValueError(f"n_pairs must be in 1..{len(combos)} for {n_tokens} tokens")
     c = _url_client(node)
-    chain_id = int(c.call("eth_chainId"), 16)
-    accounts: list[str] = [to_checksum_address(a) for a in c.call("eth_accounts")]
+    chain_id = int(call(c, "eth_chainId"), 16)
+    accounts: list[str] = [to_checksum_address(a) for a in call(c, "eth_accounts")]
     if len(accounts) < 2:
         raise RuntimeError("the node has no unlocked accounts (anvil's default accounts expected)")
     trader = accounts[0]
     holders = accounts[1 : 1 + n_holders]
     rng = random.Random(f"deploy-{seed}")
     budget = int(_block_gas_limit(c) * 0.9)
-    nonce = int(c.call("eth_getTransactionCount", [trader, "pending"]), 16)
+    nonce = int(call(c, "eth_getTransactionCount", [trader, "pending"]), 16)
 
     def nxt() -> int:
         nonlocal nonce
@@ -414,15 +446,16 @@ def deploy_uniswap(
         return nonce - 1
 
     with _Automine(c):
-        # 1. factory + tokens
-        fac = load_artifact("UniswapV2Factory")
-        erc = load_artifact("ERC20")
-        txs = [{"from": trader, "data": "0x" + fac["bytecode"].removeprefix("0x") + encode(["address"], [trader]).hex(),
+        # 1. factory + tokens (constructor calls encoded by web3.py from the artifacts' ABIs)
+        fac = contract(c, "UniswapV2Factory")
+        erc = contract(c, "ERC20")
+        txs = [{"from": trader, "data": fac.constructor(trader).data_in_transaction,
                 "gas": hex(GAS["deploy_factory"]), "nonce": hex(nxt())}]
-        for i in range(n_tokens):
-            args = encode(["string", "string", "uint256", "address"], [*token_name(i), TOKEN_SUPPLY, trader])
-            txs.append({"from": trader, "data": "0x" + erc["bytecode"].removeprefix("0x") + args.hex(),
-                        "gas": hex(GAS["deploy_token"]), "nonce": hex(nxt())})
+        specs = [token_spec(i) for i in range(n_tokens)]
+        for spec in specs:
+            data = erc.constructor(spec.name, spec.symbol, spec.decimals, TOKEN_SUPPLY * 10**spec.decimals,
+                                   trader).data_in_transaction
+            txs.append({"from": trader, "data": data, "gas": hex(GAS["deploy_token"]), "nonce": hex(nxt())})
         receipts: list[dict] = []
         for chunk in _chunks_by_gas(txs, budget):
             receipts += _receipts(c, _send_block(c, chunk))
@@ -433,8 +466,9 @@ def deploy_uniswap(
 
         # 2. pairs
         wanted = combos[:n_pairs]
-        txs = [_tx(trader, factory, SEL["createPair"] + encode(["address", "address"], [tokens[i], tokens[j]]),
-                   GAS["create_pair"], nxt()) for i, j in wanted]
+        factory_contract = c.eth.contract(factory, abi=fac.abi)
+        txs = [{"from": trader, "to": factory, "data": factory_contract.encode_abi("createPair", [tokens[i], tokens[j]]),
+                "gas": hex(GAS["create_pair"]), "nonce": hex(nxt())} for i, j in wanted]
         receipts = []
         for chunk in _chunks_by_gas(txs, budget):
             receipts += _receipts(c, _send_block(c, chunk))
@@ -448,17 +482,18 @@ def deploy_uniswap(
             assert _addr_key(t0) < _addr_key(t1)
             pairs.append(PairInfo(addr, t0, t1, int(r["blockNumber"], 16)))
 
-        # 3. initial liquidity (random prices) + holder grants
+        # 3. initial liquidity (1M..50M USD a side, at the tokens' nominal prices) + holder grants
+        spec_of = dict(zip(tokens, specs))
         txs = []
         for p in pairs:
-            a0 = rng.randint(1, 50) * 10**24 + rng.randint(0, 10**21)
-            a1 = rng.randint(1, 50) * 10**24 + rng.randint(0, 10**21)
-            txs.append(transfer_tx(trader, p.token0, p.address, a0, nxt()))
-            txs.append(transfer_tx(trader, p.token1, p.address, a1, nxt()))
+            usd = rng.randint(10**6, 50 * 10**6)
+            for t in (p.token0, p.token1):
+                s = spec_of[t]
+                txs.append(transfer_tx(trader, t, p.address, usd * 10**s.decimals * 100 // round(s.usd * 100), nxt()))
             txs.append(mint_call_tx(trader, p.address, trader, nxt()))
         for h in holders:
-            for t in tokens:
-                txs.append(transfer_tx(trader, t, h, HOLDER_GRANT, nxt()))
+            for t, s in zip(tokens, specs):
+                txs.append(transfer_tx(trader, t, h, HOLDER_GRANT * 10**s.decimals, nxt()))
         receipts = []
         for chunk in _chunks_by_gas(txs, budget):
             receipts += _receipts(c, _send_block(c, chunk))
@@ -474,6 +509,7 @@ def deploy_uniswap(
         seed_block=seed_block,
         trader=trader,
         holders=holders,
+        token_decimals=[s.decimals for s in specs],
         artifacts={k: str(v) for k, v in artifact_paths().items()},
     )
 
@@ -504,7 +540,7 @@ class ChainState:
     block: int  # the block this state is at
 
     @classmethod
-    def load(cls, node: str | Anvil | RpcClient, deployment: Deployment, block: int | str = "latest") -> ChainState:
+    def load(cls, node: str | Anvil | Web3, deployment: Deployment, block: int | str = "latest") -> ChainState:
         """Read the state at ``block`` (``"latest"``: the head, nonces include the pool)."""
         c = _url_client(node)
         tag = block if isinstance(block, str) else hex(block)
@@ -521,7 +557,7 @@ class ChainState:
         for a in accounts:
             calls.append(("eth_getTransactionCount", [a, ntag]))
         calls.append(("eth_getBlockByNumber", [tag, False]))
-        res = c.batch(calls)
+        res = batch(c, calls)
         it = iter(res)
         pools = []
         for p in deployment.pairs:
@@ -538,12 +574,14 @@ class ChainState:
         return cls(pools, balances, nonces, blk)
 
 
-def read_reserves(node: str | Anvil | RpcClient, deployment: Deployment, block: int | str = "latest") -> list[tuple[int, int]]:
-    """``getReserves()`` of every pair via ``eth_call``: ``[(reserve0, reserve1), ...]``."""
+def read_reserves(node: str | Anvil | Web3, deployment: Deployment, block: int | str = "latest") -> list[tuple[int, int]]:
+    """``getReserves()`` of every pair (web3.py contract calls): ``[(reserve0, reserve1), ...]``."""
     c = _url_client(node)
-    tag = block if isinstance(block, str) else hex(block)
-    res = c.batch([("eth_call", [{"to": p.address, "data": _hex(SEL["getReserves"])}, tag]) for p in deployment.pairs])
-    return [tuple(decode(["uint112", "uint112", "uint32"], bytes.fromhex(r[2:]))[:2]) for r in res]
+    pair = contract(c, "UniswapV2Pair")
+    # a number, a hex number ("0x3e8") or a tag ("latest")
+    at = cast(BlockIdentifier, int(block, 16) if isinstance(block, str) and block.startswith("0x") else block)
+    return [tuple(pair(address=to_checksum_address(p.address)).functions.getReserves().call(block_identifier=at)[:2])
+            for p in deployment.pairs]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -729,7 +767,7 @@ class TrafficGenerator:
                     s = rng.choice([*d.holders, trader])
                     t = rng.choice(d.tokens)
                     bal = st.balances[(s, t)]
-                    amount = int(min(bal, HOLDER_GRANT) * rng.uniform(1e-4, 2e-2))
+                    amount = int(min(bal, d.grant(t)) * rng.uniform(1e-4, 2e-2))
                     if amount <= 0:
                         raise ValueError("holder has no tokens")
                     r = rng.choice([a for a in [trader, *d.holders] if a != s] or [trader])
@@ -755,7 +793,7 @@ class TrafficGenerator:
 
 
 def generate_traffic(
-    url: str | Anvil | RpcClient,
+    url: str | Anvil | Web3,
     deployment: Deployment,
     blocks: int,
     txs_per_block: int,
@@ -800,7 +838,7 @@ def generate_traffic(
             calls: list[tuple[str, list]] = [("eth_sendTransaction", [tx]) for tx in txs]
             if prev_count_check is not None:  # piggy-back: did the previous block take everything?
                 calls.append(("eth_getBlockTransactionCountByNumber", [prev_count_check]))
-            res = c.batch(calls)
+            res = batch(c, calls)
             if prev_count_check is not None:
                 n = int(res[-1], 16)
                 if n != expected_per_block[prev_count_check]:
@@ -813,11 +851,11 @@ def generate_traffic(
             if progress is not None:
                 progress(b + 1, blocks)
         if prev_count_check is not None:
-            n = int(c.call("eth_getBlockTransactionCountByNumber", [prev_count_check]), 16)
+            n = int(call(c, "eth_getBlockTransactionCountByNumber", [prev_count_check]), 16)
             if n != expected_per_block[prev_count_check]:
                 raise RuntimeError(f"block {prev_count_check} holds {n} txs, expected {expected_per_block[prev_count_check]}")
     seconds = time.perf_counter() - t0
-    head = int(c.call("eth_blockNumber"), 16)
+    head = int(call(c, "eth_blockNumber"), 16)
     if head != first_block + blocks - 1:
         raise RuntimeError(f"head is {head}, expected {first_block + blocks - 1} (someone else mining?)")
     by_contract = gen.counts
@@ -851,7 +889,7 @@ def generate_traffic(
 
 
 def count_logs(
-    node: str | Anvil | RpcClient,
+    node: str | Anvil | Web3,
     deployment: Deployment,
     from_block: int,
     to_block: int,
@@ -869,7 +907,7 @@ def count_logs(
     lo = from_block
     while lo <= to_block:
         hi = min(to_block, lo + step - 1)
-        logs = c.call("eth_getLogs", [{"fromBlock": hex(lo), "toBlock": hex(hi), "address": addresses}])
+        logs = call(c, "eth_getLogs", [{"fromBlock": hex(lo), "toBlock": hex(hi), "address": addresses}])
         for lg in logs:
             kind = kind_of.get(lg["address"].lower())
             if kind is None or not lg["topics"]:
@@ -884,7 +922,7 @@ def count_logs(
     return counts
 
 
-def verify_traffic(node: str | Anvil | RpcClient, deployment: Deployment, stats: dict) -> None:
+def verify_traffic(node: str | Anvil | Web3, deployment: Deployment, stats: dict) -> None:
     """Assert that the chain holds exactly the logs ``stats`` expects for its block range and
     that every pair's ``getReserves`` equals the tracked reserves."""
     got = count_logs(node, deployment, stats["first_block"], stats["last_block"])
@@ -899,10 +937,10 @@ def verify_traffic(node: str | Anvil | RpcClient, deployment: Deployment, stats:
     lo, hi = stats["first_block"], stats["last_block"]
     for n in sorted({lo, (lo + hi) // 2, hi}):
         try:
-            receipts = c.call("eth_getBlockReceipts", [hex(n)]) or []
-        except RpcError:
-            blk = c.call("eth_getBlockByNumber", [hex(n), False])
-            receipts = c.batch([("eth_getTransactionReceipt", [h]) for h in blk["transactions"]])
+            receipts = call(c, "eth_getBlockReceipts", [hex(n)]) or []
+        except Web3RPCError:
+            blk = call(c, "eth_getBlockByNumber", [hex(n), False])
+            receipts = batch(c, [("eth_getTransactionReceipt", [h]) for h in blk["transactions"]])
         failed = [r["transactionHash"] for r in receipts if r.get("status") != "0x1"]
         if failed:
             raise AssertionError(f"block {n}: {len(failed)} reverted tx(s), e.g. {failed[0]}")
@@ -918,7 +956,7 @@ def verify_traffic(node: str | Anvil | RpcClient, deployment: Deployment, stats:
 
 
 def plan_reorg(
-    node: str | Anvil | RpcClient,
+    node: str | Anvil | Web3,
     deployment: Deployment,
     depth: int,
     txs_per_block: int = 4,
@@ -933,7 +971,7 @@ def plan_reorg(
     if depth < 1:
         raise ValueError("anvil_reorg needs depth >= 1")
     c = _url_client(node)
-    head = int(c.call("eth_blockNumber"), 16)
+    head = int(call(c, "eth_blockNumber"), 16)
     ancestor = head - depth
     if ancestor < deployment.seed_block:
         raise ValueError(f"reorg depth {depth} would cut into the deployment (seed block {deployment.seed_block})")
@@ -959,7 +997,7 @@ def plan_reorg(
 
 
 def reorg(
-    node: str | Anvil | RpcClient,
+    node: str | Anvil | Web3,
     deployment: Deployment,
     depth: int,
     txs_per_block: int = 4,
@@ -973,9 +1011,9 @@ def reorg(
     c = _url_client(node)
     pairs, expected = plan_reorg(c, deployment, depth, txs_per_block, seed, blocks_with_txs)
     nums = range(expected["first_block"], expected["last_block"] + 1)
-    old = [b["hash"] for b in c.batch([("eth_getBlockByNumber", [hex(n), False]) for n in nums])]
-    c.call("anvil_reorg", [int(depth), pairs])
-    new = [b["hash"] for b in c.batch([("eth_getBlockByNumber", [hex(n), False]) for n in nums])]
+    old = [b["hash"] for b in batch(c, [("eth_getBlockByNumber", [hex(n), False]) for n in nums])]
+    call(c, "anvil_reorg", [int(depth), pairs])
+    new = [b["hash"] for b in batch(c, [("eth_getBlockByNumber", [hex(n), False]) for n in nums])]
     expected["old_hashes"] = old
     expected["new_hashes"] = new
     if verify:

@@ -85,6 +85,7 @@ RANGE_BLOCKS = internal("_range_blocks")
 LIVE_BLOCKS = internal("_live_blocks")
 RANGE_BLOCK_NUMBERS = internal("_range_block_numbers")
 CONTRACT_ADDRESSES = internal("_contract_addresses")
+TOKEN_DECIMALS = internal("_token_decimals")
 
 
 def view_statements(cfg: IndexerConfig) -> dict[str, str]:
@@ -149,7 +150,9 @@ def view_statements(cfg: IndexerConfig) -> dict[str, str]:
     specs = {spec.table: spec for c in cfg.chains for _, spec in c.all_specs()}
     tables += [(ds.events(table), ds.Schema(spec.schema()), "block_number") for table, spec in specs.items()]
     numbers = {ds.events(table): number_columns(spec) for table, spec in specs.items()}
+    amounts = {ds.events(table): token_amount(spec) for table, spec in specs.items()}
     views[CONTRACT_ADDRESSES] = _contract_addresses(cfg, src)
+    views[TOKEN_DECIMALS] = _token_decimals(cfg, lakes)
     contracts_of: dict[str, set[str]] = {}
     for c in cfg.chains:
         for contract, spec in c.all_specs():
@@ -163,10 +166,11 @@ def view_statements(cfg: IndexerConfig) -> dict[str, str]:
             which = f" AND c.contract IN ({', '.join(repr(n) for n in sorted(only))})" if only else ""
             sql = (f"SELECT m.* FROM ({sql}) m WHERE EXISTS (SELECT 1 FROM {CONTRACT_ADDRESSES} c "
                    f"WHERE c.chain_id = m.chain_id AND c.address = m.address{which})")
-        big = numbers.get(dataset, [])
-        views[name] = _renamed(with_status(_with_numbers(sql, schema, big), number_col), dataset)
+        big, amount = numbers.get(dataset, []), amounts.get(dataset)
+        views[name] = _renamed(with_status(_with_numbers(sql, schema, big, amount), number_col), dataset)
         orphans = {**schema, **ds.ORPHAN_COLUMNS}
-        views[f"orphaned_{name}"] = _renamed(_with_numbers(src(ds.orphaned(dataset), orphans), orphans, big), dataset)
+        views[f"orphaned_{name}"] = _renamed(
+            _with_numbers(src(ds.orphaned(dataset), orphans), orphans, big, amount), dataset)
     views["reorgs"] = meta(ds.REORGS, ds.REORGS_SCHEMA)
     # Derived DEX tables (dex.incremental): a view once the first step wrote them.
     for table, col in ds.DEX_TABLES.items():
@@ -204,10 +208,12 @@ def _renamed(sql: str, dataset: str) -> str:
     return f"SELECT * RENAME ({pairs}) FROM ({sql})"
 
 
-def view_columns(dataset: str, schema: ds.Schema, big: list[str] | None = None) -> list[tuple[str, str]]:
+def view_columns(dataset: str, schema: ds.Schema, big: list[str] | None = None,
+                 amount: str | None = None) -> list[tuple[str, str]]:
     """(name, DuckDB type) of the columns the view over `dataset` shows, in order, before `status`: the
     files' `schema` renamed as `VIEW_RENAMES` says, with `<column>_num` after each big integer's `_f64`
-    (`big`: see `number_columns`). What the view's SQL selects, for those who describe it (Dagster)."""
+    (`big`: see `number_columns`) and `<amount>_h` after an ERC-20 amount's `_num` (see `token_amount`).
+    What the view's SQL selects, for those who describe it (Dagster)."""
     renames = VIEW_RENAMES.get(dataset, {})
     out = []
     for c, dtype in schema.items():
@@ -218,6 +224,8 @@ def view_columns(dataset: str, schema: ds.Schema, big: list[str] | None = None) 
         out.append((renames.get(c, c), typ))
         if (base := _numbered(c, big or [])) is not None:
             out.append((f"{base}_num", "DECIMAL(38,0)"))
+            if base == amount:
+                out.append((f"{base}_h", "DOUBLE"))
     return out
 
 
@@ -235,16 +243,48 @@ def number_columns(spec: EventSpec) -> list[str]:
     return [p.column for p in spec.inputs if p.is_big_int and f"{p.column}_num" not in schema]
 
 
-def _with_numbers(sql: str, schema: ds.Schema, big: list[str]) -> str:
-    """`sql` with `<column>_num` after each big integer's `<column>_f64` (see `number_columns`)."""
+def token_amount(spec: EventSpec) -> str | None:
+    """The amount column of an ERC-20 `Transfer` / `Approval` (address indexed, address indexed, uint256),
+    which the view also shows as `<amount>_h`, scaled by the emitting token's decimals; else None (an
+    ERC-721 Transfer indexes its third argument: a token id, not an amount)."""
+    shape = [(p.type, p.indexed) for p in spec.inputs]
+    if (spec.name not in ("Transfer", "Approval") or spec.anonymous
+            or shape != [("address", True), ("address", True), ("uint256", False)]):
+        return None
+    column = spec.inputs[2].column
+    return column if f"{column}_h" not in spec.schema() and f"{column}_num" not in spec.schema() else None
+
+
+def _token_decimals(cfg: IndexerConfig, lakes: list) -> str:
+    """(chain_id, address, decimals), one row per token: the DEX `tokens` table of each chain (decimals read
+    once per token with eth_call), where it has been built."""
+    parts = ["SELECT CAST(NULL AS BIGINT) AS chain_id, CAST(NULL AS VARCHAR) AS address, "
+             "CAST(NULL AS BIGINT) AS decimals WHERE false"]
+    for c, lake in zip(cfg.chains, lakes):
+        if (p := lake.path(ds.DEX, "tokens")).is_file():
+            parts.append(f"SELECT CAST({int(c.chain.chain_id)} AS BIGINT), address, CAST(decimals AS BIGINT) "
+                         f"FROM {_read([str(p)])}")
+    return ("SELECT chain_id, address, min(decimals) AS decimals FROM (" + " UNION ALL ".join(parts) + ") t "
+            "WHERE decimals IS NOT NULL GROUP BY chain_id, address")
+
+
+def _with_numbers(sql: str, schema: ds.Schema, big: list[str], amount: str | None = None) -> str:
+    """`sql` with `<column>_num` after each big integer's `<column>_f64` (see `number_columns`), and `<amount>_h`
+    (DOUBLE: `<amount>_f64` / 10^decimals, NULL where the token's decimals are unknown) after the `_num` of an
+    ERC-20 amount (see `token_amount`)."""
     if not big:
         return sql
     cols = []
     for c in schema:
-        cols.append(quote_name(c))
+        cols.append(f"n.{quote_name(c)}")
         if (base := _numbered(c, big)) is not None:
-            cols.append(f"TRY_CAST({quote_name(base)} AS DECIMAL(38,0)) AS {quote_name(base + '_num')}")
-    return f"SELECT {', '.join(cols)} FROM ({sql})"
+            cols.append(f"TRY_CAST(n.{quote_name(base)} AS DECIMAL(38,0)) AS {quote_name(base + '_num')}")
+            if base == amount:  # '1e6' read as a double: 10^decimals correctly rounded, like the DEX's _h columns
+                cols.append(f"n.{quote_name(c)} / CAST('1e' || d.decimals AS DOUBLE) AS {quote_name(base + '_h')}")
+    if amount not in big:
+        return f"SELECT {', '.join(cols)} FROM ({sql}) n"
+    return (f"SELECT {', '.join(cols)} FROM ({sql}) n LEFT JOIN {TOKEN_DECIMALS} d "
+            "ON d.chain_id = n.chain_id AND d.address = n.address")
 
 
 def _contract_addresses(cfg: IndexerConfig, src) -> str:

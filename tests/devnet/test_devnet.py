@@ -15,10 +15,10 @@ except ImportError:  # running from a checkout without `pip install -e .`
 
 from eth_abi import decode
 from eth_utils import is_checksum_address, to_checksum_address
+from web3.exceptions import Web3RPCError
 
 from indexer_dagster.devnet import (
     Anvil,
-    RpcError,
     build_devnet,
     count_logs,
     plan_reorg,
@@ -51,6 +51,23 @@ def chain():
         yield node, dep
 
 
+def test_tokens_read_like_a_market_with_18_and_6_decimals(chain):
+    """The devnet's ERC-20s answer name/symbol/decimals like mainnet's (USDC: 6 decimals), and the pools
+    start near the tokens' usual prices: WETH around 3000 USDC."""
+    node, dep = chain
+
+    def call(to: str, selector: str, typ: str):
+        return decode([typ], bytes.fromhex(rpc(node.url, "eth_call", [{"to": to, "data": selector}, "latest"])[2:]))[0]
+
+    got = [(call(t, "0x95d89b41", "string"), call(t, "0x313ce567", "uint8")) for t in dep.tokens]
+    assert got == [("WETH", 18), ("USDC", 6), ("DAI", 18), ("LINK", 18)]
+    assert dep.token_decimals == [18, 6, 18, 18]
+    weth, usdc = dep.tokens[:2]
+    [(pair, (r0, r1))] = [(p, r) for p, r in zip(dep.pairs, read_reserves(node, dep)) if {p.token0, p.token1} == {weth, usdc}]
+    usdc_reserve, weth_reserve = (r0, r1) if pair.token0 == usdc else (r1, r0)
+    assert 2000 < (usdc_reserve / 10**6) / (weth_reserve / 10**18) < 4500  # USDC per WETH, after the traffic
+
+
 def _get_logs(url: str, frm: int, to: int, address, topic0: str | None = None) -> list[dict]:
     flt = {"fromBlock": hex(frm), "toBlock": hex(to), "address": address}
     if topic0:
@@ -61,11 +78,12 @@ def _get_logs(url: str, frm: int, to: int, address, topic0: str | None = None) -
 def test_rpc_helpers(chain):
     node, _ = chain
     assert int(rpc(node.url, "eth_chainId"), 16) == 31337
-    with pytest.raises(RpcError) as ei:
+    with pytest.raises(Web3RPCError) as ei:  # web3.py's error for a JSON-RPC error answer
         node.rpc("eth_noSuchMethod")
-    assert ei.value.code == -32601
+    assert ei.value.rpc_response["error"]["code"] == -32601
     got = node.batch([("eth_chainId", []), ("eth_noSuchMethod", [])], raise_on_error=False)
-    assert got[0] == "0x7a69" and isinstance(got[1], RpcError)
+    assert got[0] == "0x7a69" and isinstance(got[1], Web3RPCError)
+    assert got[1].rpc_response["error"]["code"] == -32601
 
 
 def test_deployment_logs(chain):

@@ -17,18 +17,33 @@ from tests.sync.test_reorg import backfill_plain, chain, follow_until_synced, in
 pytestmark = pytest.mark.slow
 
 
+def chain_decimals(node, token: str) -> int:
+    return int(node.rpc("eth_call", [{"to": token, "data": "0x313ce567"}, "latest"]), 16)  # decimals()
+
+
 def check_against_chain(cfg, node):
-    state = query(cfg.duckdb_path, "select pool, reserve0, reserve1 from pool_state")
+    state = query(cfg.duckdb_path, "select pool, token0, token1, reserve0, reserve1, reserve0_h, reserve1_h "
+                                   "from pool_state")
     assert state.height == 6
-    for pool, r0, r1 in state.iter_rows():
+    for pool, t0, t1, r0, r1, h0, h1 in state.iter_rows():
         ret = node.rpc("eth_call", [{"to": pool, "data": "0x0902f1ac"}, "latest"])  # getReserves()
         assert (int(r0), int(r1)) == (int(ret[2:66], 16), int(ret[66:130], 16))
+        # Human reserves: getReserves() over 10**decimals() of each token, 6-decimal USDC included.
+        d0, d1 = chain_decimals(node, t0), chain_decimals(node, t1)
+        assert (h0, h1) == pytest.approx((int(r0) / 10**d0, int(r1) / 10**d1), rel=1e-15)
     n_swaps = query(cfg.duckdb_path, "select count(*) n from swaps")["n"][0]
     n_events = query(cfg.duckdb_path, "select count(*) n from uniswap_v2_pair_swap")["n"][0]
     assert n_swaps == n_events > 0
     tokens = query(cfg.duckdb_path, "select * from tokens")
-    # The devnet's tokens are OpenZeppelin ERC-20s named like a market; symbols read with eth_call.
-    assert set(tokens["decimals"]) == {18} and set(tokens["symbol"]) == {"WETH", "DAI", "LINK", "UNI"}
+    # The devnet's tokens are ERC-20s named like a market, 18 and 6 decimals; read with eth_call.
+    assert dict(zip(tokens["symbol"], tokens["decimals"])) == {"WETH": 18, "USDC": 6, "DAI": 18, "LINK": 18}
+    assert all(chain_decimals(node, a) == d for a, d in zip(tokens["address"], tokens["decimals"]))
+    # A swap's human amounts are its raw amounts over 10**decimals (USDC's 6 where it is a side).
+    swaps = query(cfg.duckdb_path, "select decimals0, decimals1, amount0_in, amount1_out, amount0_in_h, "
+                                   "amount1_out_h from swaps where 6 in (decimals0, decimals1)")
+    assert swaps.height > 0
+    for d0, d1, a0, a1, h0, h1 in swaps.iter_rows():
+        assert (h0, h1) == pytest.approx((int(a0) / 10**d0, int(a1) / 10**d1), rel=1e-15)
 
 
 def dex_frames(cfg) -> dict[str, pl.DataFrame]:
@@ -99,6 +114,11 @@ def test_volumes_and_candles_equal_an_independent_computation_from_raw_logs(tmp_
         logs = rpc(node.url, "eth_getLogs", [{"fromBlock": "0x0", "toBlock": "latest", "address": pairs,
                                               "topics": [swap_topic]}])
         ts = {}
+        decimals = {}
+        for p in dep.pairs:
+            for t in (p.token0, p.token1):
+                decimals[t.lower()] = int(rpc(node.url, "eth_call", [{"to": t, "data": "0x313ce567"}, "latest"]), 16)
+        pair_decimals = {p.address.lower(): (decimals[p.token0.lower()], decimals[p.token1.lower()]) for p in dep.pairs}
         volume = defaultdict(lambda: [0, 0, 0])
         candles = defaultdict(list)
         for log in logs:
@@ -112,7 +132,8 @@ def test_volumes_and_candles_equal_an_independent_computation_from_raw_logs(tmp_
             volume[key][0] += a0
             volume[key][1] += a1
             volume[key][2] += 1
-            candles[key].append(((n, int(log["logIndex"], 16)), a0 / a1))  # both tokens have 18 decimals
+            d0, d1 = pair_decimals[log["address"].lower()]
+            candles[key].append(((n, int(log["logIndex"], 16)), (a0 / 10**d0) / (a1 / 10**d1)))  # 18 and 6 decimals
         assert len({h for _, h in volume}) >= 2  # the data crosses an hour boundary
         got = query(cfg.duckdb_path, "select pool, bucket_start, volume_token0, volume_token1, swap_count "
                                      "from pool_volume where interval = '1h'")

@@ -60,17 +60,17 @@ def factory_config(path: Path, node_url: str, dep: Deployment, **kw) -> Path:
 
 def create_pair(node: Anvil, dep: Deployment, i: int, j: int, extra_blocks_txs: bool = True) -> PairInfo:
     """factory.createPair(tokens[i], tokens[j]) plus its first liquidity (Transfer, Sync, Mint) in the same block."""
-    c = node.client()
+    c = node.w3
     data = SEL["createPair"] + encode(["address", "address"], [dep.tokens[i], dep.tokens[j]])
-    ret = c.call("eth_call", [{"from": dep.trader, "to": dep.factory, "data": "0x" + data.hex()}, "latest"])
+    ret = node.rpc("eth_call", [{"from": dep.trader, "to": dep.factory, "data": "0x" + data.hex()}, "latest"])
     pair = to_checksum_address("0x" + ret[-40:])
     t0, t1 = sorted([dep.tokens[i], dep.tokens[j]], key=_addr_key)
     with _Automine(c):
-        nonce = int(c.call("eth_getTransactionCount", [dep.trader, "pending"]), 16)
+        nonce = int(node.rpc("eth_getTransactionCount", [dep.trader, "pending"]), 16)
         txs = [
             _tx(dep.trader, dep.factory, data, GAS["create_pair"], nonce),
-            transfer_tx(dep.trader, t0, pair, 3 * 10**24, nonce + 1),
-            transfer_tx(dep.trader, t1, pair, 5 * 10**24, nonce + 2),
+            transfer_tx(dep.trader, t0, pair, 3 * 10 ** (6 + dep.decimals_of(t0)), nonce + 1),  # 3M whole tokens
+            transfer_tx(dep.trader, t1, pair, 5 * 10 ** (6 + dep.decimals_of(t1)), nonce + 2),
             mint_call_tx(dep.trader, pair, dep.trader, nonce + 3),
         ]
         receipts = _receipts(c, _send_block(c, txs))

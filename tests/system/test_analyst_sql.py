@@ -11,6 +11,7 @@ from indexer_dagster.api import connect
 from indexer_dagster.cli import main as cli
 from indexer_dagster.config import load_config
 from indexer_dagster.devnet import write_config
+from indexer_dagster.devnet.uniswap import TOKEN_SUPPLY
 from indexer_dagster.dex.build import build_dex
 from indexer_dagster.persist.catalog import _with_numbers
 from tests.sync.test_reorg import backfill_plain
@@ -49,9 +50,9 @@ def test_every_pool_view_names_its_pair(indexed):
     with connect(cfg.duckdb_path) as ix:
         for view in POOL_VIEWS:
             labels = ix.sql(f"select distinct symbol0, symbol1, pair from {view} order by pair")
-            # The devnet's tokens are named ERC-20s (WETH, DAI, LINK, UNI); every pair says which market.
+            # The devnet's tokens are named ERC-20s (WETH, USDC, DAI, LINK); every pair says which market.
             assert labels.height > 0 and all(p == f"{a}/{b}" for a, b, p in labels.rows()), view
-            assert set(labels["symbol0"]) | set(labels["symbol1"]) <= {"WETH", "DAI", "LINK", "UNI"}, view
+            assert set(labels["symbol0"]) | set(labels["symbol1"]) <= {"WETH", "USDC", "DAI", "LINK"}, view
         pools = ix.sql("select pair from pools order by pair")["pair"].to_list()
         assert len(pools) == 6 and len(set(pools)) == 6  # six distinct markets, one per pair of tokens
         assert ix.sql("select count(*) n from pools where pair is null")["n"][0] == 0
@@ -131,7 +132,7 @@ def test_a_wide_result_is_shown_one_column_per_line(indexed):
         assert max(len(line) for line in out.splitlines()) <= 100
     # A narrow result stays a table; --format table keeps one even when it does not fit.
     narrow = run_cli(path, "query", "select pair, count(*) n from swaps group by 1", columns=100)
-    assert " = " not in narrow and "┆" in narrow and any(f"/{t}" in narrow for t in ("DAI", "LINK", "UNI"))
+    assert " = " not in narrow and "┆" in narrow and any(f"/{t}" in narrow for t in ("WETH", "USDC", "DAI", "LINK"))
     forced = run_cli(path, "query", "--format", "table", wide, columns=100)
     assert " = " not in forced and "shape: (3, " in forced
     # A long wide result is cut to 100 records in the terminal, and says so.
@@ -164,6 +165,37 @@ def test_big_integers_have_a_column_duckdb_sums_exactly(indexed):
     assert out.split() == ["total", str(sum(values))]
 
 
+def test_erc20_amounts_have_a_human_column_where_the_token_decimals_are_known(indexed):
+    """ERC-20 Transfer and Approval views carry `value_h` = value / 10^decimals, the decimals of the token (the
+    emitting contract) as the `tokens` table read them from the chain: 6 for USDC, 18 for WETH; NULL for a
+    token the table does not know (the pairs' LP tokens)."""
+    cfg, path = indexed
+    with plain(cfg) as con:
+        for view in ("erc20_transfer", "erc20_approval", "orphaned_erc20_transfer"):
+            columns = con.sql("select column_name, data_type from information_schema.columns where table_name = "
+                              f"'{view}' order by ordinal_position").fetchall()
+            at = columns.index(("value", "VARCHAR"))
+            assert columns[at: at + 4] == [("value", "VARCHAR"), ("value_f64", "DOUBLE"),
+                                          ("value_num", "DECIMAL(38,0)"), ("value_h", "DOUBLE")], view
+        rows = con.sql("select k.symbol, k.decimals, t.value, t.value_h from erc20_transfer t "
+                       "join tokens k on k.address = t.address").fetchall()
+        assert {s for s, *_ in rows} == {"WETH", "USDC", "DAI", "LINK"}
+        for symbol, decimals, value, human in rows:
+            assert human == pytest.approx(int(value) / 10 ** {"USDC": 6}.get(symbol, 18), rel=1e-15), symbol
+            assert decimals == {"USDC": 6}.get(symbol, 18)
+        assert con.sql("select count(*) from erc20_transfer where value_h is null").fetchall() == [(0,)]
+        [(n, known)] = con.sql("select count(*), count(value_h) from uniswap_v2_pair_transfer").fetchall()
+        assert n > 0 and known == 0  # LP tokens: not in `tokens`
+        usdc = con.sql("select address from tokens where symbol = 'USDC'").fetchall()[0][0]
+        [(total_h, total)] = con.sql("select sum(value_h), sum(value_num) from erc20_approval "
+                                     f"where address = '{usdc}'").fetchall()
+        assert total_h == pytest.approx(int(total) / 10**6, rel=1e-12)
+    out = run_cli(path, "query", "--format", "csv", "select value_h from erc20_transfer where address = "
+                  f"'{usdc}' order by value_num desc limit 1")
+    assert float(out.split()[1]) == pytest.approx(con_max := max(int(v) for s, _, v, _ in rows if s == "USDC") / 10**6)
+    assert con_max == TOKEN_SUPPLY  # whole USDC: the largest transfer is the constructor's mint of the supply
+
+
 def readme_queries() -> list[str]:
     """The statements of the README's analyst-queries block, in order."""
     from pathlib import Path
@@ -183,11 +215,11 @@ def test_the_readme_answers_analyst_questions_in_one_query_each(indexed):
         both = ix.sql("select pool from pools where 'WETH' in (symbol0, symbol1) and 'DAI' in (symbol0, symbol1)")
         assert both.height == 1
         largest = ix.sql(transfers)
-        weth = ix.sql("select address from tokens where symbol = 'WETH'")["address"][0]
-        exact = ix.sql(f"select value from erc20_transfer where address = '{weth}'")["value"]
+        usdc = ix.sql("select address from tokens where symbol = 'USDC'")["address"][0]
+        exact = ix.sql(f"select value from erc20_transfer where address = '{usdc}'")["value"]
         top = sorted((int(v) for v in exact), reverse=True)[:10]
         assert largest.height == 10
-        assert [round(a, 6) for a in largest["amount"]] == [round(v / 10**18, 6) for v in top]
+        assert largest["amount"].to_list() == pytest.approx([v / 10**6 for v in top], rel=1e-15)
         top = ix.sql(markets)
         assert top.height == 6 and top["volume_weth"].null_count() == 0
         assert top["volume_weth"].to_list() == sorted(top["volume_weth"], reverse=True)
