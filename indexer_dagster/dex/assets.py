@@ -1,7 +1,8 @@
 """DEX assets (group `dex`): swaps, reserves, pool state, liquidity, volume, candles, pools, tokens.
 
-One multi-asset recomputes them together from the canonical decoded events (`dex.build`); the
-chain-head sensor requests it after the indexed tip moves or a reorg is repaired, one run at a time.
+One multi-asset brings them up to the indexed tip together, deriving the blocks since the last step
+(`dex.build.build_dex`, `dex.incremental`): by hand from the UI. Backfills derive them in their range
+runs, and live the long-running DEX run (`jobs.dex_follow`) does.
 """
 
 import dagster as dg

@@ -5,9 +5,9 @@ Why this module exists
 A DEX backend wants swaps with direction and price, pool reserves and spot prices, volume per
 hour/day and price candles - not raw ``Swap``/``Sync``/``Mint``/``Burn`` logs. Everything here is
 *derived data*: pure, deterministic functions of the canonical decoded event tables (plus token
-metadata). Nothing is accumulated incrementally, so after a reorg the indexer rebuilds the
-affected partitions of the event tables and recomputing these frames gives exactly what a fresh
-computation over the new canonical chain gives - a reorg rebuild equals a recomputation. The
+metadata). `dex.incremental` applies them to the rows of a few blocks at a time (a row's values
+depend on its own event, its pool and tokens; `pool_state` and the buckets are recomputed from the
+rows they cover), and `dex.build.compute` to all rows at once: the two give the same tables. The
 results do not depend on the order of the input rows: row tables are sorted by
 ``(chain_id, block_number, log_index)``, aggregates by ``(chain_id, pool, bucket_start)``, and
 everything order-dependent (latest state, open/close) orders by ``(block_number, log_index)``.

@@ -144,7 +144,7 @@ def _undo(lake: Lake, first: int, last: int, fork: int | None = None, reorg_id: 
     prev_block, prev_hash = record["prev_block"][0], record["prev_hash"][0]
     base = _first_block(lake)
     with lake.transaction() as tx:
-        for action, dataset, key in record.select("action", "dataset", "key").rows():
+        for action, dataset, key in record.filter(pl.col("action") != "cursor").select("action", "dataset", "key").rows():
             if action == "restore":
                 copy = read_parquet(lake.path(DEX_UNDO_COPIES, _copy_key(step, dataset, key)))
                 tx.writer(dataset, key, dict(copy.schema)).write(copy)
@@ -312,6 +312,8 @@ def _publish_step(cfg: IndexerConfig, lake: Lake, store: StateStore, first: int,
                 actions.append(("restore", dataset, key))
             else:
                 actions.append(("delete", dataset, key))
+        # A row per file, and one for the cursor itself: a step over blocks without DEX events writes no file.
+        actions.append(("cursor", DEX, DEX_CURSOR))
         record = pl.DataFrame(
             [(at[0] if at else None, at[1] if at else None, *a) for a in actions], schema=UNDO_SCHEMA, orient="row")
         tx.writer(DEX_UNDO, step, UNDO_SCHEMA, marker=True).write(record)  # after its copies

@@ -1,7 +1,7 @@
 """The long-running DEX run: keeps the DEX tables at the indexed tip, one run per half hour instead of
 one run per new block (each paying a process start and adding a run to the instance's history).
 
-A thin skin over `dex.build`: it rebuilds when the tip or the reorg epoch moved, never while a reorg is
+A thin skin over `dex.build`: it derives the new blocks when the tip or the reorg epoch moved, never while a reorg is
 being repaired or the chain is halted, and materializes the DEX assets every `report_seconds` with the
 latest build's figures (not per build: at a block a second that would be thousands of events an hour).
 """
@@ -31,7 +31,7 @@ def build_dex_follow_job(cfg: IndexerConfig) -> dg.JobDefinition:
     chain = cfg.chain.name
 
     @dg.op(name=f"{chain}_keep_dex_current",
-           description="Rebuild the DEX tables whenever the indexed tip moves; pause during reorgs.")
+           description="Derive the DEX tables of each new block as the indexed tip moves; pause during reorgs.")
     def keep_dex_current(context: dg.OpExecutionContext, config: DexFollowConfig, indexer: IndexerConfigResource,
                          state: StateStoreResource):
         cfg = indexer.for_chain(chain)

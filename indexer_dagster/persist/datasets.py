@@ -191,7 +191,8 @@ def dex(table: str) -> str:
 CURSOR_SCHEMA: Schema = {"block_number": pl.Int64, "block_hash": pl.String, "first_block": pl.Int64}
 UNDO_SCHEMA: Schema = {
     "prev_block": pl.Int64, "prev_hash": pl.String,  # the cursor before the step
-    "action": pl.String, "dataset": pl.String, "key": pl.String,  # "restore" (from a copy) or "delete"
+    # "restore" (from a copy), "delete" (a file the step created), "cursor" (one row: the record is never empty)
+    "action": pl.String, "dataset": pl.String, "key": pl.String,
 }
 
 CANDLE_INTERVALS = ("1m", "1h")  # the buckets `pool_candles` stores

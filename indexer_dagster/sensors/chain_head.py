@@ -155,8 +155,8 @@ def build_chain_head_sensor(
         if dex_follow_job and active is None and halt is None and tip is not None and not instance.get_runs(
             dg.RunsFilter(job_name=dex_follow_job, statuses=IN_PROGRESS), limit=1
         ):
-            # Derived tables follow the canonical events: one long-running DEX run rebuilds them when the tip
-            # moves or a reorg was repaired (not a run per block).
+            # Derived tables follow the canonical events: one long-running DEX run derives the new blocks
+            # when the tip moves or a reorg was repaired (not a run per block).
             requests.append(dg.RunRequest(job_name=dex_follow_job, run_key=f"dex-follow-{time.time_ns()}"))
         for key in p.range_runs:
             # No run key: a range that failed is asked for again (one run per range at a time).
