@@ -185,7 +185,7 @@ def _derive_dex(context: dg.AssetExecutionContext, cfg: IndexerConfig, store) ->
     """The DEX tables derived in the same runs as the ranges (a backfill's runs take turns): through the
     highest block up to which every range is in. A reorg beginning meanwhile leaves it to the next run."""
     try:
-        res = build_dex(cfg, store=store)
+        res = build_dex(cfg, store=store, count_rows=False)
     except ForkChanged as e:
         context.log.info(f"{cfg.chain.name}: DEX tables not derived ({e}); the next run or the DEX run will")
         return

@@ -93,9 +93,10 @@ def compute(cfg: IndexerConfig, through: int | None = None) -> dict[str, pl.Data
     return out
 
 
-def build_dex(cfg: IndexerConfig, *, store: StateStore | None = None, max_steps: int | None = None) -> DexResult:
+def build_dex(cfg: IndexerConfig, *, store: StateStore | None = None, max_steps: int | None = None,
+              count_rows: bool = True) -> DexResult:
     """Bring the DEX tables up to the indexed tip, deriving only the blocks since the last call
     (`dex.incremental`); refused (ForkChanged) if a reorg began meanwhile. `store`: the run's state store
-    (None: one opened for this call)."""
+    (None: one opened for this call); `count_rows`: report the tables' rows (a look at every file)."""
     with store_or_open(cfg.state_url, store) as s, s.writer_lock(dex_lease(cfg.chain.name), timeout_s=600):
-        return advance(cfg, s, max_steps=max_steps)
+        return advance(cfg, s, max_steps=max_steps, count_rows=count_rows)

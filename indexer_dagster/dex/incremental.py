@@ -167,11 +167,19 @@ def _drop_record(lake: Lake, first: int, last: int, record: pl.DataFrame | None 
 
 
 def recover(lake: Lake) -> None:
-    """Undo a step cut short by a crash (its record is past the cursor), so the tables are as of the cursor."""
+    """Undo a step cut short by a crash (its record is past the cursor, made at the cursor), so the tables
+    are as of the cursor. A record past the cursor made elsewhere is a step whose publish was refused
+    (a reorg began) before a rollback moved the cursor: nothing of it is visible, and its copies are stale."""
     at = read_cursor(lake)
     for first, last in reversed(_records(lake)):
-        if at is None or last > at[0]:
+        if at is not None and last <= at[0]:
+            continue
+        record = read_parquet(lake.path(DEX_UNDO, _step_key(first, last)))
+        prev = record["prev_block"][0]
+        if (prev is None and at is None) or (at is not None and prev == at[0]):
             _undo(lake, first, last)
+        else:
+            _drop_record(lake, first, last, record)
 
 
 def reset(lake: Lake) -> None:
@@ -203,6 +211,31 @@ def rollback(cfg: IndexerConfig, fork: int, reorg_id: int | None = None) -> dict
         for table, n in _undo(lake, *records[-1], fork=fork, reorg_id=reorg_id).items():
             archived[table] = archived.get(table, 0) + n
     return archived
+
+
+def rows_replaced(cfg: IndexerConfig, first: int, last: int) -> bool:
+    """After blocks first..last were published again (a supplement or decode of contracts or events
+    added to the config, a range synced again after failed checks): if the DEX tables derived those
+    blocks from other Swap/Sync/Mint/Burn rows than the lake now holds, take them back to first-1 (the
+    next step derives them again); True if so. A range compacted from live segments holds the same rows."""
+    lake = open_lake(cfg)
+    at = read_cursor(lake)
+    if at is None or at[0] < first:
+        return False
+    top = min(last, at[0])
+    src = source_tables(cfg)
+    keys = ["block_number", "log_index"]
+    with view_reader(cfg.duckdb_path) as read:
+        frames = [read_events(cfg, src[kind], (first, top), read) for kind in ("swap", "sync", "mint", "burn")]
+    now = pl.concat([f.select(keys) for f in frames if f is not None], how="vertical")
+    derived = [read_parquet(p, columns=keys) for table in ("swaps", "pool_reserves", "liquidity_events")
+               for p in lake.files(dex_dataset(table)) if _span(p)[1] >= first and _span(p)[0] <= top]
+    before = pl.concat(derived, how="vertical").filter(pl.col("block_number").is_between(first, top)) if derived \
+        else now.clear()
+    if now.sort(keys).equals(before.sort(keys)):
+        return False
+    rollback(cfg, first - 1)
+    return True
 
 
 # -- one step ---------------------------------------------------------------------------------------
@@ -386,9 +419,10 @@ def _behind_fork(cfg: IndexerConfig, lake: Lake, read: ViewReader) -> None:
         _undo(lake, *records[-1])  # (a reorg run archives what it rolls back; this is the safety net)
 
 
-def advance(cfg: IndexerConfig, store: StateStore, max_steps: int | None = None) -> DexResult:
+def advance(cfg: IndexerConfig, store: StateStore, max_steps: int | None = None, count_rows: bool = True) -> DexResult:
     """Derive the DEX tables through the highest contiguous canonical block the lake holds (at most
-    `max_steps` steps), from where the last call stopped. Refused (ForkChanged) when a reorg begins meanwhile."""
+    `max_steps` steps), from where the last call stopped. Refused (ForkChanged) when a reorg begins meanwhile.
+    `count_rows`: report each table's rows (`table_rows`: a footer per file, which grows with the history)."""
     started = time.perf_counter()
     lake = open_lake(cfg)
     res = DexResult()
@@ -431,14 +465,15 @@ def advance(cfg: IndexerConfig, store: StateStore, max_steps: int | None = None)
         _settle(cfg, lake, at[0])
     if new_tables:
         build_catalog(cfg)  # a DEX view appears once its table has a file
-    res.rows = table_rows(lake)
-    res.top_pools = _top_pools(lake)
+    if count_rows:
+        res.rows = table_rows(lake)
+        res.top_pools = _top_pools(lake)
     res.seconds = time.perf_counter() - started
     return res
 
 
 def table_rows(lake: Lake) -> dict[str, int]:
-    """Rows of each DEX table, from the files' footers."""
+    """Rows of each DEX table, from the files' footers (for reports, not for every step)."""
     out = {}
     for table in DEX_TABLES:
         if table in (*DEX_ROW_TABLES, *DEX_DAY_TABLES):

@@ -13,9 +13,11 @@ import dagster as dg
 from indexer_dagster.chain.fetch import ForkChanged
 from indexer_dagster.config import IndexerConfig
 from indexer_dagster.dex.build import DexResult, build_dex
+from indexer_dagster.dex.incremental import table_rows
 from indexer_dagster.health.logs import bind
 from indexer_dagster.jobs.names import CHAIN_TAG, DEX_ROLE, ROLE_TAG, SINGLETON_TAG, dex_follow_job_name
 from indexer_dagster.persist.datasets import DEX_TABLES
+from indexer_dagster.persist.lake import open_lake
 from indexer_dagster.resources import IndexerConfigResource, StateStoreResource
 from indexer_dagster.state import ChainHalted
 from indexer_dagster.sync.realtime import run_lease
@@ -53,17 +55,17 @@ def build_dex_follow_job(cfg: IndexerConfig) -> dg.JobDefinition:
                 if not idle:
                     assert tip is not None and now_at is not None
                     try:
-                        res = build_dex(cfg, store=store)
+                        res = build_dex(cfg, store=store, count_rows=False)  # counted when reported
                     except (ForkChanged, ChainHalted) as e:
                         context.log.info(f"{chain}: DEX build at tip {tip.number} not published ({e}); again")
                     else:
                         built_for, pending, builds = now_at, (res, tip.number, tip.hash), builds + 1
                 if pending is not None and time.monotonic() - last_report > config.report_seconds:
-                    _report(context, chain, *pending, builds)
+                    _report(context, cfg, *pending, builds)
                     pending, last_report, builds = None, time.monotonic(), 0
                 time.sleep(config.poll_seconds)
         if pending is not None:
-            _report(context, chain, *pending, builds)
+            _report(context, cfg, *pending, builds)
 
     @dg.job(
         name=dex_follow_job_name(chain), executor_def=dg.in_process_executor,
@@ -76,7 +78,10 @@ def build_dex_follow_job(cfg: IndexerConfig) -> dg.JobDefinition:
     return dex_follow
 
 
-def _report(context: dg.OpExecutionContext, chain: str, res: DexResult, tip: int, tip_hash: str, builds: int) -> None:
+def _report(context: dg.OpExecutionContext, cfg: IndexerConfig, res: DexResult, tip: int, tip_hash: str,
+            builds: int) -> None:
+    chain = cfg.chain.name
+    res.rows = table_rows(open_lake(cfg))
     context.log.info(f"{chain}: DEX tables at tip {tip} ({builds} builds since the last report, the last in "
                      f"{res.seconds:.2f} s): " + ", ".join(f"{t} {res.rows.get(t, 0)}" for t in DEX_TABLES))
     for table in DEX_TABLES:

@@ -19,6 +19,8 @@ from indexer_dagster.chain.rpc import RpcClient, RpcStats, rpc_client
 from indexer_dagster.chain.spans import RangeSizer
 from indexer_dagster.chain.verify import verifier_for
 from indexer_dagster.config import IndexerConfig
+from indexer_dagster.dex.incremental import dex_lease, read_cursor, rows_replaced
+from indexer_dagster.dex.sources import enabled as dex_enabled
 from indexer_dagster.health.logs import get_logger, log_context, register_config
 from indexer_dagster.health.rpc_stats import RpcStatsRecorder
 from indexer_dagster.parse.decode import decode_logs
@@ -297,6 +299,18 @@ async def _sync(
     return result
 
 
+def dex_after_publish(cfg: IndexerConfig, store: StateStore, r: BlockRange) -> None:
+    """Range `r` was published again: the DEX tables derived from other rows of it are taken back (see
+    `dex.incremental.rows_replaced`), under their lease."""
+    at = read_cursor(open_lake(cfg)) if dex_enabled(cfg) else None
+    if at is None or at[0] < r.start:
+        return  # (checked without the lease: a step from now on reads the rows just published)
+    with store.writer_lock(dex_lease(cfg.chain.name), timeout_s=600):
+        if rows_replaced(cfg, r.start, r.end):
+            log.info("range %s: published rows differ from those the DEX tables were derived from; "
+                     "they are derived again from block %d", r.key, r.start)
+
+
 def sync_range(
     cfg: IndexerConfig,
     r: BlockRange,
@@ -319,6 +333,8 @@ def sync_range(
         try:
             with store_or_open(cfg.state_url, store) as s:
                 res = asyncio.run(_sync(cfg, r, tables, progress or _reporter, stats, guard, s))
+                if guard is None:  # (a reorg run restoring the range has rolled the DEX tables back itself)
+                    dex_after_publish(cfg, s, r)
         except Exception as e:
             log.warning("range %s failed: %s: %s", r.key, type(e).__name__, e)
             raise
@@ -339,7 +355,16 @@ def decode_range(
     started = time.perf_counter()
     result = RangeResult(range=r)
     files = key_files(lake, "logs", r.key) or [lake.path("logs", r.key)]  # (a missing file: the usual error)
-    with store_or_open(cfg.state_url, store) as s, lake.transaction(commit_guard(cfg, s)) as tx:
+    with store_or_open(cfg.state_url, store) as s:
+        _decode_files(cfg, lake, s, files, tables, result)
+        dex_after_publish(cfg, s, r)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _decode_files(cfg: IndexerConfig, lake: Lake, store: StateStore, files: list, tables: Collection[str] | None,
+                  result: RangeResult) -> None:
+    with lake.transaction(commit_guard(cfg, store)) as tx:
         for path in files:
             # A supplement's children file was written from all the range's logs: keep it.
             decoder = Decoder(cfg, tables, write_children="+" not in path.stem)
@@ -352,5 +377,3 @@ def decode_range(
                 result.events[t] = result.events.get(t, 0) + n
             for t, n in decoder.skipped.items():
                 result.skipped[t] = result.skipped.get(t, 0) + n
-    result.seconds = time.perf_counter() - started
-    return result

@@ -50,6 +50,7 @@ from indexer_dagster.sync.historical import (
     RangeResult,
     commit_guard,
     decode_range,
+    dex_after_publish,
     new_sizer,
     sync_range,
 )
@@ -165,6 +166,7 @@ def _supplement_stored(cfg: IndexerConfig, r: BlockRange, stats: RpcStats | None
     if _any(range_missing(cfg, r)):
         result = asyncio.run(_supplement(cfg, r, stats or RpcStats(), store))
         result.mode = SUPPLEMENT
+        dex_after_publish(cfg, store, r)
     else:
         assert span is not None  # plan_range is FULL for a range without stored blocks
         result = RangeResult(range=r, from_block=span[0], to_block=span[1], mode=DECODE)

@@ -176,3 +176,26 @@ def test_a_step_over_blocks_without_dex_events_can_be_undone(devnet):
     assert read_cursor(open_lake(cfg))[0] == before
     build_dex(cfg)
     equal_from_scratch(cfg)
+
+
+def test_rows_published_again_below_the_cursor_are_derived_again(devnet):
+    """A range published again with other Uniswap rows than the DEX tables were derived from (here: a
+    decode restoring a swap its event file had lost; likewise a supplement of an added contract, or a
+    range synced again after failed checks): the DEX tables go back to the range's start and follow."""
+    from indexer_dagster.block_range import BlockRange
+    from indexer_dagster.dex.sources import source_tables
+    from indexer_dagster.persist.datasets import events
+    from indexer_dagster.sync.historical import decode_range
+
+    node, _dep, cfg = devnet
+    lake = open_lake(cfg)
+    table = source_tables(cfg)["swap"][0]
+    r = BlockRange(10, 19)
+    full = lake.read(events(table), r.key)
+    assert full.height > 1
+    lake.write(events(table), r.key, full.tail(full.height - 1))  # the range's first swap lost
+    build_dex(cfg)
+    decode_range(cfg, r, [table])  # the range decoded again from its logs: the swap is back
+    build_dex(cfg)
+    equal_from_scratch(cfg)
+    check_against_chain(cfg, node)
