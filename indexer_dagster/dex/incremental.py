@@ -18,6 +18,7 @@ Undo records older than the reorg window are dropped and a final partition's ste
 """
 
 import asyncio
+import hashlib
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -90,16 +91,26 @@ def read_cursor(lake: Lake) -> tuple[int, str] | None:
     return int(row[0]), str(row[1])
 
 
-def _first_block(lake: Lake) -> int | None:
-    """The block the DEX tables were derived from (None before the first step)."""
+def _origin(lake: Lake) -> tuple[int, str] | None:
+    """(first block, config inputs) the DEX tables were derived from and under (None before the first step)."""
     if not lake.exists(DEX, DEX_CURSOR):
         return None
-    return int(read_parquet(lake.path(DEX, DEX_CURSOR))["first_block"][0])
+    row = read_parquet(lake.path(DEX, DEX_CURSOR)).row(0, named=True)
+    return int(row["first_block"]), str(row.get("inputs"))
 
 
-def _write_cursor(tx, number: int, block_hash: str, first_block: int) -> None:
+def config_inputs(cfg: IndexerConfig) -> str:
+    """What of the config the DEX tables depend on: the contracts of each Uniswap event table (names,
+    addresses, factories) and the reference token. The tables are derived again when it changes."""
+    src = {t for tables in source_tables(cfg).values() for t in tables}
+    used = sorted({(spec.table, c.name, tuple(sorted(c.addresses)), repr(c.factory))
+                   for c, spec in cfg.all_specs() if spec.table in src})
+    return hashlib.sha256(repr((used, cfg.chain.reference_token)).encode()).hexdigest()[:16]
+
+
+def _write_cursor(tx, number: int, block_hash: str, origin: tuple[int, str]) -> None:
     """The cursor, published after everything else of its transaction."""
-    row = {"block_number": [number], "block_hash": [block_hash], "first_block": [first_block]}
+    row = {"block_number": [number], "block_hash": [block_hash], "first_block": [origin[0]], "inputs": [origin[1]]}
     tx.writer(DEX, DEX_CURSOR, CURSOR_SCHEMA, marker=True).write(pl.DataFrame(row, schema=CURSOR_SCHEMA))
 
 
@@ -142,7 +153,7 @@ def _undo(lake: Lake, first: int, last: int, fork: int | None = None, reorg_id: 
                 lake.write(orphaned(dataset), f"r{reorg_id or 0:06d}-{step}", gone)
                 archived[table] = archived.get(table, 0) + gone.height
     prev_block, prev_hash = record["prev_block"][0], record["prev_hash"][0]
-    base = _first_block(lake)
+    origin = _origin(lake)
     with lake.transaction() as tx:
         for action, dataset, key in record.filter(pl.col("action") != "cursor").select("action", "dataset", "key").rows():
             if action == "restore":
@@ -150,10 +161,10 @@ def _undo(lake: Lake, first: int, last: int, fork: int | None = None, reorg_id: 
                 tx.writer(dataset, key, dict(copy.schema)).write(copy)
             else:
                 tx.delete(lake.path(dataset, key))
-        if prev_block is None or base is None:
+        if prev_block is None or origin is None:
             tx.delete(lake.path(DEX, DEX_CURSOR))
         else:
-            _write_cursor(tx, prev_block, prev_hash, base)
+            _write_cursor(tx, prev_block, prev_hash, origin)
     _drop_record(lake, first, last, record)
     return archived
 
@@ -328,7 +339,7 @@ def derive_step(cfg: IndexerConfig, lake: Lake, read: ViewReader, first: int, la
 
 
 def _publish_step(cfg: IndexerConfig, lake: Lake, store: StateStore, first: int, last: int,
-                  blocks: pl.DataFrame, at: tuple[int, str] | None, files: dict, base: int) -> bool:
+                  blocks: pl.DataFrame, at: tuple[int, str] | None, files: dict, origin: tuple[int, str]) -> bool:
     """An undo record, then the step's files under the chain's publish guard, the cursor last. True when
     a table got its first file (the catalog needs its view)."""
     guard = publish_guard(store, cfg.chain.name, "a reorg began while the DEX tables were derived; again",
@@ -361,7 +372,7 @@ def _publish_step(cfg: IndexerConfig, lake: Lake, store: StateStore, first: int,
     with lake.transaction(guard) as tx:
         for (dataset, key), frame in files.items():
             tx.writer(dataset, key, dict(frame.schema)).write(frame)
-        _write_cursor(tx, head["number"], head["hash"], base)
+        _write_cursor(tx, head["number"], head["hash"], origin)
     return new_table
 
 
@@ -438,13 +449,17 @@ def advance(cfg: IndexerConfig, store: StateStore, max_steps: int | None = None,
         _behind_fork(cfg, lake, read)
         # From the lowest block the lake holds (a backfill may start above the config's start block);
         # blocks below where the tables began, backfilled since, mean deriving them again from there.
+        # Another config (a Uniswap contract added or removed, another reference token) means deriving
+        # them again too (rows of an added contract's history then arrive below: `rows_replaced`).
         [lowest] = read(f"SELECT min(number) AS n FROM blocks WHERE chain_id = {int(cfg.chain.chain_id)}")["n"]
-        base = _first_block(lake)
-        if lowest is not None and base is not None and lowest < base:
+        inputs = config_inputs(cfg)
+        origin = _origin(lake)
+        if origin is not None and ((lowest is not None and lowest < origin[0]) or origin[1] != inputs):
             reset(lake)
-            base = None
-        if base is None:
-            base = max(int(lowest), cfg.start_block) if lowest is not None else cfg.start_block
+            origin = None
+        if origin is None:
+            origin = (max(int(lowest), cfg.start_block) if lowest is not None else cfg.start_block, inputs)
+        base = origin[0]
         while max_steps is None or res.steps < max_steps:
             if store.active_reorg(cfg.chain.name) is not None:
                 break
@@ -456,7 +471,7 @@ def advance(cfg: IndexerConfig, store: StateStore, max_steps: int | None = None,
                 break
             last = int(blocks["number"][-1])
             files = derive_step(cfg, lake, read, first, last)
-            new_tables |= _publish_step(cfg, lake, store, first, last, blocks, at, files, base)
+            new_tables |= _publish_step(cfg, lake, store, first, last, blocks, at, files, origin)
             res.steps += 1
             res.blocks = (res.blocks[0] if res.blocks else first, last)
     at = read_cursor(lake)

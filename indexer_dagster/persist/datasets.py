@@ -187,8 +187,10 @@ def dex(table: str) -> str:
     return f"{DEX}/{table}"
 
 
-# The last block derived, and the first (the lowest block the lake held when the DEX tables began).
-CURSOR_SCHEMA: Schema = {"block_number": pl.Int64, "block_hash": pl.String, "first_block": pl.Int64}
+# The last block derived, the first (the lowest block the lake held when the DEX tables began) and what
+# of the config they were derived under (`dex.incremental.config_inputs`).
+CURSOR_SCHEMA: Schema = {"block_number": pl.Int64, "block_hash": pl.String, "first_block": pl.Int64,
+                         "inputs": pl.String}
 UNDO_SCHEMA: Schema = {
     "prev_block": pl.Int64, "prev_hash": pl.String,  # the cursor before the step
     # "restore" (from a copy), "delete" (a file the step created), "cursor" (one row: the record is never empty)

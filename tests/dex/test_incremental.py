@@ -199,3 +199,21 @@ def test_rows_published_again_below_the_cursor_are_derived_again(devnet):
     build_dex(cfg)
     equal_from_scratch(cfg)
     check_against_chain(cfg, node)
+
+
+def test_another_reference_token_in_the_config_derives_the_tables_again(devnet, tmp_path):
+    """The DEX tables remember what of the config they were derived under: with another reference token
+    every `volume_ref` changes, so they are derived again (likewise for a Uniswap contract removed)."""
+    import re
+
+    _node, dep, cfg = devnet
+    build_dex(cfg)
+    tokens = [t for t in dep.tokens if t.lower() != (cfg.chain.reference_token or "").lower()]
+    path = tmp_path / "indexer.yaml"
+    text = path.read_text()
+    assert "reference_token" in text
+    path.write_text(re.sub(r"reference_token: .*", f"reference_token: '{tokens[0]}'", text))
+    other = load_config(path)
+    assert other.chain.reference_token != cfg.chain.reference_token
+    build_dex(other)
+    equal_from_scratch(other)
