@@ -8,8 +8,9 @@
    in the lake's own layout, so the views and the DEX steps read them as they read synced ranges. The
    history grows to 1x, 10x, 100x `--base-swaps` swaps; at each size the DEX tables are caught up
    (timed: DEX seconds per million swaps), then one new block of swaps is appended as a live segment
-   (as the follower writes it) and absorbed, `--new-blocks` times: the median time and bytes read
-   (`rchar` of /proc/self/io: what DuckDB and Parquet readers asked the kernel for) per new block.
+   (as the follower writes it) and absorbed, `--new-blocks` times: the median time per new block (warm
+   page cache), then as many more with the page cache emptied first (root only): the median bytes read
+   from disk per new block (`read_bytes` of /proc/self/io, memory-mapped Parquet included).
    The aim: flat per-block cost (within 2x from 1x to 100x).
 
     .venv/bin/python bench/dex.py [--base-swaps 500000 --scales 1,10,100 --swaps-per-block 10]
@@ -17,6 +18,7 @@
 
 import argparse
 import cProfile
+import os
 import shutil
 import statistics
 import sys
@@ -41,11 +43,22 @@ from indexer_dagster.state import open_state  # noqa: E402
 from indexer_dagster.sync.historical import sync_range  # noqa: E402
 
 
-def rchar() -> int:
+def disk_read() -> int:
+    """Bytes this process made the kernel read from disk (memory-mapped Parquet included)."""
     for line in Path("/proc/self/io").read_text().splitlines():
-        if line.startswith("rchar:"):
+        if line.startswith("read_bytes:"):
             return int(line.split()[1])
     return 0
+
+
+def drop_page_cache() -> bool:
+    """Empty the page cache (root only), so what a step reads is read from disk and counted."""
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
 
 
 class History:
@@ -140,7 +153,7 @@ def main() -> None:
             hist.write(nxt, first_free - 1, as_live=True)
             nxt = first_free
         print(f"{'history swaps':>14} {'range files':>11} {'catch-up s':>10} {'s/M swaps':>9} "
-              f"{'new block ms':>12} {'MB read':>8} {'x 1x':>5}")
+              f"{'new block ms':>12} {'MB disk':>8} {'x 1x':>5}")
         base_ms = None
         for scale in [int(s) for s in args.scales.split(",")]:
             target_blocks = scale * args.base_swaps // args.swaps_per_block
@@ -152,25 +165,26 @@ def main() -> None:
             catch_up = time.perf_counter() - t0
             swaps_total = table_rows(open_lake(cfg))["swaps"]
             times, reads = [], []
-            # One new block after the history, each absorbed alone (the next ranges start after them).
-            for _ in range(args.new_blocks):
+            # One new block after the history, each absorbed alone (the next ranges start after them):
+            # warm first (time), then with the page cache emptied (bytes from disk).
+            for i in range(2 * args.new_blocks):
                 hist.write(nxt, nxt, as_live=True)
                 nxt_block = nxt
                 nxt += 1
-                r0, t0 = rchar(), time.perf_counter()
-                if profile is not None:
+                cold = i >= args.new_blocks and drop_page_cache()
+                r0, t0 = disk_read(), time.perf_counter()
+                if profile is not None and not cold:
                     profile.enable()
                 res = build_dex(cfg, store=store, count_rows=False)
-                if profile is not None:
+                if profile is not None and not cold:
                     profile.disable()
-                times.append(time.perf_counter() - t0)
-                reads.append(rchar() - r0)
+                (reads.append(disk_read() - r0) if cold else times.append(time.perf_counter() - t0))
                 assert res.cursor == nxt_block, (res.cursor, nxt_block)
             ms = statistics.median(times) * 1000
             base_ms = base_ms or ms
             files = len(open_lake(cfg).files(events(src["swap"][0])))
             print(f"{swaps_total:>14,} {files:>11,} {catch_up:>10.1f} {catch_up / max(swaps_total, 1) * 1e6:>9.1f} "
-                  f"{ms:>12.1f} {statistics.median(reads) / 1e6:>8.2f} {ms / base_ms:>5.2f}", flush=True)
+                  f"{ms:>12.1f} {(statistics.median(reads) / 1e6 if reads else float('nan')):>8.2f} {ms / base_ms:>5.2f}", flush=True)
         if profile is not None:
             profile.dump_stats(args.profile)
     finally:

@@ -30,13 +30,15 @@ from indexer_dagster.config import IndexerConfig
 from indexer_dagster.dex import derive as dex
 from indexer_dagster.dex.sources import (
     cached_tokens,
+    canonical_blocks,
     missing_tokens,
-    read_events,
     source_tables,
+    window_events,
     with_unindexed_pools,
 )
-from indexer_dagster.persist.catalog import ViewReader, build_catalog, view_reader
+from indexer_dagster.persist.catalog import build_catalog
 from indexer_dagster.persist.datasets import (
+    BLOCKS,
     CANDLE_INTERVALS,
     CURSOR_SCHEMA,
     DEX,
@@ -50,10 +52,11 @@ from indexer_dagster.persist.datasets import (
     POOL_SCHEMA,
     UNDO_SCHEMA,
     VOLUME_INTERVALS,
+    live,
     orphaned,
 )
 from indexer_dagster.persist.datasets import dex as dex_dataset
-from indexer_dagster.persist.files import parquet_metadata, read_parquet
+from indexer_dagster.persist.files import column_span, parquet_metadata, read_parquet
 from indexer_dagster.persist.lake import SCHEMA_FILE, Lake, open_lake
 from indexer_dagster.reorg.guard import publish_guard
 from indexer_dagster.state import StateStore
@@ -236,8 +239,7 @@ def rows_replaced(cfg: IndexerConfig, first: int, last: int) -> bool:
     top = min(last, at[0])
     src = source_tables(cfg)
     keys = ["block_number", "log_index"]
-    with view_reader(cfg.duckdb_path) as read:
-        frames = [read_events(cfg, src[kind], (first, top), read) for kind in ("swap", "sync", "mint", "burn")]
+    frames = [window_events(cfg, lake, src[kind], first, top) for kind in ("swap", "sync", "mint", "burn")]
     now = pl.concat([f.select(keys) for f in frames if f is not None], how="vertical")
     derived = [read_parquet(p, columns=keys) for table in ("swaps", "pool_reserves", "liquidity_events")
                for p in lake.files(dex_dataset(table)) if _span(p)[1] >= first and _span(p)[0] <= top]
@@ -288,11 +290,11 @@ def _day_swaps(lake: Lake, day: str, new: pl.DataFrame) -> pl.DataFrame:
     return pl.concat(parts, how="vertical_relaxed").sort("block_number", "log_index")
 
 
-def derive_step(cfg: IndexerConfig, lake: Lake, read: ViewReader, first: int, last: int) -> dict[str, pl.DataFrame]:
+def derive_step(cfg: IndexerConfig, lake: Lake, first: int, last: int) -> dict[str, pl.DataFrame]:
     """The files a step of blocks first..last writes, by (dataset, key) -> frame, from the tables as of first-1."""
     src = source_tables(cfg)
     swap, sync, mint, burn, created = (
-        read_events(cfg, src[kind], (first, last), read) for kind in ("swap", "sync", "mint", "burn", "pair_created"))
+        window_events(cfg, lake, src[kind], first, last) for kind in ("swap", "sync", "mint", "burn", "pair_created"))
     assert swap is not None and sync is not None  # `enabled`
 
     known = _read_all(lake, dex_dataset("pools"))
@@ -405,22 +407,32 @@ def _settle(cfg: IndexerConfig, lake: Lake, cursor: int) -> None:
                           dict(merged.schema)).write(merged)
 
 
-def _canonical(cfg: IndexerConfig, read: ViewReader, first: int, last: int) -> pl.DataFrame:
-    """(number, hash) of the canonical blocks first..last the lake holds, from `first` up to the first gap."""
-    got = read(
-        f"SELECT number, hash FROM blocks WHERE chain_id = {int(cfg.chain.chain_id)} "
-        f"AND number BETWEEN {int(first)} AND {int(last)} ORDER BY number")
-    if got.height == 0 or got["number"][0] != first:
-        return got.clear()
-    gaps = got.with_row_index("i").filter(pl.col("number") != pl.col("i") + first)
-    return got if gaps.height == 0 else got.head(int(gaps["i"][0]))
+def _contiguous(blocks: pl.DataFrame, first: int) -> pl.DataFrame:
+    """`blocks` (number, hash; sorted) from `first` up to the first gap."""
+    if blocks.height == 0 or blocks["number"][0] != first:
+        return blocks.clear()
+    gaps = blocks.with_row_index("i").filter(pl.col("number") != pl.col("i") + first)
+    return blocks if gaps.height == 0 else blocks.head(int(gaps["i"][0]))
 
 
-def _behind_fork(cfg: IndexerConfig, lake: Lake, read: ViewReader) -> None:
+def _lowest_block(lake: Lake) -> int | None:
+    """The lowest block the lake holds: from the footer of its first blocks file (range files and live
+    segments are named by their blocks), not a scan of every block."""
+    firsts = []
+    for dataset in (BLOCKS, live(BLOCKS)):
+        files = lake.files(dataset)
+        if files:
+            rows, low, _high = column_span(min(files, key=lambda p: int(p.stem.split("+")[0].split("-")[0])), "number")
+            if rows and low is not None:
+                firsts.append(int(low))
+    return min(firsts, default=None)
+
+
+def _behind_fork(lake: Lake) -> None:
     """Undo the steps whose last block the lake's canonical blocks no longer hold (a reorg the DEX tables
     missed): the tables go back to a cursor on the canonical chain."""
     while (at := read_cursor(lake)) is not None:
-        got = _canonical(cfg, read, at[0], at[0])
+        got = canonical_blocks(lake, at[0], at[0])
         if got.height and got["hash"][0] == at[1]:
             return
         records = [r for r in _records(lake) if r[1] == at[0]]
@@ -445,35 +457,34 @@ def advance(cfg: IndexerConfig, store: StateStore, max_steps: int | None = None,
     recover(lake)
     width = cfg.chain.blocks_per_partition
     new_tables = False
-    with view_reader(cfg.duckdb_path) as read:
-        _behind_fork(cfg, lake, read)
-        # From the lowest block the lake holds (a backfill may start above the config's start block);
-        # blocks below where the tables began, backfilled since, mean deriving them again from there.
-        # Another config (a Uniswap contract added or removed, another reference token) means deriving
-        # them again too (rows of an added contract's history then arrive below: `rows_replaced`).
-        [lowest] = read(f"SELECT min(number) AS n FROM blocks WHERE chain_id = {int(cfg.chain.chain_id)}")["n"]
-        inputs = config_inputs(cfg)
-        origin = _origin(lake)
-        if origin is not None and ((lowest is not None and lowest < origin[0]) or origin[1] != inputs):
-            reset(lake)
-            origin = None
-        if origin is None:
-            origin = (max(int(lowest), cfg.start_block) if lowest is not None else cfg.start_block, inputs)
-        base = origin[0]
-        while max_steps is None or res.steps < max_steps:
-            if store.active_reorg(cfg.chain.name) is not None:
-                break
-            at = read_cursor(lake)
-            first = at[0] + 1 if at else base
-            end = min(range_for_block(first, width).end, first + STEP_BLOCKS - 1)
-            blocks = _canonical(cfg, read, first, end)
-            if blocks.height == 0:
-                break
-            last = int(blocks["number"][-1])
-            files = derive_step(cfg, lake, read, first, last)
-            new_tables |= _publish_step(cfg, lake, store, first, last, blocks, at, files, origin)
-            res.steps += 1
-            res.blocks = (res.blocks[0] if res.blocks else first, last)
+    _behind_fork(lake)
+    # From the lowest block the lake holds (a backfill may start above the config's start block);
+    # blocks below where the tables began, backfilled since, mean deriving them again from there.
+    # Another config (a Uniswap contract added or removed, another reference token) means deriving
+    # them again too (rows of an added contract's history then arrive below: `rows_replaced`).
+    lowest = _lowest_block(lake)
+    inputs = config_inputs(cfg)
+    origin = _origin(lake)
+    if origin is not None and ((lowest is not None and lowest < origin[0]) or origin[1] != inputs):
+        reset(lake)
+        origin = None
+    if origin is None:
+        origin = (max(int(lowest), cfg.start_block) if lowest is not None else cfg.start_block, inputs)
+    base = origin[0]
+    while max_steps is None or res.steps < max_steps:
+        if store.active_reorg(cfg.chain.name) is not None:
+            break
+        at = read_cursor(lake)
+        first = at[0] + 1 if at else base
+        end = min(range_for_block(first, width).end, first + STEP_BLOCKS - 1)
+        blocks = _contiguous(canonical_blocks(lake, first, end), first)
+        if blocks.height == 0:
+            break
+        last = int(blocks["number"][-1])
+        files = derive_step(cfg, lake, first, last)
+        new_tables |= _publish_step(cfg, lake, store, first, last, blocks, at, files, origin)
+        res.steps += 1
+        res.blocks = (res.blocks[0] if res.blocks else first, last)
     at = read_cursor(lake)
     res.cursor = at[0] if at else None
     if at is not None and res.steps:

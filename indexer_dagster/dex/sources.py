@@ -8,9 +8,9 @@ import polars as pl
 from indexer_dagster.chain.rpc import rpc_client
 from indexer_dagster.config import IndexerConfig
 from indexer_dagster.dex.tokens import pair_tokens, token_metadata
-from indexer_dagster.persist.catalog import ViewReader, read_views
-from indexer_dagster.persist.datasets import DEX, POOL_SCHEMA, TOKEN_SCHEMA
-from indexer_dagster.persist.files import read_parquet
+from indexer_dagster.persist.catalog import read_views
+from indexer_dagster.persist.datasets import BLOCKS, CHILDREN, DEX, POOL_SCHEMA, TOKEN_SCHEMA, events, live
+from indexer_dagster.persist.files import file_state, is_remote, read_parquet
 from indexer_dagster.persist.lake import Lake
 
 # The Uniswap V2 events the DEX tables are derived from, by canonical signature (any contract name).
@@ -38,10 +38,9 @@ def enabled(cfg: IndexerConfig) -> bool:
     return bool(t["swap"] and t["sync"])
 
 
-def read_events(cfg: IndexerConfig, tables: list[str], blocks: tuple[int, int] | None = None,
-                read: ViewReader | None = None) -> pl.DataFrame | None:
-    """The canonical rows of `tables` (one event kind) on this chain, of `blocks` (first, last) or all;
-    None when the config has no such table. `read`: a `view_reader` to ask through."""
+def read_events(cfg: IndexerConfig, tables: list[str], blocks: tuple[int, int] | None = None) -> pl.DataFrame | None:
+    """The canonical rows of `tables` (one event kind) on this chain, of `blocks` (first, last) or all,
+    through the catalog's views; None when the config has no such table."""
     if not tables:
         return None
     where = f"chain_id = {int(cfg.chain.chain_id)}"
@@ -49,7 +48,7 @@ def read_events(cfg: IndexerConfig, tables: list[str], blocks: tuple[int, int] |
         where += f" AND block_number BETWEEN {int(blocks[0])} AND {int(blocks[1])}"
     # The views span every chain of the config; this chain's DEX tables come from its own rows.
     sql = " UNION ALL ".join(f'SELECT * EXCLUDE (status) FROM "{t}" WHERE {where}' for t in tables)
-    return read(sql) if read is not None else read_views(cfg.duckdb_path, sql)
+    return read_views(cfg.duckdb_path, sql)
 
 
 def cached_tokens(lake: Lake) -> pl.DataFrame:
@@ -89,3 +88,92 @@ def with_unindexed_pools(cfg: IndexerConfig, pools: pl.DataFrame, pair_addresses
     extra = found.with_columns(pl.lit(cfg.chain.chain_id, pl.Int64).alias("chain_id"))
     extra = extra.with_columns([pl.lit(None, t).alias(c) for c, t in POOL_SCHEMA.items() if c not in extra.columns])
     return pl.concat([pools, extra.select(list(POOL_SCHEMA))], how="vertical_relaxed")
+
+
+# -- the rows of a few blocks, from the files that hold them --------------------------------------
+
+
+def _span(path) -> tuple[int, int]:
+    """(first, last) block of a range file (`<first>-<last>[+<fingerprint>]`) or live segment (`<first>-<last>`)."""
+    a, b = path.stem.split("+", 1)[0].split("-")
+    return int(a), int(b)
+
+
+def _overlapping(lake: Lake, dataset: str, first: int, last: int) -> list:
+    return [p for p in lake.files(dataset) if _span(p)[0] <= last and _span(p)[1] >= first]
+
+
+def _rows(paths: list, column: str, first: int, last: int) -> pl.DataFrame | None:
+    """The rows of `paths` whose `column` is in first..last (a local file: only its row groups that can hold them)."""
+    between = pl.col(column).is_between(first, last)
+    frames = [(pl.scan_parquet(p).filter(between).collect() if not is_remote(p) else read_parquet(p).filter(between))
+              for p in paths]
+    return pl.concat(frames, how="diagonal_relaxed") if frames else None
+
+
+# (path, file state) -> (contract, address) rows of a children file: the registry only grows between reorgs.
+_children_cache: dict[str, tuple[tuple, pl.DataFrame]] = {}
+
+
+def _children(lake: Lake) -> pl.DataFrame:
+    out = []
+    for path in [*lake.files(CHILDREN), *lake.files(live(CHILDREN))]:
+        state = file_state(path)
+        hit = _children_cache.get(str(path))
+        if hit is None or hit[0] != state:
+            hit = (state, read_parquet(path, columns=["contract", "address"]))
+            _children_cache[str(path)] = hit
+        out.append(hit[1])
+    return pl.concat(out, how="vertical") if out else pl.DataFrame(schema={"contract": pl.String, "address": pl.String})
+
+
+def table_addresses(cfg: IndexerConfig, lake: Lake, table: str) -> set[str]:
+    """The addresses whose rows of decoded `table` the views show: its contracts' static addresses and
+    the children of those that are factories' (the views' `_contract_addresses`)."""
+    contracts = [c for c, spec in cfg.all_specs() if spec.table == table]
+    out = {a.lower() for c in contracts for a in c.addresses}
+    spawned = [c.name for c in contracts if c.factory is not None]
+    if spawned:
+        out |= set(_children(lake).filter(pl.col("contract").is_in(spawned))["address"].str.to_lowercase())
+    return out
+
+
+def canonical_blocks(lake: Lake, first: int, last: int) -> pl.DataFrame:
+    """(number, hash) of the blocks first..last the lake holds, as the views give them (a block a range
+    file holds from there, else from a live segment), sorted: read from the files that hold them only."""
+    ranged = _rows(_overlapping(lake, BLOCKS, first, last), "number", first, last)
+    live_rows = _rows(_overlapping(lake, live(BLOCKS), first, last), "number", first, last)
+    parts = []
+    if ranged is not None:
+        parts.append(ranged.select("number", "hash"))
+    if live_rows is not None:
+        known = ranged["number"] if ranged is not None else pl.Series([], dtype=pl.Int64)
+        parts.append(live_rows.filter(~pl.col("number").is_in(known.implode())).select("number", "hash"))
+    if not parts:
+        return pl.DataFrame(schema={"number": pl.Int64, "hash": pl.String})
+    return pl.concat(parts, how="vertical").unique("number", keep="first").sort("number")
+
+
+def window_events(cfg: IndexerConfig, lake: Lake, tables: list[str], first: int, last: int) -> pl.DataFrame | None:
+    """The canonical rows of decoded `tables` (one event kind) in blocks first..last: the rows the views
+    give for those blocks, read from the range files and live segments that can hold them instead of
+    every file of the history (a DEX step costs what its blocks hold). None when the config has none."""
+    if not tables:
+        return None
+    in_ranges = _rows(_overlapping(lake, BLOCKS, first, last), "number", first, last)
+    ranged_numbers = in_ranges["number"].implode() if in_ranges is not None else pl.Series([], dtype=pl.Int64).implode()
+    parts = []
+    for table in tables:
+        dataset = events(table)
+        ranged = _rows(_overlapping(lake, dataset, first, last), "block_number", first, last)
+        live_rows = _rows(_overlapping(lake, live(dataset), first, last), "block_number", first, last)
+        if live_rows is not None:
+            live_rows = live_rows.filter(~pl.col("block_number").is_in(ranged_numbers))
+        rows = [f for f in (ranged, live_rows) if f is not None]
+        if rows:
+            allowed = sorted(table_addresses(cfg, lake, table))
+            parts.append(pl.concat(rows, how="diagonal_relaxed").filter(pl.col("address").is_in(allowed)))
+    if not parts:
+        spec = next(s for _, s in cfg.all_specs() if s.table == tables[0])
+        return pl.DataFrame(schema=spec.schema())
+    return pl.concat(parts, how="diagonal_relaxed").filter(pl.col("chain_id") == cfg.chain.chain_id)

@@ -18,8 +18,6 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import duckdb
@@ -546,22 +544,11 @@ def open_catalog(path: Path) -> duckdb.DuckDBPyConnection:
     raise AssertionError("unreachable")
 
 
-ViewReader = Callable[[str], pl.DataFrame]
-
-
-@contextmanager
-def view_reader(path: Path) -> Iterator[ViewReader]:
-    """`read(sql)` over the catalog's views on one connection, for the indexer's own derivations (the
-    DEX tables read the canonical rows the views merge from range files and live segments); opening
-    the catalog costs more than a small query, so work that asks many keeps one reader."""
+def read_views(path: Path, sql: str) -> pl.DataFrame:
+    """The result of `sql` over the catalog's views, for the indexer's own derivations (the DEX tables
+    read the canonical rows the views merge from range files and live segments)."""
     con = open_catalog(path)
     try:
-        yield lambda sql: retry_on_changed_files(con, lambda: con.sql(sql).pl())
+        return retry_on_changed_files(con, lambda: con.sql(sql).pl())
     finally:
         con.close()
-
-
-def read_views(path: Path, sql: str) -> pl.DataFrame:
-    """The result of one `sql` over the catalog's views (see `view_reader`)."""
-    with view_reader(path) as read:
-        return read(sql)
