@@ -123,6 +123,7 @@ def main() -> None:
     ap.add_argument("--partition", type=int, default=10_000, help="blocks per range file")
     ap.add_argument("--new-blocks", type=int, default=7)
     ap.add_argument("--devnet-blocks", type=int, default=300)
+    ap.add_argument("--devnet-txs", type=int, default=20, help="transactions per devnet block")
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--profile", help="write a cProfile of the new blocks' absorbs to this file")
     args = ap.parse_args()
@@ -130,7 +131,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-dex-"))
     node = Anvil(chain_id=31337).start()
     try:
-        dep = build_devnet(node, blocks=args.devnet_blocks, txs_per_block=20, seed=1)
+        dep = build_devnet(node, blocks=args.devnet_blocks, txs_per_block=args.devnet_txs, seed=1)
         cfg = load_config(write_config(work / "indexer.yaml", node.url, 31337, dep, "data",
                                        blocks_per_partition=args.partition, confirmations=12))
         head = node.block_number()
@@ -155,7 +156,7 @@ def main() -> None:
         print(f"{'history swaps':>14} {'range files':>11} {'catch-up s':>10} {'s/M swaps':>9} "
               f"{'new block ms':>12} {'MB disk':>8} {'x 1x':>5}")
         base_ms = None
-        for scale in [int(s) for s in args.scales.split(",")]:
+        for scale in [int(s) for s in args.scales.split(",") if s]:  # (--scales '': the backfill share only)
             target_blocks = scale * args.base_swaps // args.swaps_per_block
             while nxt - hist.head - 1 < target_blocks:
                 hist.write(nxt, nxt + args.partition - 1)
