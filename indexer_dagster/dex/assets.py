@@ -10,7 +10,8 @@ import dagster as dg
 from indexer_dagster.assets.table_metadata import ROW_COUNT, chain_label, table_metadata
 from indexer_dagster.config import IndexerConfig
 from indexer_dagster.dex.build import build_dex, build_order, inputs_of
-from indexer_dagster.persist.datasets import DEX
+from indexer_dagster.persist.datasets import DEX, DEX_DAY_TABLES, DEX_ROW_TABLES
+from indexer_dagster.persist.datasets import dex as dex_dataset
 from indexer_dagster.resources import IndexerConfigResource, StateStoreResource
 
 DESCRIPTIONS = {
@@ -30,7 +31,7 @@ def build_dex_assets(cfg: IndexerConfig) -> list:
     specs = [
         dg.AssetSpec([chain, "dex", t], deps=_deps(cfg, t), group_name="dex", kinds={"parquet", "duckdb"},
                      description=f"{DESCRIPTIONS[t]} On {chain_label(cfg)}.",
-                     metadata=table_metadata(cfg, t, DEX, t))
+                     metadata=_where(cfg, t))
         for t in build_order()  # a multi-asset yields its assets after those they depend on
     ]
 
@@ -49,6 +50,13 @@ def build_dex_assets(cfg: IndexerConfig) -> list:
             yield dg.MaterializeResult(asset_key=spec.key, metadata=meta)
 
     return [dex_tables]
+
+
+def _where(cfg: IndexerConfig, table: str) -> dict:
+    """The view, and the table's Parquet: a directory of step or day files, or one file (pool_state, tokens)."""
+    if table in (*DEX_ROW_TABLES, *DEX_DAY_TABLES):
+        return table_metadata(cfg, table, dex_dataset(table))
+    return table_metadata(cfg, table, DEX, table)
 
 
 def _deps(cfg: IndexerConfig, table: str) -> list[dg.AssetKey]:

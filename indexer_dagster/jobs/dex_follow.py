@@ -82,10 +82,10 @@ def _report(context: dg.OpExecutionContext, cfg: IndexerConfig, res: DexResult, 
             builds: int) -> None:
     chain = cfg.chain.name
     res.rows = table_rows(open_lake(cfg))
-    context.log.info(f"{chain}: DEX tables at tip {tip} ({builds} builds since the last report, the last in "
+    context.log.info(f"{chain}: DEX tables at tip {tip} ({builds} updates since the last report, the last in "
                      f"{res.seconds:.2f} s): " + ", ".join(f"{t} {res.rows.get(t, 0)}" for t in DEX_TABLES))
     for table in DEX_TABLES:
         context.log_event(dg.AssetMaterialization(
             asset_key=dg.AssetKey([chain, "dex", table]), description=f"kept current by the DEX run at tip {tip}",
             metadata={"dagster/row_count": res.rows.get(table, 0), "tip": tip, "tip_hash": tip_hash,
-                      "seconds": round(res.seconds, 3), "builds": builds}))
+                      "seconds": round(res.seconds, 3), "updates": builds}))

@@ -190,6 +190,10 @@ def test_a_range_run_shows_dagster_table_metadata(make_config, monkeypatch):
             assert uri.startswith("file://") and (Path(uri.removeprefix("file://")) / f"{key}.parquet").is_file(), uri
         dex_table = TableMetadataSet.extract(graph.get(dex_swaps).metadata).table_name
         assert con.execute(f"select count(*) from {dex_table}").fetchall() == [(dex_count.value,)] != [(0,)]
+        # The DEX tables' Parquet: a directory of step files (swaps), or one file (pool_state).
+        for table, kind in (("swaps", Path.is_dir), ("pool_state", Path.is_file)):
+            uri = graph.get(dg.AssetKey(["devnet", "dex", table])).metadata["dagster/uri"]
+            assert kind(Path(uri.removeprefix("file://"))), uri
     finally:
         con.close()
     swap = graph.get(swap_key)
