@@ -7,7 +7,6 @@ import polars as pl
 
 from indexer_dagster.chain.rpc import rpc_client
 from indexer_dagster.config import IndexerConfig
-from indexer_dagster.dex.tokens import pair_tokens, token_metadata
 from indexer_dagster.persist.catalog import read_views
 from indexer_dagster.persist.datasets import BLOCKS, CHILDREN, DEX, POOL_SCHEMA, TOKEN_SCHEMA, events, live
 from indexer_dagster.persist.files import file_state, is_remote, read_parquet
@@ -61,6 +60,8 @@ async def missing_tokens(cfg: IndexerConfig, cached: pl.DataFrame, wanted: set[s
     missing = sorted(wanted - set(cached["address"]))
     if not missing:
         return pl.DataFrame(schema=TOKEN_SCHEMA)
+    from indexer_dagster.dex.tokens import token_metadata  # web3 (~0.4 s to import): only when a token is new
+
     async with rpc_client(cfg) as rpc:
         return await token_metadata(rpc, missing)
 
@@ -73,6 +74,8 @@ def tokens_of(cfg: IndexerConfig, lake: Lake, wanted: set[str]) -> pl.DataFrame:
 
 
 async def _pair_tokens(cfg: IndexerConfig, pairs: list[str]) -> pl.DataFrame:
+    from indexer_dagster.dex.tokens import pair_tokens  # web3: only when a pair is new
+
     async with rpc_client(cfg) as rpc:
         return await pair_tokens(rpc, pairs)
 

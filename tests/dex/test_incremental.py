@@ -39,6 +39,17 @@ def _crash_midway(monkeypatch, after_files: int) -> None:
     monkeypatch.setattr(lake_module.Transaction, "_rename", staticmethod(rename))
 
 
+def step_killed(cfg, store, after_renames: int) -> bool:
+    """One DEX step whose process 'dies' after `after_renames` renames; False if it had fewer and finished."""
+    with pytest.MonkeyPatch.context() as mp:
+        _crash_midway(mp, after_renames)
+        try:
+            build_dex(cfg, store=store, max_steps=1)
+        except Crash:
+            return True
+    return False
+
+
 ops = st.lists(st.one_of(
     st.tuples(st.just("grow"), st.integers(1, 8)),  # blocks of traffic, followed live
     st.tuples(st.just("dex"), st.integers(1, 3)),  # a DEX catch-up of at most that many steps
@@ -72,12 +83,7 @@ def test_dex_tables_equal_a_computation_from_scratch_after_any_interleaving(tmp_
                     repair(cfg, store, store.active_reorg(cfg.chain.name).id)
                     follow_until_synced(cfg, store)
             else:
-                with pytest.MonkeyPatch.context() as mp:
-                    _crash_midway(mp, n)
-                    try:
-                        build_dex(cfg, store=store, max_steps=1)
-                    except Crash:
-                        pass
+                step_killed(cfg, store, n)
         res = build_dex(cfg, store=store)
         assert res.cursor == node.block_number()
         assert read_cursor(open_lake(cfg))[1] == node.rpc("eth_getBlockByNumber", ["latest", False])["hash"]
@@ -110,14 +116,8 @@ def test_a_dex_step_killed_after_any_of_its_renames_is_undone_and_derived_again(
     for renames in range(100):
         rollback(cfg, 9)  # the step of blocks 10..19 again, killed after `renames` renames
         assert read_cursor(open_lake(cfg))[0] == 9
-        with pytest.MonkeyPatch.context() as mp:
-            _crash_midway(mp, renames)
-            try:
-                build_dex(cfg, store=store, max_steps=1)
-            except Crash:
-                pass
-            else:
-                break  # the step has fewer renames: every point was tried
+        if not step_killed(cfg, store, renames):
+            break  # the step has fewer renames: every point was tried
         res = build_dex(cfg, store=store, max_steps=1)
         assert res.blocks == (10, 19)
         equal_from_scratch(cfg, 19)
