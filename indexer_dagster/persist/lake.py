@@ -239,7 +239,12 @@ class Transaction:
         return w
 
     def delete(self, path: LakePath) -> None:
+        """Remove `path` at publish; a file this transaction also writes is replaced instead (the write wins)."""
         self._deletes.append(path)
+
+    def _deleted(self) -> list[LakePath]:
+        written = {str(final) for _, final in [*self._files, *self._markers]}
+        return [p for p in self._deletes if str(p) not in written]
 
     def finish_writing(self) -> None:
         for w, _ in [*self._files, *self._markers]:
@@ -253,7 +258,7 @@ class Transaction:
             # One PUT per file: the object store makes each appear whole, replacing the old one.
             for w, final in self._files:
                 self._put(w, final)
-            for p in self._deletes:
+            for p in self._deleted():
                 p.unlink(missing_ok=True)
             for w, final in self._markers:
                 self._put(w, final)
@@ -261,7 +266,7 @@ class Transaction:
         dirs = set()
         for w, final in self._files:
             dirs.add(self._rename(w, final))
-        for p in self._deletes:
+        for p in self._deleted():
             assert not is_remote(p)
             p.unlink(missing_ok=True)
             dirs.add(p.parent)

@@ -111,3 +111,16 @@ def test_catalog_is_rebuilt_only_when_its_views_change(tmp_path, monkeypatch):
     con = duckdb.connect(str(cfg.duckdb_path), read_only=True)
     assert con.execute("select answer from w").fetchone()[0] == 42
     con.close()
+
+
+def test_a_transaction_that_deletes_and_writes_the_same_file_leaves_the_new_file(tmp_path):
+    """A reorg's restore deletes the live segments above the fork and writes the new fork's, which can
+    have the same key (`20-20`): the write must win. Deletes were published after the files, so the
+    new segment's event file was deleted with the old one (a swap missing from the views, found by the
+    DEX Hypothesis test after a depth-1 reorg whose old block had no swap)."""
+    lake = Lake(tmp_path, "c")
+    lake.write("live/events/t", "000000000020-000000000020", pl.DataFrame({"x": []}, schema={"x": pl.Int64}))
+    with lake.transaction() as tx:
+        tx.delete(lake.path("live/events/t", "000000000020-000000000020"))
+        tx.writer("live/events/t", "000000000020-000000000020", {"x": pl.Int64}).write(pl.DataFrame({"x": [1]}))
+    assert lake.read("live/events/t", "000000000020-000000000020")["x"].to_list() == [1]
