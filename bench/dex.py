@@ -109,7 +109,7 @@ class History:
 
     def write(self, first: int, last: int, as_live: bool = False) -> None:
         """Blocks first..last with their swaps and syncs: range files (a whole partition) or a live segment."""
-        key = f"{first}-{last}" if as_live else BlockRange(first, last).key
+        key = BlockRange(first, last).key  # (live segments are named like range files, as the follower names them)
         wrap = live if as_live else (lambda d: d)
         count = last - first + 1
         self.lake.write(wrap(events(self.tables["swap"])), key, self._rows(self.swap_tpl, first, count))

@@ -59,10 +59,6 @@ def inputs_of(cfg: IndexerConfig, table: str) -> tuple[list[str], list[str]]:
     return [t for kind in reads if kind in src for t in src[kind]], [t for t in reads if t not in src]
 
 
-def _with_interval(frames: dict[str, pl.DataFrame]) -> pl.DataFrame:
-    return pl.concat([f.with_columns(pl.lit(i).alias("interval")) for i, f in frames.items()], how="vertical")
-
-
 def compute(cfg: IndexerConfig, through: int | None = None) -> dict[str, pl.DataFrame]:
     """All DEX tables at once from the catalog's canonical event views (the reference; see the module),
     of the blocks up to `through` (None: all)."""
@@ -85,8 +81,8 @@ def compute(cfg: IndexerConfig, through: int | None = None) -> dict[str, pl.Data
         "swaps": swaps,
         "pool_reserves": reserves,
         "pool_state": dex.pool_state(reserves),
-        "pool_volume": _with_interval({i: dex.pool_volume(swaps, i) for i in VOLUME_INTERVALS}),
-        "pool_candles": _with_interval({i: dex.pool_candles(swaps, i) for i in CANDLE_INTERVALS}),
+        "pool_volume": dex.with_interval({i: dex.pool_volume(swaps, i) for i in VOLUME_INTERVALS}),
+        "pool_candles": dex.with_interval({i: dex.pool_candles(swaps, i) for i in CANDLE_INTERVALS}),
     }
     if mint is not None and burn is not None:
         out["liquidity_events"] = dex.liquidity_events(mint, burn, pools, tokens)

@@ -66,6 +66,7 @@ __all__ = [
     "pool_volume",
     "pools",
     "swaps",
+    "with_interval",
 ]
 
 #: The exact type of amounts, reserves and volumes.
@@ -504,6 +505,12 @@ def value_in(swaps: pl.DataFrame, reserves: pl.DataFrame, reference: str | None)
         moved[1] * pl.col("_quote1"))
     return out.with_columns(pl.coalesce(direct, via).alias("volume_ref")).drop(
         "_at", "_quote0", "_quote1").sort(_ROW_ORDER)
+
+
+def with_interval(frames: dict[str, pl.DataFrame]) -> pl.DataFrame:
+    """One table of the buckets of several intervals (`pool_volume` or `pool_candles` per interval), each
+    row tagged with its `interval`: how the lake stores them."""
+    return pl.concat([f.with_columns(pl.lit(i).alias("interval")) for i, f in frames.items()], how="vertical")
 
 
 def pool_volume(swaps: pl.DataFrame, interval: str) -> pl.DataFrame:

@@ -31,6 +31,7 @@ from indexer_dagster.dex import derive as dex
 from indexer_dagster.dex.sources import (
     cached_tokens,
     canonical_blocks,
+    file_blocks,
     missing_tokens,
     source_tables,
     window_events,
@@ -57,11 +58,10 @@ from indexer_dagster.persist.datasets import (
 )
 from indexer_dagster.persist.datasets import dex as dex_dataset
 from indexer_dagster.persist.files import column_span, parquet_metadata, read_parquet
-from indexer_dagster.persist.lake import SCHEMA_FILE, Lake, open_lake
+from indexer_dagster.persist.lake import Lake, open_lake
 from indexer_dagster.reorg.guard import publish_guard
 from indexer_dagster.state import StateStore
 
-SCHEMA_NAME = SCHEMA_FILE.removesuffix(".parquet")  # the key of a dataset's schema file
 # Blocks one step derives at most (memory stays bounded in a backfill; live steps are a few blocks).
 STEP_BLOCKS = 10_000
 # Step files of a final partition merged into one once there are this many.
@@ -121,14 +121,9 @@ def _step_key(first: int, last: int) -> str:
     return f"{first:012d}-{last:012d}"
 
 
-def _span(path) -> tuple[int, int]:
-    a, b = path.stem.split("-")
-    return int(a), int(b)
-
-
 def _records(lake: Lake) -> list[tuple[int, int]]:
     """(first, last) of every undo record, oldest first."""
-    return sorted(_span(p) for p in lake.files(DEX_UNDO))
+    return sorted(file_blocks(p) for p in lake.files(DEX_UNDO))
 
 
 def _copy_key(step: str, dataset: str, key: str) -> str:
@@ -237,12 +232,11 @@ def rows_replaced(cfg: IndexerConfig, first: int, last: int) -> bool:
     if at is None or at[0] < first:
         return False
     top = min(last, at[0])
-    src = source_tables(cfg)
     keys = ["block_number", "log_index"]
-    frames = [window_events(cfg, lake, src[kind], first, top) for kind in ("swap", "sync", "mint", "burn")]
+    frames = window_events(cfg, lake, ("swap", "sync", "mint", "burn"), first, top).values()
     now = pl.concat([f.select(keys) for f in frames if f is not None], how="vertical")
     derived = [read_parquet(p, columns=keys) for table in ("swaps", "pool_reserves", "liquidity_events")
-               for p in lake.files(dex_dataset(table)) if _span(p)[1] >= first and _span(p)[0] <= top]
+               for p in lake.files(dex_dataset(table)) if file_blocks(p)[1] >= first and file_blocks(p)[0] <= top]
     before = pl.concat(derived, how="vertical").filter(pl.col("block_number").is_between(first, top)) if derived \
         else now.clear()
     if now.sort(keys).equals(before.sort(keys)):
@@ -259,20 +253,16 @@ def _read_all(lake: Lake, dataset: str) -> pl.DataFrame | None:
     return pl.concat([read_parquet(p) for p in files], how="vertical_relaxed") if files else None
 
 
-# pool_state's columns (dex.derive.pool_state), each of which a pool_reserves row has under the name `_as_reserves` gives.
-_STATE_SCHEMA = {c: pl.String for c in (
-    "chain_id", "pool", "token0", "token1", "symbol0", "symbol1", "pair", "reserve0", "reserve1", "reserve0_h",
-    "reserve1_h", "price", "inverse_price", "last_block", "last_log_index", "last_timestamp")}
+# pool_state's columns that are not a pool_reserves row's under the same name.
+_STATE_AS_RESERVES = {"last_block": "block_number", "last_log_index": "log_index", "last_timestamp": "block_timestamp"}
+# The pool_reserves columns a pool_state row has (dex.derive.pool_state): what the quotes and the merge use.
+_QUOTE_COLUMNS = ["chain_id", "pool", "token0", "token1", "symbol0", "symbol1", "pair", "reserve0", "reserve1",
+                  "reserve0_h", "reserve1_h", "price", "inverse_price", *_STATE_AS_RESERVES.values()]
 
 
 def _as_reserves(state: pl.DataFrame) -> pl.DataFrame:
     """`pool_state` rows as the `pool_reserves` rows they were taken from (for merging and quotes)."""
-    return state.rename({"last_block": "block_number", "last_log_index": "log_index",
-                         "last_timestamp": "block_timestamp"})
-
-
-def _with_interval(frames: dict[str, pl.DataFrame]) -> pl.DataFrame:
-    return pl.concat([f.with_columns(pl.lit(i).alias("interval")) for i, f in frames.items()], how="vertical")
+    return state.rename(_STATE_AS_RESERVES).select(_QUOTE_COLUMNS)
 
 
 def _day_swaps(lake: Lake, day: str, new: pl.DataFrame) -> pl.DataFrame:
@@ -285,16 +275,15 @@ def _day_swaps(lake: Lake, day: str, new: pl.DataFrame) -> pl.DataFrame:
     if lake.exists(dex_dataset("pool_volume"), day):
         first = read_parquet(lake.path(dex_dataset("pool_volume"), day), columns=["first_block"])["first_block"].min()
         for p in lake.files(dex_dataset("swaps")):
-            if first is not None and _span(p)[1] >= int(first):  # type: ignore[arg-type]
+            if first is not None and file_blocks(p)[1] >= int(first):  # type: ignore[arg-type]
                 parts.append(read_parquet(p).filter(in_day))
     return pl.concat(parts, how="vertical_relaxed").sort("block_number", "log_index")
 
 
-def derive_step(cfg: IndexerConfig, lake: Lake, first: int, last: int) -> dict[str, pl.DataFrame]:
+def derive_step(cfg: IndexerConfig, lake: Lake, first: int, last: int) -> dict[tuple[str, str], pl.DataFrame]:
     """The files a step of blocks first..last writes, by (dataset, key) -> frame, from the tables as of first-1."""
-    src = source_tables(cfg)
-    swap, sync, mint, burn, created = (
-        window_events(cfg, lake, src[kind], first, last) for kind in ("swap", "sync", "mint", "burn", "pair_created"))
+    rows_of = window_events(cfg, lake, ("swap", "sync", "mint", "burn", "pair_created"), first, last)
+    swap, sync, mint, burn, created = (rows_of[k] for k in ("swap", "sync", "mint", "burn", "pair_created"))
     assert swap is not None and sync is not None  # `enabled`
 
     known = _read_all(lake, dex_dataset("pools"))
@@ -313,10 +302,9 @@ def derive_step(cfg: IndexerConfig, lake: Lake, first: int, last: int) -> dict[s
     reserves = dex.pool_reserves(sync, pools, tokens)
     # The reserves as of first-1 (the state's rows) and the step's: the quotes swaps are valued with, and
     # what the new state is the latest of.
-    columns = _as_reserves(pl.DataFrame(schema=_STATE_SCHEMA)).columns
-    quotes = reserves.select(columns)
+    quotes = reserves.select(_QUOTE_COLUMNS)
     if state is not None:
-        quotes = pl.concat([_as_reserves(state).select(columns), quotes], how="vertical_relaxed")
+        quotes = pl.concat([_as_reserves(state), quotes], how="vertical_relaxed")
     swaps = dex.value_in(dex.swaps(swap, pools, tokens), quotes, cfg.chain.reference_token)
     key = _step_key(first, last)
     out: dict[tuple[str, str], pl.DataFrame] = {}
@@ -331,17 +319,18 @@ def derive_step(cfg: IndexerConfig, lake: Lake, first: int, last: int) -> dict[s
         out[(DEX, "pool_state")] = dex.pool_state(quotes)
     for day in swaps["block_timestamp"].dt.strftime("%Y%m%d").unique().sort():
         day_swaps = _day_swaps(lake, day, swaps)
-        out[(dex_dataset("pool_volume"), day)] = _with_interval(
+        out[(dex_dataset("pool_volume"), day)] = dex.with_interval(
             {i: dex.pool_volume(day_swaps, i) for i in VOLUME_INTERVALS})
-        out[(dex_dataset("pool_candles"), day)] = _with_interval(
+        out[(dex_dataset("pool_candles"), day)] = dex.with_interval(
             {i: dex.pool_candles(day_swaps, i) for i in CANDLE_INTERVALS})
     if fresh_tokens.height:
         out[(DEX, "tokens")] = tokens.sort("address")
-    return out  # type: ignore[return-value]
+    return out
 
 
 def _publish_step(cfg: IndexerConfig, lake: Lake, store: StateStore, first: int, last: int,
-                  blocks: pl.DataFrame, at: tuple[int, str] | None, files: dict, origin: tuple[int, str]) -> bool:
+                  blocks: pl.DataFrame, at: tuple[int, str] | None, files: dict[tuple[str, str], pl.DataFrame],
+                  origin: tuple[int, str]) -> bool:
     """An undo record, then the step's files under the chain's publish guard, the cursor last. True when
     a table got its first file (the catalog needs its view)."""
     guard = publish_guard(store, cfg.chain.name, "a reorg began while the DEX tables were derived; again",
@@ -365,7 +354,7 @@ def _publish_step(cfg: IndexerConfig, lake: Lake, store: StateStore, first: int,
         tx.writer(DEX_UNDO, step, UNDO_SCHEMA, marker=True).write(record)  # after its copies
     new_table = False
     for (dataset, key), frame in files.items():
-        new_table |= not (lake.exists(dataset, SCHEMA_NAME) if dataset != DEX else lake.exists(dataset, key))
+        new_table |= not (lake.has_schema_file(dataset) if dataset != DEX else lake.exists(dataset, key))
         if dataset != DEX:  # views over an emptied directory still bind; the archive's view exists from the start
             lake.ensure_schema_file(dataset, dict(frame.schema))
             if dataset.split("/")[-1] in DEX_ROW_TABLES:
@@ -391,14 +380,14 @@ def _settle(cfg: IndexerConfig, lake: Lake, cursor: int) -> None:
     for table in DEX_ROW_TABLES:
         by_partition: dict[str, list] = {}
         for p in lake.files(dex_dataset(table)):
-            a, b = _span(p)
+            a, b = file_blocks(p)
             r = range_for_block(a, width)
             if b < undoable and r.end < final:
                 by_partition.setdefault(r.key, []).append(p)
         for paths in by_partition.values():
             if len(paths) < MERGE_AT:
                 continue
-            spans = [_span(p) for p in paths]
+            spans = [file_blocks(p) for p in paths]
             merged = pl.concat([read_parquet(p) for p in paths], how="vertical_relaxed")
             with lake.transaction() as tx:
                 for p in paths:
@@ -422,7 +411,7 @@ def _lowest_block(lake: Lake) -> int | None:
     for dataset in (BLOCKS, live(BLOCKS)):
         files = lake.files(dataset)
         if files:
-            rows, low, _high = column_span(min(files, key=lambda p: int(p.stem.split("+")[0].split("-")[0])), "number")
+            rows, low, _high = column_span(min(files, key=lambda p: file_blocks(p)[0]), "number")
             if rows and low is not None:
                 firsts.append(int(low))
     return min(firsts, default=None)

@@ -2,14 +2,16 @@
 the catalog's canonical views, and the facts read from contracts once (pair tokens, token metadata)."""
 
 import asyncio
+from collections.abc import Sequence
 
 import polars as pl
 
+from indexer_dagster.block_range import parse_key
 from indexer_dagster.chain.rpc import rpc_client
 from indexer_dagster.config import IndexerConfig
 from indexer_dagster.persist.catalog import read_views
 from indexer_dagster.persist.datasets import BLOCKS, CHILDREN, DEX, POOL_SCHEMA, TOKEN_SCHEMA, events, live
-from indexer_dagster.persist.files import file_state, is_remote, read_parquet
+from indexer_dagster.persist.files import is_remote, read_parquet, read_small_file
 from indexer_dagster.persist.lake import Lake
 
 # The Uniswap V2 events the DEX tables are derived from, by canonical signature (any contract name).
@@ -96,14 +98,15 @@ def with_unindexed_pools(cfg: IndexerConfig, pools: pl.DataFrame, pair_addresses
 # -- the rows of a few blocks, from the files that hold them --------------------------------------
 
 
-def _span(path) -> tuple[int, int]:
-    """(first, last) block of a range file (`<first>-<last>[+<fingerprint>]`) or live segment (`<first>-<last>`)."""
-    a, b = path.stem.split("+", 1)[0].split("-")
-    return int(a), int(b)
+def file_blocks(path) -> tuple[int, int]:
+    """(first, last) block of a file named by its blocks: a range file (`<first>-<last>[+<fingerprint>]`),
+    a live segment or a DEX step file (`<first>-<last>`)."""
+    r = parse_key(path.stem.split("+", 1)[0])
+    return r.start, r.end
 
 
 def _overlapping(lake: Lake, dataset: str, first: int, last: int) -> list:
-    return [p for p in lake.files(dataset) if _span(p)[0] <= last and _span(p)[1] >= first]
+    return [p for p in lake.files(dataset) if file_blocks(p)[0] <= last and file_blocks(p)[1] >= first]
 
 
 def _rows(paths: list, column: str, first: int, last: int) -> pl.DataFrame | None:
@@ -114,30 +117,22 @@ def _rows(paths: list, column: str, first: int, last: int) -> pl.DataFrame | Non
     return pl.concat(frames, how="diagonal_relaxed") if frames else None
 
 
-# (path, file state) -> (contract, address) rows of a children file: the registry only grows between reorgs.
-_children_cache: dict[str, tuple[tuple, pl.DataFrame]] = {}
-
-
 def _children(lake: Lake) -> pl.DataFrame:
-    out = []
-    for path in [*lake.files(CHILDREN), *lake.files(live(CHILDREN))]:
-        state = file_state(path)
-        hit = _children_cache.get(str(path))
-        if hit is None or hit[0] != state:
-            hit = (state, read_parquet(path, columns=["contract", "address"]))
-            _children_cache[str(path)] = hit
-        out.append(hit[1])
+    """(contract, address) of the factory children in the lake's registry (range files and live segments)."""
+    out = [read_small_file(p).select("contract", "address")
+           for p in [*lake.files(CHILDREN), *lake.files(live(CHILDREN))]]
     return pl.concat(out, how="vertical") if out else pl.DataFrame(schema={"contract": pl.String, "address": pl.String})
 
 
-def table_addresses(cfg: IndexerConfig, lake: Lake, table: str) -> set[str]:
+def table_addresses(cfg: IndexerConfig, table: str, children: pl.DataFrame | None) -> set[str]:
     """The addresses whose rows of decoded `table` the views show: its contracts' static addresses and
-    the children of those that are factories' (the views' `_contract_addresses`)."""
+    the `children` (the lake's registry, `_children`) of those that are factories' (the views'
+    `_contract_addresses`)."""
     contracts = [c for c, spec in cfg.all_specs() if spec.table == table]
     out = {a.lower() for c in contracts for a in c.addresses}
     spawned = [c.name for c in contracts if c.factory is not None]
-    if spawned:
-        out |= set(_children(lake).filter(pl.col("contract").is_in(spawned))["address"].str.to_lowercase())
+    if spawned and children is not None:
+        out |= set(children.filter(pl.col("contract").is_in(spawned))["address"].str.to_lowercase())
     return out
 
 
@@ -157,26 +152,35 @@ def canonical_blocks(lake: Lake, first: int, last: int) -> pl.DataFrame:
     return pl.concat(parts, how="vertical").unique("number", keep="first").sort("number")
 
 
-def window_events(cfg: IndexerConfig, lake: Lake, tables: list[str], first: int, last: int) -> pl.DataFrame | None:
-    """The canonical rows of decoded `tables` (one event kind) in blocks first..last: the rows the views
-    give for those blocks, read from the range files and live segments that can hold them instead of
-    every file of the history (a DEX step costs what its blocks hold). None when the config has none."""
-    if not tables:
-        return None
+def window_events(cfg: IndexerConfig, lake: Lake, kinds: Sequence[str], first: int, last: int
+                  ) -> dict[str, pl.DataFrame | None]:
+    """The canonical rows of each event kind's decoded tables (`source_tables`) in blocks first..last: the
+    rows the views give for those blocks, read from the range files and live segments that can hold them
+    instead of every file of the history (a DEX step costs what its blocks hold). None for a kind the
+    config has no table of."""
     in_ranges = _rows(_overlapping(lake, BLOCKS, first, last), "number", first, last)
     ranged_numbers = in_ranges["number"].implode() if in_ranges is not None else pl.Series([], dtype=pl.Int64).implode()
-    parts = []
-    for table in tables:
-        dataset = events(table)
-        ranged = _rows(_overlapping(lake, dataset, first, last), "block_number", first, last)
-        live_rows = _rows(_overlapping(lake, live(dataset), first, last), "block_number", first, last)
-        if live_rows is not None:
-            live_rows = live_rows.filter(~pl.col("block_number").is_in(ranged_numbers))
-        rows = [f for f in (ranged, live_rows) if f is not None]
-        if rows:
-            allowed = sorted(table_addresses(cfg, lake, table))
-            parts.append(pl.concat(rows, how="diagonal_relaxed").filter(pl.col("address").is_in(allowed)))
-    if not parts:
-        spec = next(s for _, s in cfg.all_specs() if s.table == tables[0])
-        return pl.DataFrame(schema=spec.schema())
-    return pl.concat(parts, how="diagonal_relaxed").filter(pl.col("chain_id") == cfg.chain.chain_id)
+    children = _children(lake) if any(c.factory is not None for c in cfg.contracts) else None
+    src = source_tables(cfg)
+    out: dict[str, pl.DataFrame | None] = {}
+    for kind in kinds:
+        tables = src[kind]
+        if not tables:
+            out[kind] = None
+            continue
+        parts = []
+        for table in tables:
+            dataset = events(table)
+            ranged = _rows(_overlapping(lake, dataset, first, last), "block_number", first, last)
+            live_rows = _rows(_overlapping(lake, live(dataset), first, last), "block_number", first, last)
+            if live_rows is not None:
+                live_rows = live_rows.filter(~pl.col("block_number").is_in(ranged_numbers))
+            rows = [f for f in (ranged, live_rows) if f is not None]
+            if rows:
+                allowed = sorted(table_addresses(cfg, table, children))
+                parts.append(pl.concat(rows, how="diagonal_relaxed").filter(pl.col("address").is_in(allowed)))
+        if parts:
+            out[kind] = pl.concat(parts, how="diagonal_relaxed").filter(pl.col("chain_id") == cfg.chain.chain_id)
+        else:
+            out[kind] = pl.DataFrame(schema=next(s for _, s in cfg.all_specs() if s.table == tables[0]).schema())
+    return out

@@ -29,7 +29,7 @@ from indexer_dagster.parse.abi import EventSpec
 from indexer_dagster.persist import datasets as ds
 from indexer_dagster.persist.duck_lock import lock_message
 from indexer_dagster.persist.files import is_remote
-from indexer_dagster.persist.lake import SCHEMA_FILE, StorageError, open_lake
+from indexer_dagster.persist.lake import StorageError, open_lake
 from indexer_dagster.persist.meta import ensure_failed_checks
 
 _DUCK_TYPES = {
@@ -174,7 +174,7 @@ def view_statements(cfg: IndexerConfig) -> dict[str, str]:
     for table, col in ds.DEX_TABLES.items():
         if table in (*ds.DEX_ROW_TABLES, *ds.DEX_DAY_TABLES):
             # A directory of step or day files, each with its schema file once written (see `Lake.glob`).
-            files = [lake.glob(ds.dex(table)) for lake in lakes if lake.exists(ds.dex(table), SCHEMA_NAME)]
+            files = [lake.glob(ds.dex(table)) for lake in lakes if lake.has_schema_file(ds.dex(table))]
         else:
             files = [str(p) for lake in lakes if (p := lake.path(ds.DEX, table)).is_file()]
         if not files:
@@ -183,13 +183,10 @@ def view_statements(cfg: IndexerConfig) -> dict[str, str]:
         views[table] = with_status(sql, col) if col else sql
         if table in ds.DEX_ROW_TABLES:
             archives = [lake.glob(ds.orphaned(ds.dex(table))) for lake in lakes
-                        if lake.exists(ds.orphaned(ds.dex(table)), SCHEMA_NAME)]
+                        if lake.has_schema_file(ds.orphaned(ds.dex(table)))]
             if archives:
                 views[f"orphaned_{table}"] = f"SELECT * FROM {_read(archives)}"
     return views
-
-
-SCHEMA_NAME = SCHEMA_FILE.removesuffix(".parquet")  # the key of a dataset's schema file
 
 
 # Columns a view names differently from its files: one name for one thing across the views (`blocks`

@@ -10,6 +10,7 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Union
 
@@ -35,6 +36,17 @@ def read_parquet(path: LakePath, columns: list[str] | None = None) -> pl.DataFra
     if not is_remote(path):
         return pl.read_parquet(path, columns=columns)
     return pl.read_parquet(io.BytesIO(_fetch(path)), columns=columns)
+
+
+def read_small_file(path: LakePath) -> pl.DataFrame:
+    """A small lake file read again only when it changes (its `file_state`): for registries every range
+    reads whole, such as the factory children, read once per file state and process."""
+    return _read_state(path, file_state(path))
+
+
+@lru_cache(maxsize=16384)
+def _read_state(path: LakePath, _state: tuple) -> pl.DataFrame:
+    return read_parquet(path)
 
 
 def scan_parquet(path: LakePath) -> pl.LazyFrame:

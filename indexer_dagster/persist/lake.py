@@ -88,10 +88,14 @@ class Lake:
         """The dataset's data files, sorted (hidden names — temp files, the schema file — excluded)."""
         return data_files(self.dir(dataset))
 
+    def has_schema_file(self, dataset: str) -> bool:
+        """Whether `dataset` has had a file (its schema file stays when its data files go)."""
+        return (self.dir(dataset) / SCHEMA_FILE).is_file()
+
     def ensure_schema_file(self, dataset: str, schema: Mapping[str, pl.DataType | type[pl.DataType]]) -> None:
         """An empty, typed, hidden `.schema.parquet`: DuckDB globs match it, so a view over the dataset
         keeps working (with zero rows) when every data file has been compacted or rolled away."""
-        if not (self.dir(dataset) / SCHEMA_FILE).is_file():
+        if not self.has_schema_file(dataset):
             self.write(dataset, SCHEMA_FILE.removesuffix(".parquet"), pl.DataFrame(schema=schema))
 
     @property

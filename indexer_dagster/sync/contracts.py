@@ -30,7 +30,7 @@ from indexer_dagster.chain.rpc import RpcClient
 from indexer_dagster.config import IndexerConfig
 from indexer_dagster.parse.decode import decode_logs
 from indexer_dagster.persist.datasets import CHILD_SCHEMA, CHILDREN, LIVE
-from indexer_dagster.persist.files import data_files, file_state, parquet_metadata, read_parquet, scan_parquet
+from indexer_dagster.persist.files import data_files, file_state, parquet_metadata, read_small_file, scan_parquet
 from indexer_dagster.persist.lake import Lake, open_lake
 
 # Blocks per eth_getLogs of a discovery scan (one address + one topic: sparse); halved on "too large".
@@ -86,17 +86,7 @@ def stored_children(cfg: IndexerConfig) -> pl.DataFrame:
     files = lake.files(CHILDREN) + lake.files(f"{LIVE}/{CHILDREN}")
     if not files:
         return empty_children()
-    return _dedupe(pl.concat([_children_file(p) for p in files], how="vertical_relaxed").cast(CHILD_SCHEMA))  # type: ignore[arg-type]  # polars stubs: Mapping key type is invariant
-
-
-def _children_file(path) -> pl.DataFrame:
-    return _read_children(path, file_state(path))
-
-
-# A range resolves its children over every stored file: read each file state once per process.
-@lru_cache(maxsize=16384)
-def _read_children(path, _state: tuple) -> pl.DataFrame:
-    return read_parquet(path)
+    return _dedupe(pl.concat([read_small_file(p) for p in files], how="vertical_relaxed").cast(CHILD_SCHEMA))  # type: ignore[arg-type]  # polars stubs: Mapping key type is invariant
 
 
 def covered_intervals(cfg: IndexerConfig) -> list[tuple[int, int]]:

@@ -356,24 +356,19 @@ def decode_range(
     result = RangeResult(range=r)
     files = key_files(lake, "logs", r.key) or [lake.path("logs", r.key)]  # (a missing file: the usual error)
     with store_or_open(cfg.state_url, store) as s:
-        _decode_files(cfg, lake, s, files, tables, result)
-        dex_after_publish(cfg, s, r)
+        with lake.transaction(commit_guard(cfg, s)) as tx:
+            for path in files:
+                # A supplement's children file was written from all the range's logs: keep it.
+                decoder = Decoder(cfg, tables, write_children="+" not in path.stem)
+                with open_parquet(path) as src:
+                    decoder.open(tx, path.stem)
+                    for batch in src.iter_batches(batch_size=DECODE_BATCH_ROWS):
+                        decoder.write(pl.from_arrow(batch))  # type: ignore[arg-type]  # pyarrow untyped: a RecordBatch gives a DataFrame
+                    decoder.flush()
+                for t, n in decoder.rows.items():
+                    result.events[t] = result.events.get(t, 0) + n
+                for t, n in decoder.skipped.items():
+                    result.skipped[t] = result.skipped.get(t, 0) + n
+        dex_after_publish(cfg, s, r)  # once the files are published
     result.seconds = time.perf_counter() - started
     return result
-
-
-def _decode_files(cfg: IndexerConfig, lake: Lake, store: StateStore, files: list, tables: Collection[str] | None,
-                  result: RangeResult) -> None:
-    with lake.transaction(commit_guard(cfg, store)) as tx:
-        for path in files:
-            # A supplement's children file was written from all the range's logs: keep it.
-            decoder = Decoder(cfg, tables, write_children="+" not in path.stem)
-            with open_parquet(path) as src:
-                decoder.open(tx, path.stem)
-                for batch in src.iter_batches(batch_size=DECODE_BATCH_ROWS):
-                    decoder.write(pl.from_arrow(batch))  # type: ignore[arg-type]  # pyarrow untyped: a RecordBatch gives a DataFrame
-                decoder.flush()
-            for t, n in decoder.rows.items():
-                result.events[t] = result.events.get(t, 0) + n
-            for t, n in decoder.skipped.items():
-                result.skipped[t] = result.skipped.get(t, 0) + n
