@@ -21,7 +21,7 @@ from indexer_dagster.chain.errors import RpcError, RpcErrorInfo, RpcErrorKind
 from indexer_dagster.chain.rpc import RpcClient
 from indexer_dagster.chain.spans import RangeSizer
 from indexer_dagster.chain.verify import LogVerifier, Query, agree, parse_bloom, reconcile
-from indexer_dagster.persist.datasets import BLOCK_SCHEMA, LOG_SCHEMA
+from indexer_dagster.persist.datasets import BLOCK_SCHEMA, LOG_SCHEMA, in_log_order
 
 MAX_ADDRESSES_PER_REQUEST = 500
 # How often a logs-by-hash answer of "unknown block" is asked again (a load-balanced replica may lag by a
@@ -279,7 +279,7 @@ class RangeFetcher:
         assert at is not None  # the chunk's logs are of its blocks (`_consistent`)
         stamped = logs.with_columns(blocks["timestamp"].gather(at).alias("block_timestamp"))
         stamped = stamped.select(list(LOG_SCHEMA))
-        return stamped if _sorted(stamped) else stamped.sort("block_number", "log_index")
+        return stamped if in_log_order(stamped) else stamped.sort("block_number", "log_index")
 
     async def iter_chunks(self, from_block: int, to_block: int, in_flight: int = 4) -> AsyncIterator[Chunk]:
         """Chunks covering [from_block, to_block] in order, `in_flight` fetched concurrently."""
@@ -312,18 +312,9 @@ def _positions(blocks: pl.DataFrame, logs: pl.DataFrame) -> pl.Series | None:
     """Each log's row in `blocks` (a chunk's headers: consecutive numbers in order), or None if a log is
     of a block outside them. A gather by position instead of a join: this runs for every log."""
     at = logs["block_number"] - blocks["number"][0]
-    if logs.height and (at.min() < 0 or at.max() >= blocks.height):  # type: ignore[operator]  # Int64 here
+    if logs.height and (at.min() < 0 or at.max() >= blocks.height):
         return None
     return at
-
-
-def _sorted(logs: pl.DataFrame) -> bool:
-    """Whether logs are in (block_number, log_index) order already, as one node answer is."""
-    if logs.height < 2:
-        return True
-    b, i = logs["block_number"], logs["log_index"]
-    db, di = b.diff().slice(1), i.diff().slice(1)
-    return bool(((db > 0) | ((db == 0) & (di > 0))).all())
 
 
 def _consistent(blocks: pl.DataFrame, logs: pl.DataFrame) -> bool:

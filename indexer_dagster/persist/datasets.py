@@ -78,6 +78,16 @@ CHILD_SCHEMA: Schema = {
 }
 
 
+def in_log_order(logs: pl.DataFrame) -> bool:
+    """Whether `logs` are in strictly increasing (block_number, log_index) order, as a node answers and a
+    range file stores them: then no log is there twice, and no sort or hash table is needed to know it."""
+    if logs.height < 2:
+        return True
+    db = logs["block_number"].diff().slice(1)
+    di = logs["log_index"].diff().slice(1)
+    return bool(((db > 0) | ((db == 0) & (di > 0))).all())
+
+
 def events(table: str) -> str:
     """The dataset of one decoded event table."""
     return f"{EVENTS}/{table}"

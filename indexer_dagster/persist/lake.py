@@ -303,6 +303,15 @@ class Transaction:
             w.path.unlink(missing_ok=True)
 
 
+def owned(df: pl.DataFrame) -> pl.DataFrame:
+    """`df` copied into buffers of its own rows. Polars filters and slices share the buffers of the frame
+    they come from, so a few rows kept for long (buffered until their row group fills, often a whole range)
+    would keep the whole frame they were cut from alive."""
+    copy = pl.from_arrow(df.to_arrow(compat_level=pl.CompatLevel.oldest()))
+    assert isinstance(copy, pl.DataFrame)  # from a Table
+    return copy.cast(df.schema)
+
+
 class StreamWriter:
     """Appends frames of one schema to a Parquet file, buffering them into large row groups."""
 

@@ -34,7 +34,7 @@ from indexer_dagster.persist.datasets import (
     live_segments,
 )
 from indexer_dagster.persist.files import open_parquet
-from indexer_dagster.persist.lake import Lake, StreamWriter, Transaction, open_lake
+from indexer_dagster.persist.lake import Lake, StreamWriter, Transaction, open_lake, owned
 from indexer_dagster.persist.meta import record_head
 from indexer_dagster.reorg.guard import publish_guard
 from indexer_dagster.state import StateStore, store_or_open
@@ -223,7 +223,8 @@ class Decoder:
             allowed = self.contracts.table_addresses()
             addresses = {t: allowed[t] for t in self.addresses}
         for table, res in decode_logs(logs, self.specs, addresses).items():
-            self.writers[table].write(res.frame)
+            # A small table's rows wait in its writer for many batches: copied, they keep no batch alive.
+            self.writers[table].write(owned(res.frame) if res.frame.height * 4 < logs.height else res.frame)
             self.rows[table] += res.frame.height
             self.skipped[table] += res.skipped
 

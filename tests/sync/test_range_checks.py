@@ -251,3 +251,18 @@ def test_backfill_cli_reports_failed_checks(indexed, tmp_path):
                            "--to", str(R1.end)], env=cli_env(path, home), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert failed_ranges(lake) == {}
+
+
+@pytest.mark.parametrize("order", ["sorted", "shuffled", "reversed"])
+def test_unique_logs_finds_a_repeated_key_in_any_order(order):
+    from indexer_dagster.sync.range_checks import check_unique_logs
+
+    keys = pl.DataFrame({"block_number": [5, 5, 6, 6, 7], "log_index": [0, 1, 0, 1, 0], "block_hash": ["h"] * 5})
+    dup = pl.concat([keys, keys.slice(2, 1)])
+    arrange = {"sorted": lambda d: d.sort("block_number", "log_index"), "shuffled": lambda d: d.sample(
+        fraction=1.0, shuffle=True, seed=3), "reversed": lambda d: d.reverse()}[order]
+    assert check_unique_logs(arrange(keys)).passed
+    bad = check_unique_logs(arrange(dup))
+    assert not bad.passed and bad.metadata["duplicated_keys"] == 1 and bad.metadata["examples"] == ["6:0"]
+    # A later log_index in an earlier block is not a duplicate, nor the same log_index in the next block.
+    assert check_unique_logs(pl.DataFrame({"block_number": [5, 6], "log_index": [9, 9], "block_hash": ["h"] * 2})).passed
