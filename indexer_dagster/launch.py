@@ -6,6 +6,7 @@ progress back to one progress bar.
 """
 
 import contextlib
+import math
 import multiprocessing as mp
 import os
 import queue
@@ -157,8 +158,16 @@ def ensure_rpc_pool(instance: dg.DagsterInstance, chain: str) -> None:
         storage.initialize_concurrency_limit_to_default(rpc_pool(chain))
 
 
-def plan_batches(ranges: list[BlockRange], per_run: int = RANGES_PER_RUN) -> list[list[BlockRange]]:
-    return [ranges[i : i + per_run] for i in range(0, len(ranges), per_run)]
+def plan_batches(ranges: list[BlockRange], workers: int = 1, per_run: int = RANGES_PER_RUN) -> list[list[BlockRange]]:
+    """Consecutive ranges per Dagster run, balanced: at most `per_run` in a run, and a run for every worker
+    that gets two ranges or more (workers execute runs in parallel, each in a process of its own that imports
+    Dagster again; with fewer ranges, one run in this process is faster: a chain's last range, at its tip,
+    is often a fraction of the others, so a worker of its own would mostly wait)."""
+    if not ranges:
+        return []
+    runs = max(math.ceil(len(ranges) / per_run), min(max(workers, 1), len(ranges) // 2), 1)
+    size = math.ceil(len(ranges) / runs)
+    return [ranges[i : i + size] for i in range(0, len(ranges), size)]
 
 
 def _worker_init(q, config_path: str, chain: str, dagster_home: str) -> None:
@@ -224,7 +233,7 @@ def run_backfill(
 
     ensure_rpc_pool(instance, cfg.chain.name)
     close_abandoned(instance, cfg.state_url)  # a CLI backfill killed earlier would otherwise stay "in progress"
-    batches = plan_batches(ranges)
+    batches = plan_batches(ranges, workers)
     keys_of = {b[0].key: [r.key for r in b] for b in batches}
     backfill = start_cli_backfill(instance, cfg, [r.key for r in ranges])
     on_backfill(backfill.backfill_id)
@@ -256,8 +265,8 @@ def start_cli_backfill(instance: dg.DagsterInstance, cfg: IndexerConfig, range_k
 def _run_batches(instance: dg.DagsterInstance, cfg: IndexerConfig, config_path: Path, batches: list[list[BlockRange]],
                  workers: int, backfill_id: str, on_progress: Callable[[int, int], None],
                  on_batch: Callable[[BatchOutcome], None]) -> None:
-    if workers <= 1:
-        # One worker: run in this process (no process start, no second import of Dagster).
+    if workers <= 1 or len(batches) <= 1:
+        # One worker, or one run: in this process (no process start, no second import of Dagster).
         from indexer_dagster.sync.historical import set_progress_reporter
 
         os.environ[CONFIG_ENV_VAR] = str(config_path.resolve())
@@ -271,7 +280,7 @@ def _run_batches(instance: dg.DagsterInstance, cfg: IndexerConfig, config_path: 
     ctx = mp.get_context("spawn")
     q = ctx.Manager().Queue()
     with ProcessPoolExecutor(
-        max_workers=max(1, workers),
+        max_workers=min(workers, len(batches)),
         mp_context=ctx,
         initializer=_worker_init,
         initargs=(q, str(config_path.resolve()), cfg.chain.name, os.environ["DAGSTER_HOME"]),
