@@ -1,16 +1,22 @@
 #!/usr/bin/env python
-"""Backfill benchmark: `indexer backfill` end to end vs a minimal raw eth_getLogs client.
+"""Backfill benchmark: `indexer backfill` end to end vs the node's raw eth_getLogs limit and cryo.
 
 Builds (or reuses from bench/.cache) an anvil devnet of real Uniswap V2 traffic, then, interleaved
-over several repetitions, measures logs/second of
-  (a) a raw client: concurrent eth_getLogs over the same addresses and blocks, JSON parsed into
-      Polars (nothing stored) — the speed limit the node and HTTP allow here;
-  (b) `indexer backfill` as a user runs it: a fresh data dir and Dagster instance, headers + logs
-      fetched, checked, written to Parquet, decoded into event tables, DuckDB catalog built.
-It prints the medians, the ratio b/a, and the peak memory of (b) for half and for all of the range
-(bounded memory means the two stay close).
+over several repetitions, runs each client in its own process over the same blocks and addresses:
+  (a) the limit: concurrent eth_getLogs, JSON parsed into Polars, rows counted (nothing stored) —
+      the speed the node and HTTP allow here;
+  (b) cryo (PyPI `cryo`, its Rust core), `cryo.freeze("logs", contract=[...])` into Parquet, when
+      installed (`pip install cryo`; `--no-cryo` skips it);
+  (c) `indexer backfill` as a user runs it: a fresh data dir and Dagster instance, headers + logs
+      fetched, checked, written to Parquet, decoded into event tables, range checks, DEX tables,
+      DuckDB catalog built.
+For each it prints the median logs/s, the ratio to (a), the client CPU seconds (user + system of the
+process and its children) per million logs and that ratio to (a)'s, and the largest peak RSS of its
+runs. (b) and (c) are timed as whole processes, start included; (a) is timed inside its process, from
+the first request to the last row counted (the node's limit, not a Python start's).
 
-    .venv/bin/python bench/backfill.py [--blocks 2000 --txs-per-block 50 --reps 3]
+    .venv/bin/python bench/backfill.py [--blocks 2200 --txs-per-block 50 --reps 3]
+    .venv/bin/python bench/backfill.py --blocks 11000 --workers 1,2   # 1.01M logs, one and two workers
     .venv/bin/python bench/backfill.py --workers 1,2,4 --instance postgres   # parallel runs, Postgres instance
 
 `--workers 1,2,4` measures each worker count (interleaved within each repetition) and prints logs/s
@@ -24,13 +30,13 @@ import argparse
 import asyncio
 import io
 import os
-import resource
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -86,9 +92,88 @@ def _pg_database(pg_url: str):
     return env, drop
 
 
+@dataclass
+class Measured:
+    """One client's process, as the kernel accounted it (`wait4`: the process and its reaped children)."""
+
+    seconds: float
+    cpu_s: float  # user + system
+    peak_mib: float  # the largest resident set of the process or any of its children
+    stdout: str
+
+
+# Starts a command from a small process and writes its rusage there: a child forked from this (large)
+# process would count this process's memory in its peak RSS (Linux carries the forked copy's high-water
+# mark across exec).
+_LAUNCHER = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write(f"{usage.ru_utime + usage.ru_stime} {usage.ru_maxrss}")
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def measured(args: list[str], env: dict[str, str] | None = None) -> Measured:
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
+            tempfile.NamedTemporaryFile("r") as usage:
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-S", "-c", _LAUNCHER, usage.name, *args], env=env, stdout=out,
+                              stderr=err)
+        seconds = time.perf_counter() - t0
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read().decode(), err.read().decode()
+        cpu_s, maxrss_kib = usage.read().split()
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(args[:4])} ... failed ({proc.returncode}):\n{stdout[-3000:]}\n{stderr[-3000:]}")
+    return Measured(seconds, float(cpu_s), int(maxrss_kib) / 1024, stdout)
+
+
+def run_limit(url: str, addresses: list[str], first: int, last: int, span: int, in_flight: int) -> tuple[Measured, int]:
+    """The limit client in a process of its own; returns (measurement, logs). Its time and CPU are those
+    of the fetch alone, measured inside the process: the limit is the node's, not a Python start's."""
+    m = measured([sys.executable, __file__, "_limit", url, ",".join(addresses), str(first), str(last), str(span),
+                  str(in_flight)])
+    logs, seconds, cpu_s = m.stdout.split()[-3:]
+    return Measured(float(seconds), float(cpu_s), m.peak_mib, m.stdout), int(logs)
+
+
+def run_cryo(url: str, addresses: list[str], first: int, last: int, work: Path) -> tuple[Measured, int]:
+    """cryo 0.3 (`cryo.freeze`, Rust) writing the same logs to Parquet, in a process of its own."""
+    out = work / "cryo"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    m = measured([sys.executable, __file__, "_cryo", url, ",".join(addresses), str(first), str(last), str(out)])
+    logs = pl.scan_parquet(str(out / "*.parquet")).select(pl.len()).collect().item()
+    return m, logs
+
+
+def _child_limit(url: str, addresses: str, first: str, last: str, span: str, in_flight: str) -> None:
+    t0, c0 = time.perf_counter(), time.process_time()
+    logs = asyncio.run(raw_client(url, addresses.split(","), int(first), int(last), int(span), int(in_flight)))
+    print(logs, time.perf_counter() - t0, time.process_time() - c0)
+
+
+def _child_cryo(url: str, addresses: str, first: str, last: str, out: str) -> None:
+    import cryo
+
+    cryo.freeze("logs", rpc=url, blocks=[f"{first}:{int(last) + 1}"], contract=addresses.split(","),
+                output_dir=out, no_verbose=True)
+
+
+def cryo_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("cryo") is not None
+
+
 def run_indexer(config: Path, work: Path, to_block: int | None, workers: int, instance: str = "sqlite",
-                pg_url: str | None = None, lake: str = "local") -> tuple[float, int, float]:
-    """Run `indexer backfill` in a fresh data dir and Dagster instance; returns (seconds, logs, peak RSS MiB)."""
+                pg_url: str | None = None, lake: str = "local") -> tuple[Measured, int]:
+    """Run `indexer backfill` in a fresh data dir and Dagster instance; returns (measurement, logs)."""
     cfg_dir = work / "cfg"
     shutil.rmtree(cfg_dir, ignore_errors=True)
     shutil.copytree(config.parent, cfg_dir, ignore=shutil.ignore_patterns("data", ".dagster_home"))
@@ -104,23 +189,16 @@ def run_indexer(config: Path, work: Path, to_block: int | None, workers: int, in
             "--workers", str(workers), "--instance", instance]
     if to_block is not None:
         args += ["--to", str(to_block)]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    t0 = time.perf_counter()
     try:
-        proc = subprocess.run(args, env=env, capture_output=True, text=True)
+        m = measured(args, env)
     finally:
-        seconds = time.perf_counter() - t0
         if drop is not None:
             drop()
-    if proc.returncode != 0:
-        raise SystemExit(f"indexer backfill failed:\n{proc.stdout}\n{proc.stderr}")
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     cfg = load_config(cfg_dir / "indexer.yaml")
     from indexer_dagster.query import query
 
     logs = query(cfg.duckdb_path, "select count(*) n from logs")["n"][0]
-    # ru_maxrss of children is the largest single descendant so far (KiB on Linux).
-    return seconds, logs, max(peak, before) / 1024
+    return m, logs
 
 
 def start_s3_server() -> None:
@@ -151,6 +229,20 @@ def _fresh_bucket_lake(config: Path) -> None:
     config.write_text(yaml.safe_dump(raw, sort_keys=False))
 
 
+@dataclass
+class Client:
+    name: str
+    rates: list[float]
+    cpu_per_m: list[float]
+    peaks: list[float]
+
+    def add(self, m: Measured, logs: int) -> str:
+        self.rates.append(logs / m.seconds)
+        self.cpu_per_m.append(m.cpu_s / (logs / 1e6))
+        self.peaks.append(m.peak_mib)
+        return f"{self.name} {self.rates[-1]:,.0f} logs/s ({m.seconds:.1f} s, {m.cpu_s:.1f} CPU s)"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--blocks", type=int, default=2200)
@@ -161,15 +253,18 @@ def main() -> None:
     ap.add_argument("--pg-url", default=os.environ.get("INDEXER_TEST_POSTGRES_URL", DEFAULT_PG_URL),
                     help="PostgreSQL server for --instance postgres (a database is created per run)")
     ap.add_argument("--blocks-per-partition", type=int, default=10_000, help="the config default")
-    ap.add_argument("--span", type=int, default=50, help="raw client: blocks per eth_getLogs")
-    ap.add_argument("--in-flight", type=int, default=4, help="raw client: concurrent requests")
-    ap.add_argument("--skip-memory", action="store_true", help="skip the two peak-memory runs")
+    ap.add_argument("--span", type=int, default=50, help="limit client: blocks per eth_getLogs")
+    ap.add_argument("--in-flight", type=int, default=4, help="limit client: concurrent requests")
+    ap.add_argument("--no-cryo", action="store_true", help="skip cryo (also skipped when it is not installed)")
     ap.add_argument("--lake", choices=["local", "s3"], default="local",
                     help="where the lake goes: data_dir, or a bucket on a local S3 server")
     args = ap.parse_args()
     if args.lake == "s3":
         start_s3_server()
     worker_counts = [int(w) for w in str(args.workers).split(",") if w.strip()]
+    with_cryo = not args.no_cryo and cryo_installed()
+    if not args.no_cryo and not with_cryo:
+        print("cryo is not installed (pip install cryo): measuring without it")
 
     work = Path(tempfile.mkdtemp(prefix="bench-backfill-"))
     node, _dep, config = run_devnet(
@@ -180,53 +275,42 @@ def main() -> None:
         cfg = load_config(config)
         head = node.block_number()
         addresses = [a for c in cfg.contracts for a in c.addresses]
-        raw_rates: list[float] = []
-        idx_rates: dict[int, list[float]] = {w: [] for w in worker_counts}
+        limit = Client("limit client", [], [], [])
+        cryo = Client("cryo", [], [], [])
+        indexers = {w: Client(f"indexer backfill, {w} worker(s)", [], [], []) for w in worker_counts}
         for rep in range(args.reps):
-            t0 = time.perf_counter()
-            n_raw = asyncio.run(raw_client(node.url, addresses, 0, head, args.span, args.in_flight))
-            raw_rates.append(n_raw / (time.perf_counter() - t0))
-            line = [f"rep {rep + 1}: raw {raw_rates[-1]:,.0f} logs/s"]
+            m, n_raw = run_limit(node.url, addresses, 0, head, args.span, args.in_flight)
+            line = [f"rep {rep + 1}: " + limit.add(m, n_raw)]
+            if with_cryo:
+                m, n_cryo = run_cryo(node.url, addresses, 0, head, work)
+                if n_cryo != n_raw:
+                    raise SystemExit(f"log counts differ: limit client {n_raw}, cryo {n_cryo}")
+                line.append(cryo.add(m, n_cryo))
             for w in worker_counts:
-                seconds, n_idx, _peak = run_indexer(config, work, None, w, args.instance, args.pg_url, args.lake)
+                m, n_idx = run_indexer(config, work, None, w, args.instance, args.pg_url, args.lake)
                 if n_idx != n_raw:
-                    raise SystemExit(f"log counts differ: raw {n_raw}, indexer {n_idx} ({w} workers)")
-                idx_rates[w].append(n_idx / seconds)
-                line.append(f"{w} worker(s) {idx_rates[w][-1]:,.0f} logs/s ({seconds:.1f}s)")
+                    raise SystemExit(f"log counts differ: limit client {n_raw}, indexer {n_idx} ({w} workers)")
+                line.append(indexers[w].add(m, n_idx))
             print(", ".join(line), flush=True)
-        raw_med = statistics.median(raw_rates)
         print()
         print(f"logs: {n_raw:,} in {head + 1:,} blocks ({len(addresses)} contracts); "
-              f"{args.blocks_per_partition}-block partitions; Dagster instance: {args.instance}; lake: {args.lake}")
-        print(f"raw eth_getLogs client : {raw_med:>10,.0f} logs/s (median of {args.reps})")
-        for w in worker_counts:
-            med = statistics.median(idx_rates[w])
-            print(f"indexer, {w:>2} worker(s)   : {med:>10,.0f} logs/s (median of {args.reps}), "
-                  f"ratio to raw {med / raw_med:.2f}")
-        if not args.skip_memory:
-            # Peak RSS is a high-water mark over all children, so each range is measured in a fresh process.
-            w = worker_counts[0]
-            peak_half, half_logs = _peak_in_fresh_process(config, work, head // 2, w, args.instance, args.pg_url,
-                                                           args.lake)
-            peak_full, _ = _peak_in_fresh_process(config, work, None, w, args.instance, args.pg_url, args.lake)
-            print(f"peak RSS, half range   : {peak_half:>10.0f} MiB ({half_logs:,} logs, {w} worker(s))")
-            print(f"peak RSS, full range   : {peak_full:>10.0f} MiB ({n_raw:,} logs)")
+              f"{args.blocks_per_partition}-block partitions; Dagster instance: {args.instance}; lake: {args.lake}; "
+              f"medians of {args.reps}")
+        lim_rate, lim_cpu = statistics.median(limit.rates), statistics.median(limit.cpu_per_m)
+        print(f"{'client':34s} {'logs/s':>10s} {'x limit':>8s} {'CPU s/M logs':>13s} {'x limit':>8s} {'peak RSS':>9s}")
+        for c in [limit, *([cryo] if with_cryo else []), *indexers.values()]:
+            rate, cpu = statistics.median(c.rates), statistics.median(c.cpu_per_m)
+            print(f"{c.name:34s} {rate:>10,.0f} {rate / lim_rate:>8.2f} {cpu:>13.2f} {cpu / lim_cpu:>8.2f} "
+                  f"{max(c.peaks):>5.0f} MiB")
     finally:
         node.stop()
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _peak_in_fresh_process(config: Path, work: Path, to_block: int | None, workers: int, instance: str = "sqlite",
-                           pg_url: str | None = None, lake: str = "local") -> tuple[float, int]:
-    code = (
-        "import sys, resource; sys.path.insert(0, %r); from bench.backfill import run_indexer; from pathlib import Path;"
-        "s, n, _ = run_indexer(Path(%r), Path(%r), %r, %d, %r, %r, %r);"
-        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, n)"
-    ) % (str(REPO), str(config), str(work), to_block, workers, instance, pg_url, lake)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    peak, logs = out.stdout.strip().splitlines()[-1].split()
-    return float(peak), int(logs)
-
-
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) > 1 and sys.argv[1] == "_limit":
+        _child_limit(*sys.argv[2:])
+    elif len(sys.argv) > 1 and sys.argv[1] == "_cryo":
+        _child_cryo(*sys.argv[2:])
+    else:
+        main()
