@@ -323,9 +323,8 @@ def _consistent(blocks: pl.DataFrame, logs: pl.DataFrame) -> bool:
         parents = blocks["parent_hash"]
         if not (parents.slice(1) == hashes.slice(0, blocks.height - 1)).all():
             return False
-        numbers = blocks["number"]
-        if not (numbers.diff().slice(1) == 1).all():
-            raise AssertionError("a chunk's headers are consecutive blocks in order")
+        if not (blocks["number"].diff().slice(1) == 1).all():
+            return False  # a node that answered other blocks than those asked: fetched again
     if logs.height == 0:
         return True
     at = _positions(blocks, logs)

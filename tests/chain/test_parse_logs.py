@@ -48,3 +48,16 @@ def test_a_log_without_a_required_field_is_refused_not_stored_with_a_null(field)
     broken = {k: v for k, v in LOG.items() if k != field}
     with pytest.raises(ValueError, match=field):
         parse_logs_body(body(LOG, broken), 1)
+
+
+def test_a_chunk_whose_headers_are_not_the_blocks_asked_for_is_fetched_again():
+    """Logs are matched to headers by position, which holds only for consecutive headers in order."""
+    import polars as pl
+
+    from indexer_dagster.chain.fetch import _consistent
+
+    blocks = pl.DataFrame({"number": [10, 11, 13], "hash": ["a", "b", "c"], "parent_hash": ["z", "a", "b"]})
+    logs = pl.DataFrame({"block_number": [13], "block_hash": ["c"]})
+    assert not _consistent(blocks, logs)
+    assert _consistent(blocks.with_columns(number=pl.Series([10, 11, 12])), logs.with_columns(block_number=12))
+    assert not _consistent(blocks.with_columns(number=pl.Series([10, 11, 12])), logs)  # a log of block 13
