@@ -17,7 +17,6 @@ the next step derives from there on the new fork: the same rows a computation fr
 Undo records older than the reorg window are dropped and a final partition's step files merged.
 """
 
-import asyncio
 import hashlib
 import time
 from dataclasses import dataclass, field
@@ -29,10 +28,9 @@ from indexer_dagster.block_range import range_for_block
 from indexer_dagster.config import IndexerConfig
 from indexer_dagster.dex import derive as dex
 from indexer_dagster.dex.sources import (
-    cached_tokens,
     canonical_blocks,
     file_blocks,
-    missing_tokens,
+    known_tokens,
     source_tables,
     window_events,
     with_unindexed_pools,
@@ -86,20 +84,23 @@ class DexResult:
 # -- cursor and undo records -------------------------------------------------------------------
 
 
-def read_cursor(lake: Lake) -> tuple[int, str] | None:
-    """(number, hash) of the last block the DEX tables are derived through; None before the first step."""
+def _cursor_row(lake: Lake) -> dict | None:
+    """The cursor file's row (CURSOR_SCHEMA); None before the first step."""
     if not lake.exists(DEX, DEX_CURSOR):
         return None
-    row = read_parquet(lake.path(DEX, DEX_CURSOR)).row(0)
-    return int(row[0]), str(row[1])
+    return read_parquet(lake.path(DEX, DEX_CURSOR)).row(0, named=True)
+
+
+def read_cursor(lake: Lake) -> tuple[int, str] | None:
+    """(number, hash) of the last block the DEX tables are derived through; None before the first step."""
+    row = _cursor_row(lake)
+    return (int(row["block_number"]), str(row["block_hash"])) if row is not None else None
 
 
 def _origin(lake: Lake) -> tuple[int, str] | None:
     """(first block, config inputs) the DEX tables were derived from and under (None before the first step)."""
-    if not lake.exists(DEX, DEX_CURSOR):
-        return None
-    row = read_parquet(lake.path(DEX, DEX_CURSOR)).row(0, named=True)
-    return int(row["first_block"]), str(row.get("inputs"))
+    row = _cursor_row(lake)
+    return (int(row["first_block"]), str(row.get("inputs"))) if row is not None else None
 
 
 def config_inputs(cfg: IndexerConfig) -> str:
@@ -213,13 +214,23 @@ def rollback(cfg: IndexerConfig, fork: int, reorg_id: int | None = None) -> dict
     recover(lake)
     archived: dict[str, int] = {}
     while (at := read_cursor(lake)) is not None and at[0] > fork:
-        records = [r for r in _records(lake) if r[1] == at[0]]
-        if not records:
-            reset(lake)
+        undone = _undo_last_step(lake, at[0], fork=fork, reorg_id=reorg_id)
+        if undone is None:
             break
-        for table, n in _undo(lake, *records[-1], fork=fork, reorg_id=reorg_id).items():
+        for table, n in undone.items():
             archived[table] = archived.get(table, 0) + n
     return archived
+
+
+def _undo_last_step(lake: Lake, cursor: int, fork: int | None = None, reorg_id: int | None = None
+                    ) -> dict[str, int] | None:
+    """Undo the step that ends at the `cursor` (with `fork`: its rows above it archived, see `_undo`); None
+    when no record reaches it (older than the window): the tables are reset, to be derived from the start."""
+    records = [r for r in _records(lake) if r[1] == cursor]
+    if not records:
+        reset(lake)
+        return None
+    return _undo(lake, *records[-1], fork=fork, reorg_id=reorg_id)
 
 
 def rows_replaced(cfg: IndexerConfig, first: int, last: int) -> bool:
@@ -293,9 +304,7 @@ def derive_step(cfg: IndexerConfig, lake: Lake, first: int, last: int) -> dict[t
         pools = pl.concat([pools, dex.pools(created).select(list(POOL_SCHEMA))], how="vertical_relaxed")
         pools = pools.unique(subset=["chain_id", "pool"], keep="first", maintain_order=True)
     pools = with_unindexed_pools(cfg, pools, set(swap["address"]) | set(sync["address"]))
-    cached = cached_tokens(lake)
-    fresh_tokens = asyncio.run(missing_tokens(cfg, cached, set(pools["token0"]) | set(pools["token1"])))
-    tokens = pl.concat([cached, fresh_tokens], how="vertical")
+    tokens, fresh_tokens = known_tokens(cfg, lake, set(pools["token0"]) | set(pools["token1"]))
 
     state_path = lake.path(DEX, "pool_state")
     state = read_parquet(state_path) if lake.exists(DEX, "pool_state") else None
@@ -424,11 +433,8 @@ def _behind_fork(lake: Lake) -> None:
         got = canonical_blocks(lake, at[0], at[0])
         if got.height and got["hash"][0] == at[1]:
             return
-        records = [r for r in _records(lake) if r[1] == at[0]]
-        if not records:
-            reset(lake)
+        if _undo_last_step(lake, at[0]) is None:  # (a reorg run archives what it rolls back; this is the safety net)
             return
-        _undo(lake, *records[-1])  # (a reorg run archives what it rolls back; this is the safety net)
 
 
 def advance(cfg: IndexerConfig, store: StateStore, max_steps: int | None = None, count_rows: bool = True) -> DexResult:

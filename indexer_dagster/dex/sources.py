@@ -68,11 +68,18 @@ async def missing_tokens(cfg: IndexerConfig, cached: pl.DataFrame, wanted: set[s
         return await token_metadata(rpc, missing)
 
 
+def known_tokens(cfg: IndexerConfig, lake: Lake, wanted: set[str]) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(every token's metadata: the cache plus those of `wanted` it lacks, read from the chain now; those
+    read now alone, which the cache file must get)."""
+    cached = cached_tokens(lake)
+    fresh = asyncio.run(missing_tokens(cfg, cached, wanted))
+    return pl.concat([cached, fresh], how="vertical"), fresh
+
+
 def tokens_of(cfg: IndexerConfig, lake: Lake, wanted: set[str]) -> pl.DataFrame:
     """Metadata of the `wanted` tokens: from the cache, the rest read from the chain."""
-    cached = cached_tokens(lake)
-    cached = pl.concat([cached, asyncio.run(missing_tokens(cfg, cached, wanted))], how="vertical")
-    return cached.filter(pl.col("address").is_in(sorted(wanted))).sort("address")
+    every, _fresh = known_tokens(cfg, lake, wanted)
+    return every.filter(pl.col("address").is_in(sorted(wanted))).sort("address")
 
 
 async def _pair_tokens(cfg: IndexerConfig, pairs: list[str]) -> pl.DataFrame:
