@@ -165,7 +165,7 @@ def plan_batches(ranges: list[BlockRange], workers: int = 1, per_run: int = RANG
     is often a fraction of the others, so a worker of its own would mostly wait)."""
     if not ranges:
         return []
-    runs = max(math.ceil(len(ranges) / per_run), min(max(workers, 1), len(ranges) // 2), 1)
+    runs = max(math.ceil(len(ranges) / per_run), min(workers, len(ranges) // 2))
     size = math.ceil(len(ranges) / runs)
     return [ranges[i : i + size] for i in range(0, len(ranges), size)]
 
