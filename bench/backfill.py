@@ -19,7 +19,8 @@ the first request to the last row counted (the node's limit, not a Python start'
     .venv/bin/python bench/backfill.py --blocks 11000 --workers 1,2   # 1.01M logs, one and two workers
     .venv/bin/python bench/backfill.py --workers 1,2,4 --instance postgres   # parallel runs, Postgres instance
 
-`--workers 1,2,4` measures each worker count (interleaved within each repetition) and prints logs/s
+`--pin` puts anvil on CPU 0 and every client on CPU 1 (the node's CPU kept out of the way, as with a
+remote node and one core for the indexer). `--workers 1,2,4` measures each worker count (interleaved within each repetition) and prints logs/s
 per count. `--instance postgres` runs every backfill on a fresh Dagster instance in PostgreSQL
 (deploy/dagster-postgres.yaml; a throw-away database on the server of --pg-url, dropped afterwards).
 `--lake s3` writes the lake to object storage: a fresh bucket per run on a local S3 server (moto's,
@@ -107,6 +108,8 @@ class Measured:
 # mark across exec).
 _LAUNCHER = """
 import os, sys
+if os.environ.get("BENCH_CLIENT_CPUS"):
+    os.sched_setaffinity(0, {int(c) for c in os.environ["BENCH_CLIENT_CPUS"].split(",")})
 pid = os.fork()
 if pid == 0:
     os.execvp(sys.argv[2], sys.argv[2:])
@@ -163,6 +166,16 @@ def _child_cryo(url: str, addresses: str, first: str, last: str, out: str) -> No
 
     cryo.freeze("logs", rpc=url, blocks=[f"{first}:{int(last) + 1}"], contract=addresses.split(","),
                 output_dir=out, no_verbose=True)
+
+
+def pin(anvil_pid: int | None) -> None:
+    """anvil (every thread of it) on CPU 0 and the clients on CPU 1: each side gets one core of its own, as
+    when the node is on another machine and the indexer has one core."""
+    if anvil_pid is None or (os.cpu_count() or 1) < 2:
+        raise SystemExit("--pin needs two CPUs and a local anvil")
+    for tid in os.listdir(f"/proc/{anvil_pid}/task"):
+        os.sched_setaffinity(int(tid), {0})
+    os.environ["BENCH_CLIENT_CPUS"] = "1"
 
 
 def cryo_installed() -> bool:
@@ -256,6 +269,8 @@ def main() -> None:
     ap.add_argument("--span", type=int, default=50, help="limit client: blocks per eth_getLogs")
     ap.add_argument("--in-flight", type=int, default=4, help="limit client: concurrent requests")
     ap.add_argument("--no-cryo", action="store_true", help="skip cryo (also skipped when it is not installed)")
+    ap.add_argument("--pin", action="store_true",
+                    help="anvil on CPU 0, every client on CPU 1: the node's CPU kept out of the clients' way")
     ap.add_argument("--lake", choices=["local", "s3"], default="local",
                     help="where the lake goes: data_dir, or a bucket on a local S3 server")
     args = ap.parse_args()
@@ -272,6 +287,8 @@ def main() -> None:
         state_cache=REPO / "bench" / ".cache", blocks_per_partition=args.blocks_per_partition, echo=print,
     )
     try:
+        if args.pin:
+            pin(node.proc.pid if node.proc else None)
         cfg = load_config(config)
         head = node.block_number()
         addresses = [a for c in cfg.contracts for a in c.addresses]
@@ -295,7 +312,7 @@ def main() -> None:
         print()
         print(f"logs: {n_raw:,} in {head + 1:,} blocks ({len(addresses)} contracts); "
               f"{args.blocks_per_partition}-block partitions; Dagster instance: {args.instance}; lake: {args.lake}; "
-              f"medians of {args.reps}")
+              f"medians of {args.reps}" + ("; anvil pinned to CPU 0, clients to CPU 1" if args.pin else ""))
         lim_rate, lim_cpu = statistics.median(limit.rates), statistics.median(limit.cpu_per_m)
         print(f"{'client':34s} {'logs/s':>10s} {'x limit':>8s} {'CPU s/M logs':>13s} {'x limit':>8s} {'peak RSS':>9s}")
         for c in [limit, *([cryo] if with_cryo else []), *indexers.values()]:
