@@ -280,6 +280,10 @@ def main() -> None:
     with_cryo = not args.no_cryo and cryo_installed()
     if not args.no_cryo and not with_cryo:
         print("cryo is not installed (pip install cryo): measuring without it")
+    if with_cryo and args.pin:
+        # Seen here: it writes every chunk, then aborts ("Fatal Python error: PyGILState_Release").
+        print("cryo 0.3.2 aborts when confined to one CPU: --pin measures without it")
+        with_cryo = False
 
     work = Path(tempfile.mkdtemp(prefix="bench-backfill-"))
     node, _dep, config = run_devnet(
