@@ -29,6 +29,7 @@ from indexer_dagster.parse.abi import EventSpec
 from indexer_dagster.persist import datasets as ds
 from indexer_dagster.persist.duck_lock import lock_message
 from indexer_dagster.persist.files import is_remote
+from indexer_dagster.persist.gate import Gate
 from indexer_dagster.persist.lake import StorageError, open_lake
 from indexer_dagster.persist.meta import ensure_failed_checks
 
@@ -100,6 +101,7 @@ def view_statements(cfg: IndexerConfig) -> dict[str, str]:
     if is_remote(d):
         options = json.dumps(cfg.storage.lake_options, sort_keys=True)
         views[LAKE_VIEW] = f"SELECT {_literal(str(d))} AS url, {_literal(options)} AS options"
+    views[GATES_VIEW] = gates_view([lake.gate.dir for lake in lakes])
 
     # One glob per chain, not one `*` over the chains: on object storage a wildcard directory means
     # listing every directory of the lake on each query.
@@ -304,6 +306,20 @@ _FILE_SET_ATTEMPTS = 5  # rebuilds when files vanish under the glob while views 
 
 
 LAKE_VIEW = internal("_lake")
+GATES_VIEW = internal("_gates")  # where a reader waits out publishes and repairs (`persist.gate`)
+
+
+def gates_view(dirs: list[Path]) -> str:
+    return "SELECT * FROM (VALUES " + ", ".join(f"({_literal(str(d))})" for d in dirs) + ") AS gates(dir)"
+
+
+def gates_of(con: duckdb.DuckDBPyConnection) -> list[Gate]:
+    """The gates of the lakes the catalog reads (none for a catalog built before gates existed)."""
+    try:
+        rows = con.execute(f"SELECT dir FROM {GATES_VIEW}").fetchall()
+    except duckdb.CatalogException:
+        return []
+    return [Gate(Path(d)) for (d,) in rows]
 LISTING_TTL_S = 2.0
 
 

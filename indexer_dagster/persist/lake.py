@@ -28,6 +28,7 @@ from filelock import FileLock
 
 from indexer_dagster.config import ConfigError
 from indexer_dagster.persist.files import LakePath, data_files, is_remote, read_parquet
+from indexer_dagster.persist.gate import Gate
 
 COMPRESSION = "zstd"
 COMPRESSION_LEVEL = 1  # nearly the size of the default level, written faster
@@ -74,6 +75,8 @@ class Lake:
         # Lock files and (for a remote lake) the staging directory of files being written.
         self.local_dir = Path(local_dir) if local_dir is not None else (
             Path(tempfile.gettempdir()) / "indexer_dagster" / chain if is_remote(self.root) else self.root)
+        # What the query API waits on while a publish or a repair is half done (see `persist.gate`).
+        self.gate = Gate(self.local_dir / GATE_DIR)
 
     def dir(self, dataset: str) -> LakePath:
         return self.root / dataset
@@ -154,6 +157,7 @@ class Lake:
 
 
 SCHEMA_FILE = ".schema.parquet"
+GATE_DIR = ".gate"
 _STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS}
 
 
@@ -257,7 +261,12 @@ class Transaction:
                 _fsync(w.path)
 
     def publish(self) -> None:
-        """Files in the order written, then deletes, then the markers (see `writer`)."""
+        """Files in the order written, then deletes, then the markers (see `writer`); queries through the
+        API see all of it or none of it (`persist.gate`)."""
+        with self.lake.gate.publishing():
+            self._publish()
+
+    def _publish(self) -> None:
         if self.lake.remote:
             # One PUT per file: the object store makes each appear whole, replacing the old one.
             for w, final in self._files:

@@ -18,10 +18,12 @@ import polars as pl
 from indexer_dagster.persist.catalog import (
     CATALOG_ALIAS,
     CatalogUnavailable,
+    gates_of,
     open_catalog,
     quote_name,
     retry_on_changed_files,
 )
+from indexer_dagster.persist.gate import Gate, LakeBusy, read_consistent
 
 __all__ = ["MIN_STATUSES", "CatalogReader", "QueryError"]
 
@@ -50,6 +52,7 @@ class CatalogReader:
         self._con: duckdb.DuckDBPyConnection | None = None
         self._ident: tuple[int, ...] | None = None
         self._columns: dict[str, tuple[str, ...]] | None = None  # view -> columns, of the open catalog
+        self._gates: list[Gate] = []  # of the open catalog's lakes: a query waits out half-done changes
         self._closed = False
         with self._lock:
             self._connection()  # fail now (missing file, lock) rather than at the first query
@@ -105,7 +108,7 @@ class CatalogReader:
             ident = after
         else:
             con = _attach(self._path)
-        self._con, self._ident = con, ident
+        self._con, self._ident, self._gates = con, ident, gates_of(con)
         return con
 
     def _stat(self) -> tuple[int, ...]:
@@ -198,9 +201,11 @@ class CatalogReader:
             return rel.pl() if rel is not None else pl.DataFrame()
 
         try:
-            return retry_on_changed_files(con, run)
+            return read_consistent(self._gates, lambda: retry_on_changed_files(con, run))
         except duckdb.Error as e:
             raise QueryError(str(e).strip()) from None
+        except LakeBusy as e:
+            raise QueryError(str(e)) from None
 
     def _view_columns(self, con: duckdb.DuckDBPyConnection) -> dict[str, tuple[str, ...]]:
         if self._columns is None:

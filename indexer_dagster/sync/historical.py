@@ -155,6 +155,7 @@ def _drop_covered_live_segments(cfg: IndexerConfig, covered: BlockRange) -> None
     width = cfg.chain.blocks_per_partition
 
     coverage: dict[str, int] = {}  # of the ranges the segments touching `covered` touch
+    drop = []
     for ds in live_datasets(cfg):
         for first, last, path in live_segments(lake, ds):
             if first > covered.end or last < covered.start:
@@ -163,7 +164,11 @@ def _drop_covered_live_segments(cfg: IndexerConfig, covered: BlockRange) -> None
                 if r.key not in coverage:
                     coverage[r.key] = highest_block(lake.path(BLOCKS, r.key))
             if segment_covered(first, last, coverage, width):
-                path.unlink(missing_ok=True)
+                drop.append(path)
+    if drop:
+        with lake.transaction() as tx:
+            for path in drop:
+                tx.delete(path)
 
 
 class Decoder:

@@ -286,21 +286,24 @@ class Follower:
         return tip
 
     def remove_stale_segments(self) -> int:
-        """Delete live segments above the stored tip (left by a crash between publish and store).
+        """Delete live segments above the stored tip (left by a crash between publish and store), and
+        the gate's mark of a repair that has finished (left by a crash just after it finished).
 
         Not while a reorg is active: its restore publishes a segment before it stores the new fork's
         headers, and that segment is no leftover."""
-        removed = 0
         with self.store.writer_lock(self.chain):
             tip = self.store.tip(self.chain)
             if tip is None or self.store.active_reorg(self.chain) is not None:
                 return 0
-            for ds in live_datasets(self.cfg):
-                for first, _last, path in live_segments(self.lake, ds):
-                    if first > tip.number:
-                        path.unlink(missing_ok=True)
-                        removed += 1
-        return removed
+            if self.lake.gate.repair() is not None:
+                self.lake.gate.clear_repair()
+            stale = [path for ds in live_datasets(self.cfg)
+                     for first, _last, path in live_segments(self.lake, ds) if first > tip.number]
+            if stale:
+                with self.lake.transaction() as tx:  # one publish: readers see all of them go at once
+                    for path in stale:
+                        tx.delete(path)
+        return len(stale)
 
     # -- one step ----------------------------------------------------------------------------
     async def tick(self, rpc: RpcClient) -> TickResult:

@@ -348,6 +348,8 @@ def repair(
         if current is not None and not current.finished:
             store.set_phase(reorg_id, Phase.FAILED, note=str(e))
         export_ledger(cfg, store)
+        # Readers stop waiting: the halted chain's lake holds what it had up to the fork point.
+        open_lake(cfg).gate.end_repair(reorg_id)
         raise
 
 
@@ -366,6 +368,7 @@ def _repair(
     if first is None:
         raise ValueError(f"no reorg {reorg_id} in the ledger")
     result = RepairResult(reorg=first)
+    gate = open_lake(cfg).gate
 
     @contextmanager
     def timed(phase: Phase) -> Iterator[None]:
@@ -388,6 +391,9 @@ def _repair(
                    f"({result.phase_seconds[Phase.SUSPENDING.value]:.2f} s)")
             reorg = store.set_phase(reorg_id, Phase.ROLLING_BACK, expect=Phase.SUSPENDING)
             export_ledger(cfg, store)
+        if reorg.phase in (Phase.ROLLING_BACK, Phase.RESTORING):
+            # From the first row rolled back to the last one restored, queries wait (`persist.gate`).
+            gate.begin_repair(reorg_id)
         if reorg.phase is Phase.ROLLING_BACK:
             with timed(Phase.ROLLING_BACK), store.writer_lock(chain):
                 result.archived = roll_back(cfg, store, reorg)
@@ -417,6 +423,7 @@ def _repair(
     assert final is not None  # the ledger never drops a reorg
     result.reorg = final
     if result.reorg.phase is Phase.DONE:
+        gate.end_repair(reorg_id)  # also when an earlier run died between DONE and this line
         # The same checks a range run makes: a restored range that fails stays unconfirmed and is synced
         # again by the sensor, like any other failed range.
         result.checks = {key: verify_and_record(cfg, parse_key(key)) for key in result.restored_partitions}

@@ -21,7 +21,7 @@ from indexer_dagster.config import load_config
 from indexer_dagster.devnet import Anvil, build_devnet, write_config
 from indexer_dagster.devnet.uniswap import generate_traffic
 from indexer_dagster.devnet.uniswap import reorg as anvil_reorg
-from indexer_dagster.persist.catalog import build_catalog
+from indexer_dagster.persist.catalog import build_catalog, read_views
 from indexer_dagster.persist.lake import open_lake
 from indexer_dagster.query import query
 from indexer_dagster.state import ChainHalted, Phase, open_state
@@ -165,6 +165,50 @@ def test_tip_reorg_in_the_live_region(chain):
     assert_views_equal_node(cfg, node)
 
 
+def test_a_query_during_a_repair_sees_the_old_fork_or_the_new_one(chain, monkeypatch):
+    """Readers during a repair (issue 13): between the rollback and the end of the restore the lake holds
+    the chain cut at the fork point, a state no node ever had. A query then waits for the repair."""
+    import threading
+
+    from indexer_dagster.sync import repair as repair_module
+
+    node, _dep, cfg = chain
+    _store, r, _expected = reorg_found_live(chain)
+    build_catalog(cfg)
+
+    def blocks():
+        return query(cfg.duckdb_path, "select number, hash from blocks order by number")
+
+    before = blocks()
+    rolled_back, go = threading.Event(), threading.Event()
+    real_restore = repair_module.restore
+
+    def held_before_the_restore(*args, **kwargs):
+        rolled_back.set()
+        assert go.wait(60)
+        return real_restore(*args, **kwargs)
+
+    monkeypatch.setattr(repair_module, "restore", held_before_the_restore)
+    done: list = []
+    repairer = threading.Thread(target=lambda: done.append(repair(cfg, open_state(cfg.state_url), r.id)))
+    repairer.start()
+    assert rolled_back.wait(60)
+    seen: list = []
+    reader = threading.Thread(target=lambda: seen.append(blocks()))
+    reader.start()
+    reader.join(1.0)  # the query waits for the repair (or, before, read the chain cut at the fork)
+    go.set()
+    repairer.join(120)
+    reader.join(120)
+    assert done and done[0].reorg.phase is Phase.DONE
+    after = blocks()
+    assert after["hash"].to_list() != before["hash"].to_list()
+    assert seen and (seen[0].equals(before) or seen[0].equals(after)), (
+        f"a query during the repair saw blocks {seen[0]['number'].min()}..{seen[0]['number'].max()}, "
+        f"before {before['number'].max()}, after {after['number'].max()}")
+    assert_views_equal_node(cfg, node)
+
+
 def test_a_restore_retried_after_the_head_moved_leaves_one_live_copy(chain, monkeypatch):
     """Finding 1: a restore that published its live segment, then failed (here: the fork check after the
     publish) and ran again after the node's head moved, published a second, overlapping segment under
@@ -243,7 +287,8 @@ def test_a_deeper_reorg_merged_during_a_restore_archives_every_row_it_drops(chai
     def deeper_reorg_after_the_publish(lake, keys, headers):
         if not visible:
             build_catalog(cfg)
-            visible.append(query(cfg.duckdb_path, f"select * from logs where block_number > {top - 5}"))
+            # What the lake holds now (the query API waits for the repair's end: read past its gate).
+            visible.append(read_views(cfg.duckdb_path, f"select * from logs where block_number > {top - 5}"))
             assert visible[0]["block_number"].max() == top + 1
             anvil_reorg(node.url, dep, depth=node.block_number() - (top - 5), txs_per_block=3, seed=77)
             raise ForkChanged("the node changed fork again during the restore")
