@@ -72,8 +72,12 @@ def _fail_dead(instance: dg.DagsterInstance, runs, why: str, grace_s: float = 15
             continue
         started = record.start_time or record.create_timestamp.timestamp()
         # STARTING too: a run whose worker died while starting (e.g. with the daemon) never leaves it;
-        # a live one may take a while to start on a busy machine, so it gets more time.
-        limit = {dg.DagsterRunStatus.STARTED: grace_s, dg.DagsterRunStatus.STARTING: 4 * grace_s}.get(run.status)
+        # a live one may take a while to start on a busy machine, so it gets more time. NOT_STARTED too:
+        # a run created and never launched (its creator killed in between: the follower about to run a
+        # reorg in process, a daemon between creating and submitting) stays so for good. QUEUED runs are
+        # left alone: the queue starts them.
+        limit = {dg.DagsterRunStatus.STARTED: grace_s, dg.DagsterRunStatus.STARTING: 4 * grace_s,
+                 dg.DagsterRunStatus.NOT_STARTED: 4 * grace_s}.get(run.status)
         if limit is not None and time.time() - started > limit:
             instance.report_run_failed(run, why)
 

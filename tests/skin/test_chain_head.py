@@ -32,3 +32,18 @@ def test_a_reorg_run_whose_process_died_is_failed_and_a_live_one_is_not(tmp_path
         assert instance.get_run_by_id(alive.run_id).status == dg.DagsterRunStatus.STARTED
     sensor_store.close()
     run_process.close()
+
+
+def test_a_reorg_run_whose_process_died_before_it_started_is_failed(tmp_path):
+    """Found by the chaos test: the follower creates its in-process reorg run (NOT_STARTED) and is killed
+    before the run starts. That run stayed "not started" for good: the sensor counted it as in progress,
+    never launched another attempt, and the chain stalled with the reorg in phase `detected`."""
+    url = tmp_path / "state.sqlite"
+    sensor_store = open_state(url)
+    with dg.instance_for_test() as instance:
+        orphan = instance.add_run(dg.DagsterRun(
+            job_name=reorg_job_name("devnet"), run_id=make_new_run_id(), status=dg.DagsterRunStatus.NOT_STARTED,
+            tags={CHAIN_TAG: "devnet", ROLE_TAG: REORG_ROLE, REORG_ID_TAG: "3"}))
+        fail_dead_runs(instance, sensor_store, "devnet", "devnet_historical_sync", None, grace_s=0)
+        assert instance.get_run_by_id(orphan.run_id).status == dg.DagsterRunStatus.FAILURE
+    sensor_store.close()
