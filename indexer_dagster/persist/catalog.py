@@ -31,7 +31,7 @@ from indexer_dagster.persist.duck_lock import lock_message
 from indexer_dagster.persist.files import is_remote
 from indexer_dagster.persist.gate import Gate
 from indexer_dagster.persist.lake import StorageError, open_lake
-from indexer_dagster.persist.meta import ensure_failed_checks
+from indexer_dagster.persist.meta import ensure_failed_checks, ensure_reorgs
 
 _DUCK_TYPES = {
     pl.Int64: "BIGINT",
@@ -118,6 +118,7 @@ def view_statements(cfg: IndexerConfig) -> dict[str, str]:
     # Ranges whose last checks failed (sync.range_checks): their rows stay unconfirmed.
     for lake in lakes:
         ensure_failed_checks(lake)
+        ensure_reorgs(lake)  # the first reorg comes later: its view reads the file from the start
     views["chain_heads"] = meta(ds.HEAD, ds.HEAD_SCHEMA)
     views["failed_checks"] = meta(ds.FAILED_CHECKS, ds.FAILED_CHECKS_SCHEMA)
     views[RANGE_BLOCKS] = src(ds.BLOCKS, ds.BLOCK_SCHEMA)

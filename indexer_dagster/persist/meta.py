@@ -19,7 +19,16 @@ from typing import Any
 import polars as pl
 
 from indexer_dagster.block_range import BlockRange
-from indexer_dagster.persist.datasets import FAILED_CHECKS, FAILED_CHECKS_SCHEMA, HEAD, HEAD_SCHEMA, META, Schema
+from indexer_dagster.persist.datasets import (
+    FAILED_CHECKS,
+    FAILED_CHECKS_SCHEMA,
+    HEAD,
+    HEAD_SCHEMA,
+    META,
+    REORGS,
+    REORGS_SCHEMA,
+    Schema,
+)
 from indexer_dagster.persist.files import LakePath, read_parquet
 from indexer_dagster.persist.lake import Lake
 
@@ -105,6 +114,20 @@ def ensure_failed_checks(lake: Lake) -> LakePath:
     if not p.is_file():
         _rewrite(lake, FAILED_CHECKS, FAILED_CHECKS_SCHEMA, lambda current: None if p.is_file() else current)
     return p
+
+
+def ensure_reorgs(lake: Lake) -> LakePath:
+    """An empty reorg ledger if there is none: the `reorgs` view reads the file from the catalog's first
+    build on, so the chain's first reorg shows up in it without a rebuild (as its archived rows do)."""
+    p = lake.path(META, REORGS)
+    if not p.is_file():
+        _rewrite(lake, REORGS, REORGS_SCHEMA, lambda current: None if p.is_file() else current)
+    return p
+
+
+def write_reorgs(lake: Lake, ledger: pl.DataFrame) -> None:
+    """Replace the exported reorg ledger (under the lock `ensure_reorgs` takes: never over a newer one)."""
+    _rewrite(lake, REORGS, REORGS_SCHEMA, lambda _current: ledger)
 
 
 def failed_ranges(lake: Lake, older_than_s: float = 0.0) -> dict[str, list[str]]:

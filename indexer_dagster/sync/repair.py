@@ -36,17 +36,15 @@ from indexer_dagster.persist.datasets import (
     DEX_ROW_TABLES,
     LIVE,
     LOG_SCHEMA,
-    META,
     ORPHAN_COLUMNS,
     ORPHANED,
-    REORGS,
     REORGS_SCHEMA,
     live_datasets,
 )
 from indexer_dagster.persist.datasets import dex as dex_dataset
 from indexer_dagster.persist.files import LakePath, read_parquet, scan_parquet
 from indexer_dagster.persist.lake import Lake, open_lake
-from indexer_dagster.persist.meta import record_head
+from indexer_dagster.persist.meta import record_head, write_reorgs
 from indexer_dagster.reorg.detect import LocalChain, find_ancestor
 from indexer_dagster.state import Header, Phase, Reorg, StateStore
 from indexer_dagster.sync.contracts import coverage_metadata, wanted_coverage
@@ -303,8 +301,7 @@ def _highest_range_block(lake: Lake) -> int:
 
 def export_ledger(cfg: IndexerConfig, store: StateStore) -> None:
     """Write the ledger to `<chain>/_meta/reorgs.parquet`, which the `reorgs` view reads."""
-    lake = open_lake(cfg)
-    lake.write(META, REORGS, ledger_frame(store.list_reorgs(cfg.chain.name)))
+    write_reorgs(open_lake(cfg), ledger_frame(store.list_reorgs(cfg.chain.name)))
 
 
 

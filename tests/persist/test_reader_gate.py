@@ -114,3 +114,20 @@ def test_a_query_waits_for_a_repair_and_names_it_when_it_takes_too_long(tmp_path
         raise AssertionError("a query ran in the middle of a repair")
     gate.end_repair(7)
     assert read_consistent([gate], lambda: 1, wait_s=0.2) == 1
+
+
+def test_the_first_reorg_is_in_the_reorgs_view_of_a_catalog_built_before_it(tmp_path):
+    """Found by the chaos test: the `reorgs` view read only the ledger files there at the catalog's build,
+    so a catalog built before the chain's first reorg listed no reorg while its archive showed the rows it
+    moved (until something rebuilt the catalog)."""
+    from indexer_dagster.state import open_state
+    from indexer_dagster.sync.repair import export_ledger
+
+    cfg = parse_config(CONFIG, tmp_path, "indexer.yaml", environ={})
+    publish(open_lake(cfg), 0, 9)
+    build_catalog(cfg)
+    assert query(cfg.duckdb_path, "select count(*) n from reorgs")["n"][0] == 0
+    store = open_state(cfg.state_url)
+    r = store.open_reorg("devnet", 5, "0x" + "05" * 32, 9, "0x" + "09" * 32, 9, "0x" + "99" * 32, [], [], False)
+    export_ledger(cfg, store)
+    assert query(cfg.duckdb_path, "select reorg_id from reorgs")["reorg_id"].to_list() == [r.id]
