@@ -17,7 +17,9 @@ inode with the one it opened and reopens when the file was replaced, so a long-l
 sees rebuilt catalogs without being recreated. Data files (Parquet) are read on every query, so new
 and atomically replaced files are seen immediately; a query sees either the old or the new content
 of a replaced file, never a mixture (each file is opened once per query, and a renamed-over file
-stays readable through an open handle).
+stays readable through an open handle). Across files too: a query waits while a publish of several
+files, or a reorg's repair, is half done, and runs again if one happened while it read
+(`persist.gate`); a repair that takes longer than 60 s ends the query with a `QueryError` naming it.
 
 The catalog is attached to a private in-memory DuckDB database rather than opened with
 ``duckdb.connect(path)``: DuckDB caches database instances by path within a process, so a second

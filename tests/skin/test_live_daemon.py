@@ -19,6 +19,7 @@ from indexer_dagster.persist.catalog import build_catalog
 from indexer_dagster.query import query
 from indexer_dagster.state import open_state
 from tests.sync.test_historical import node_logs
+from tests.sync.test_reorg import assert_views_equal_node
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -113,6 +114,7 @@ def test_daemon_follows_live_chain_with_random_reorgs(tmp_path, dagster_home):
         ok, active, why = wait_until_consistent(cfg, node)
         assert ok, why + "\n" + (tmp_path / "daemon.log").read_text()[-3000:]
         assert active is None, f"reorg {active.id} left unfinished ({active.phase})"
+        assert_views_equal_node(cfg, node)  # block hashes and every decoded table too
         ledger = query(cfg.duckdb_path, "select * from reorgs")
         assert ledger.height >= 1 and set(ledger["phase"]) == {"done"}
         orphaned = query(cfg.duckdb_path, "select distinct reorg_id from orphaned_logs")

@@ -308,6 +308,9 @@ def test_webserver_and_run_worker_killed_during_live_sync_with_reorgs(tmp_path):
         assert reorgs >= 2 and web_killed and worker_kills >= 1, (reorgs, web_killed, worker_kills, [_cmdline(p)[:150] for p in _descendants(procs["daemon"].pid)])
         ok, active, why = wait_until_consistent(cfg, node)
         assert ok and active is None, why + "\n" + (tmp_path / "dagster.log").read_text()[-3000:]
+        from tests.sync.test_reorg import assert_views_equal_node as hashes_and_tables_equal_node
+
+        hashes_and_tables_equal_node(cfg, node)
         ledger = query(cfg.duckdb_path, "select phase from reorgs")
         assert ledger.height >= 1 and set(ledger["phase"]) == {"done"}
         assert query(cfg.duckdb_path, "select count(*) n from failed_checks")["n"][0] == 0
