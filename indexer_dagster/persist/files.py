@@ -154,3 +154,12 @@ def _remote_data_files(directory: "UPath") -> list[LakePath]:
             _listed[str(p)] = (_state_of(e), now)
             out.append(p)
     return sorted(out, key=str)
+
+
+def fsync(path: Path) -> None:
+    """Flush a file's (or a directory's) contents to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -26,6 +26,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
 
+from indexer_dagster.persist.files import fsync
+
 T = TypeVar("T")
 _POLL_S = 0.02
 
@@ -73,10 +75,9 @@ class Gate:
         self.dir.mkdir(parents=True, exist_ok=True)
         tmp = self.dir / f".repair.{os.getpid()}.tmp"
         tmp.write_text(json.dumps({"reorg": reorg_id, "since": datetime.now(UTC).isoformat(timespec="seconds")}))
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        fsync(tmp)
         os.replace(tmp, self.dir / "repair")
-        _fsync_dir(self.dir)
+        fsync(self.dir)
 
     def end_repair(self, reorg_id: int) -> None:
         current = self.repair()
@@ -86,7 +87,7 @@ class Gate:
     def clear_repair(self) -> None:
         """Remove the mark whatever reorg it names (its owner knows no reorg is active)."""
         (self.dir / "repair").unlink(missing_ok=True)
-        _fsync_dir(self.dir)
+        fsync(self.dir)
 
     # -- readers -----------------------------------------------------------------------------
 
@@ -181,11 +182,3 @@ def _when_idle(gates: Sequence[Gate], deadline: float) -> tuple[int, ...]:
 def _counter(fd: int) -> int:
     raw = os.pread(fd, 8, 0)
     return struct.unpack("<Q", raw)[0] if len(raw) == 8 else 0
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from filelock import FileLock
 
 from indexer_dagster.config import ConfigError
-from indexer_dagster.persist.files import LakePath, data_files, is_remote, read_parquet
+from indexer_dagster.persist.files import LakePath, data_files, fsync, is_remote, read_parquet
 from indexer_dagster.persist.gate import Gate
 
 COMPRESSION = "zstd"
@@ -258,7 +258,7 @@ class Transaction:
         for w, _ in [*self._files, *self._markers]:
             w.close()
             if not self.lake.remote:
-                _fsync(w.path)
+                fsync(w.path)
 
     def publish(self) -> None:
         """Files in the order written, then deletes, then the markers (see `writer`); queries through the
@@ -285,11 +285,11 @@ class Transaction:
             dirs.add(p.parent)
         if self._markers:
             for d in dirs:
-                _fsync(d)  # the rest is durable before a marker says it is there
+                fsync(d)  # the rest is durable before a marker says it is there
             for w, final in self._markers:
                 dirs.add(self._rename(w, final))
         for d in dirs:
-            _fsync(d)  # make the renames themselves durable
+            fsync(d)  # make the renames themselves durable
 
     @staticmethod
     def _put(w: "StreamWriter", final: LakePath) -> None:
@@ -377,12 +377,3 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file's (or a directory's) contents to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

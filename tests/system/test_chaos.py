@@ -10,7 +10,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -22,10 +21,9 @@ from indexer_dagster.devnet import Anvil, build_devnet, write_config
 from indexer_dagster.devnet.uniswap import generate_traffic
 from indexer_dagster.devnet.uniswap import reorg as anvil_reorg
 from indexer_dagster.query import QueryError, query
-from indexer_dagster.state import open_state
 from tests.skin.test_live_daemon import dex_matches_chain, kill_tree, start_daemon, wait_until_consistent
 from tests.sync.test_reorg import assert_views_equal_node
-from tests.system.test_crashes import _cmdline, _run_workers
+from tests.system.test_crashes import _cmdline, _run_workers, follower_started, kill_daemon_and_runs, live_instance
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -106,28 +104,10 @@ def test_daemon_with_random_reorgs_head_drops_and_kills_while_readers_read(tmp_p
         path = write_config(tmp_path / "indexer.yaml", node.url, 31337, dep, "data",
                             blocks_per_partition=PARTITION, confirmations=CONFIRMATIONS)
         cfg = load_config(path)
-        home = tmp_path / "dagster_home"
-        home.mkdir()
-        (home / "dagster.yaml").write_text((REPO / "deploy" / "dagster.yaml").read_text())
-        env = {**os.environ, "DAGSTER_HOME": str(home), "INDEXER_CONFIG": str(path)}
-        subprocess.run([sys.executable, "-c", "from indexer_dagster.launch import open_instance; open_instance()"],
-                       env=env, check=True, timeout=120)
+        env = live_instance(tmp_path, path)
         daemon = start_daemon(env, log)
         rng = random.Random(13)
-
-        def follower_tip():
-            store = open_state(cfg.state_url)
-            try:
-                return store.tip(cfg.chain.name)
-            finally:
-                store.close()
-
-        for _ in range(90):  # the sensor starts the follower: the chaos hits live data from then on
-            if follower_tip() is not None:
-                break
-            generate_traffic(node.url, dep, blocks=1, txs_per_block=2, seed=rng.randrange(10**6), verify=False)
-            time.sleep(1)
-        assert follower_tip() is not None, (tmp_path / "daemon.log").read_text()[-3000:]
+        assert follower_started(cfg, node, dep, rng, 90), (tmp_path / "daemon.log").read_text()[-3000:]
         readers = Readers(cfg)
         readers.start()
 
@@ -188,14 +168,7 @@ def test_daemon_with_random_reorgs_head_drops_and_kills_while_readers_read(tmp_p
     finally:
         if readers is not None:
             readers.stop.set()
-        workers = _run_workers(daemon.pid) if daemon is not None else []
-        if daemon is not None:
-            kill_tree(daemon)
-        for pid in workers:  # a run worker in a session of its own outlives its daemon's group
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_daemon_and_runs(daemon)
         subprocess.run(["pkill", "-9", "-f", str(tmp_path)], check=False)
         node.stop()
         log.close()

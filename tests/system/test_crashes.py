@@ -220,6 +220,52 @@ def _run_workers(daemon_pid: int) -> list[int]:
     return [p for p in _descendants(daemon_pid) if "execute_run" in _cmdline(p) or "spawn_main" in _cmdline(p)]
 
 
+def kill_daemon_and_runs(daemon: subprocess.Popen | None, *others: subprocess.Popen) -> None:
+    """SIGKILL the daemon's process group, its run workers (each in a session of its own: they outlive the
+    group) and `others` (a webserver)."""
+    from tests.skin.test_live_daemon import kill_tree
+
+    workers = _run_workers(daemon.pid) if daemon is not None else []
+    for p in [daemon, *others]:
+        if p is not None:
+            kill_tree(p)
+    for pid in workers:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def live_instance(tmp_path: Path, config: Path) -> dict[str, str]:
+    """A fresh SQLite Dagster instance, its storages created first (as `indexer backfill` and the demo do: a
+    daemon and a webserver creating one at once can both stamp its schema and then fail to open it); the
+    environment to start the daemon with."""
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text((REPO / "deploy" / "dagster.yaml").read_text())
+    env = {**os.environ, "DAGSTER_HOME": str(home), "INDEXER_CONFIG": str(config)}
+    subprocess.run([sys.executable, "-c", "from indexer_dagster.launch import open_instance; open_instance()"],
+                   env=env, check=True, timeout=120)
+    return env
+
+
+def follower_started(cfg, node, dep, rng: random.Random, seconds: int) -> bool:
+    """A block a second until the sensor's follower holds a tip: what happens next hits live data."""
+    from indexer_dagster.devnet.uniswap import generate_traffic
+    from indexer_dagster.state import open_state
+
+    for _ in range(seconds + 1):
+        store = open_state(cfg.state_url)
+        try:
+            if store.tip(cfg.chain.name) is not None:
+                return True
+        finally:
+            store.close()
+        generate_traffic(node.url, dep, blocks=1, txs_per_block=2, seed=rng.randrange(10**6), verify=False)
+        time.sleep(1)
+    return False
+
+
 def _webserver_up(port: int) -> bool:
     import urllib.request
 
@@ -240,7 +286,6 @@ def test_webserver_and_run_worker_killed_during_live_sync_with_reorgs(tmp_path):
     from indexer_dagster.devnet.anvil import free_port
     from indexer_dagster.devnet.uniswap import generate_traffic
     from indexer_dagster.devnet.uniswap import reorg as anvil_reorg
-    from indexer_dagster.state import open_state
     from tests.skin.test_live_daemon import kill_tree, start_daemon, wait_until_consistent
 
     node = Anvil(chain_id=31337).start()
@@ -251,10 +296,7 @@ def test_webserver_and_run_worker_killed_during_live_sync_with_reorgs(tmp_path):
         path = write_config(tmp_path / "indexer.yaml", node.url, 31337, dep, "data",
                             blocks_per_partition=50, confirmations=3)
         cfg = load_config(path)
-        home = tmp_path / "dagster_home"
-        home.mkdir()
-        (home / "dagster.yaml").write_text((REPO / "deploy" / "dagster.yaml").read_text())
-        env = {**os.environ, "DAGSTER_HOME": str(home), "INDEXER_CONFIG": str(path)}
+        env = live_instance(tmp_path, path)
         port = free_port()
 
         def start_webserver() -> subprocess.Popen:
@@ -263,27 +305,10 @@ def test_webserver_and_run_worker_killed_during_live_sync_with_reorgs(tmp_path):
                  "-h", "127.0.0.1", "-p", str(port)],
                 cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
-        # The instance's storages first, as `indexer backfill` and the demo do: a daemon and a webserver
-        # creating a fresh SQLite instance at once can both stamp its schema and then fail to open it.
-        subprocess.run([sys.executable, "-c", "from indexer_dagster.launch import open_instance; open_instance()"],
-                       env=env, check=True, timeout=120)
         procs["daemon"] = start_daemon(env, log)
         procs["web"] = start_webserver()
         rng = random.Random(7)
-
-        def follower_tip():
-            store = open_state(cfg.state_url)
-            try:
-                return store.tip(cfg.chain.name)
-            finally:
-                store.close()
-
-        for _ in range(60):  # the sensor starts the follower: reorgs from then on hit live data
-            if follower_tip() is not None:
-                break
-            generate_traffic(node.url, dep, blocks=1, txs_per_block=2, seed=rng.randrange(10**6), verify=False)
-            time.sleep(1)
-        assert follower_tip() is not None, (tmp_path / "dagster.log").read_text()[-3000:]
+        assert follower_started(cfg, node, dep, rng, 60), (tmp_path / "dagster.log").read_text()[-3000:]
         t0 = time.monotonic()
         kill_web_at, kill_worker_at = rng.uniform(3, 12), rng.uniform(6, 15)
         reorgs, worker_kills, web_killed = 0, 0, False
@@ -320,13 +345,6 @@ def test_webserver_and_run_worker_killed_during_live_sync_with_reorgs(tmp_path):
             time.sleep(1)
         assert _webserver_up(port), (tmp_path / "dagster.log").read_text()[-3000:]
     finally:
-        workers = _run_workers(procs["daemon"].pid) if "daemon" in procs else []
-        for p in procs.values():
-            kill_tree(p)
-        for pid in workers:  # a run worker in a session of its own outlives its daemon's group
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_daemon_and_runs(procs.pop("daemon", None), *procs.values())
         node.stop()
         log.close()
