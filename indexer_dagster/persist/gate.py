@@ -129,9 +129,13 @@ class Gate:
 
     @contextmanager
     def exclusive(self) -> Iterator[None]:
-        """No publish starts until the block ends (a reader's last resort)."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        """No publish starts until the block ends (a reader's last resort). Read-only access is enough:
+        a reader may not be allowed to write in the data directory."""
+        try:
+            fd = os.open(self.dir / "lock", os.O_RDONLY)
+        except FileNotFoundError:
+            yield  # nothing was ever published here
+            return
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -142,19 +146,18 @@ class Gate:
 def read_consistent(gates: Sequence[Gate], run: Callable[[], T], wait_s: float = 60.0, tries: int = 3) -> T:
     """`run()` (a query) over a state of the lakes no publish or repair was in the middle of.
 
-    It waits while one is (up to `wait_s`, then LakeBusy naming it), and runs again when a publish
-    happened while it ran; the last try keeps publishes out while it runs."""
+    It waits while one is (up to `wait_s` each time, then LakeBusy naming it), and runs again when a
+    publish happened while it ran; the last try keeps publishes out while it runs."""
     if not gates:
         return run()
-    deadline = time.monotonic() + wait_s
     for _ in range(tries - 1):
-        before = _when_idle(gates, deadline)
+        before = _when_idle(gates, wait_s)
         out = run()
         if _generations(gates) == before:
             return out
     while True:
         with ExitStack() as held:
-            _when_idle(gates, deadline)
+            _when_idle(gates, wait_s)
             for g in gates:
                 held.enter_context(g.exclusive())
             if all(g.repair() is None for g in gates):  # else a repair began meanwhile: wait for it
@@ -165,9 +168,10 @@ def _generations(gates: Sequence[Gate]) -> tuple[int, ...]:
     return tuple(g.generation() for g in gates)
 
 
-def _when_idle(gates: Sequence[Gate], deadline: float) -> tuple[int, ...]:
+def _when_idle(gates: Sequence[Gate], wait_s: float) -> tuple[int, ...]:
     """The generations, read at a moment nothing was in flight (read first, so a publish that starts
     right after the check still changes them)."""
+    deadline = time.monotonic() + wait_s
     while True:
         gens = _generations(gates)
         reasons = [b for g in gates if (b := g.busy())]

@@ -131,3 +131,31 @@ def test_the_first_reorg_is_in_the_reorgs_view_of_a_catalog_built_before_it(tmp_
     r = store.open_reorg("devnet", 5, "0x" + "05" * 32, 9, "0x" + "09" * 32, 9, "0x" + "99" * 32, [], [], False)
     export_ledger(cfg, store)
     assert query(cfg.duckdb_path, "select reorg_id from reorgs")["reorg_id"].to_list() == [r.id]
+
+
+def test_a_query_overtaken_on_every_try_holds_publishes_off_for_its_last(tmp_path):
+    """A long query on a busy lake would be run again forever; its last try keeps writers waiting."""
+    gate = Gate(tmp_path / ".gate")
+    calls: list[int] = []
+    published = threading.Event()
+
+    def publish_once():
+        with gate.publishing():
+            published.set()
+
+    def run():
+        calls.append(gate.generation())
+        if len(calls) < 3:
+            publish_once()  # overtaken
+            return "mixed"
+        published.clear()
+        writer = threading.Thread(target=publish_once)
+        writer.start()
+        held_off = not published.wait(0.3)  # the writer waits for this try to end
+        run.writer = writer  # type: ignore[attr-defined]
+        return "whole" if held_off else "overtaken again"
+
+    assert read_consistent([gate], run) == "whole"
+    assert len(calls) == 3
+    run.writer.join(5)  # type: ignore[attr-defined]
+    assert published.is_set()  # and it published right after
