@@ -39,7 +39,9 @@ _TOPICS = ("topic0", "topic1", "topic2", "topic3")
 REFETCH_ATTEMPTS = 3
 BLOCK_REFETCH_LIMIT = 2  # more suspects in a chunk: one chunk refetch first
 AGREE_ATTEMPTS = 4
-_MASK_CACHE_MAX = 500_000
+# Bloom masks of recent addresses and topics, ~400 bytes each: 100k of them keep a range's memory ~40 MB
+# (500k held 200 MB on a mainnet range of many distinct topics); past it the cache starts again.
+_MASK_CACHE_MAX = 100_000
 
 
 class MissingLogs(RuntimeError):
