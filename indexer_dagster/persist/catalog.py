@@ -321,6 +321,8 @@ def gates_of(con: duckdb.DuckDBPyConnection) -> list[Gate]:
     except duckdb.CatalogException:
         return []
     return [Gate(Path(d)) for (d,) in rows]
+
+
 LISTING_TTL_S = 2.0
 
 
