@@ -8,6 +8,7 @@ DEX rows are those of the canonical events, and every reorg of the ledger is don
 
 import os
 import random
+import re
 import signal
 import subprocess
 import threading
@@ -23,7 +24,7 @@ from indexer_dagster.devnet.uniswap import reorg as anvil_reorg
 from indexer_dagster.query import QueryError, query
 from tests.skin.test_live_daemon import dex_matches_chain, kill_tree, start_daemon, wait_until_consistent
 from tests.sync.test_reorg import assert_views_equal_node
-from tests.system.test_crashes import _cmdline, _run_workers, follower_started, kill_daemon_and_runs, live_instance
+from tests.system.test_crashes import _run_workers, follower_started, kill_daemon_and_runs, live_instance
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -67,6 +68,20 @@ def dex_rows_equal_events(cfg) -> bool:
         if got.height == 0 or not got.equals(query(cfg.duckdb_path, f"{events_sql} ORDER BY ALL")):
             return False
     return True
+
+
+def runs_by_pid(dagster_home: str) -> list[tuple[int, str]]:
+    """(process id, job) of the runs in progress, from the process ids Dagster logs for each run (a reorg
+    run the follower executes in its own process logs the follower's)."""
+    import dagster as dg
+
+    from indexer_dagster.jobs.live import IN_PROGRESS
+
+    pid = re.compile(r"(?:Started process for run|Executing steps in process) \(pid: (\d+)\)")
+    with dg.DagsterInstance.from_config(dagster_home) as instance:
+        return [(int(m.group(1)), run.job_name)
+                for run in instance.get_runs(dg.RunsFilter(statuses=IN_PROGRESS), limit=50)
+                for event in instance.all_logs(run.run_id) if (m := pid.search(event.message or ""))]
 
 
 class Readers(threading.Thread):
@@ -113,7 +128,7 @@ def test_daemon_with_random_reorgs_head_drops_and_kills_while_readers_read(tmp_p
 
         done = {"reorgs": 0, "deeper_than_confirmations": 0, "across_partitions": 0, "head_drops": 0,
                 "daemon_kills": 0, "worker_kills": 0}
-        killed_workers: list[str] = []
+        killed_runs: list[str] = []  # the jobs of the runs in progress in the processes killed
         t0 = time.monotonic()
         daemon_kill_at = rng.uniform(15, 30)
         depths = rng.sample([1, 2, 3, 5, 7, 12], 6)  # shuffled; deeper than confirmations and across partitions
@@ -132,8 +147,9 @@ def test_daemon_with_random_reorgs_head_drops_and_kills_while_readers_read(tmp_p
                 done["head_drops"] += 1
             if rng.random() < 0.2:  # a moment later, whatever runs: the follower, a reorg run, a range run
                 time.sleep(rng.uniform(0, 1.5))
-                for pid in _run_workers(daemon.pid):
-                    killed_workers.append(_cmdline(pid)[:120])
+                workers = _run_workers(daemon.pid)
+                killed_runs += [job for pid, job in runs_by_pid(env["DAGSTER_HOME"]) if pid in workers]
+                for pid in workers:
                     try:
                         os.kill(pid, signal.SIGKILL)
                         done["worker_kills"] += 1
@@ -146,6 +162,8 @@ def test_daemon_with_random_reorgs_head_drops_and_kills_while_readers_read(tmp_p
             time.sleep(1)
         assert done["reorgs"] >= 4 and done["deeper_than_confirmations"] >= 1 and done["across_partitions"] >= 1, done
         assert done["head_drops"] >= 1 and done["daemon_kills"] == 1 and done["worker_kills"] >= 2, done
+        assert f"{cfg.chain.name}_live_sync" in killed_runs, killed_runs  # the follower, and what it ran
+        print("chaos:", done, "runs killed:", {job: killed_runs.count(job) for job in sorted(set(killed_runs))})
 
         ok, active, why = wait_until_consistent(cfg, node, seconds=150)
         tail = (tmp_path / "daemon.log").read_text()[-4000:]
