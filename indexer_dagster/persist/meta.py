@@ -110,18 +110,20 @@ def read_failed(lake: Lake) -> pl.DataFrame:
 
 def ensure_failed_checks(lake: Lake) -> LakePath:
     """An empty ledger if there is none, so the views always have a file to read."""
-    p = failed_checks_path(lake)
-    if not p.is_file():
-        _rewrite(lake, FAILED_CHECKS, FAILED_CHECKS_SCHEMA, lambda current: None if p.is_file() else current)
-    return p
+    return _ensure(lake, FAILED_CHECKS, FAILED_CHECKS_SCHEMA)
 
 
 def ensure_reorgs(lake: Lake) -> LakePath:
     """An empty reorg ledger if there is none: the `reorgs` view reads the file from the catalog's first
     build on, so the chain's first reorg shows up in it without a rebuild (as its archived rows do)."""
-    p = lake.path(META, REORGS)
+    return _ensure(lake, REORGS, REORGS_SCHEMA)
+
+
+def _ensure(lake: Lake, key: str, schema: Schema) -> LakePath:
+    """`_meta/<key>` written empty (typed) unless it exists, under its lock: never over a writer's."""
+    p = lake.path(META, key)
     if not p.is_file():
-        _rewrite(lake, REORGS, REORGS_SCHEMA, lambda current: None if p.is_file() else current)
+        _rewrite(lake, key, schema, lambda current: None if p.is_file() else current)
     return p
 
 
