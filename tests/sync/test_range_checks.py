@@ -17,7 +17,9 @@ from indexer_dagster.devnet import write_config
 from indexer_dagster.persist.catalog import build_catalog
 from indexer_dagster.persist.lake import Lake
 from indexer_dagster.persist.meta import failed_ranges
+from indexer_dagster.persist.windows import windows as range_checks_windows
 from indexer_dagster.query import query
+from indexer_dagster.sync import range_checks
 from indexer_dagster.sync.range_checks import CHECKS, verify_range
 from indexer_dagster.sync.supervise import Facts, plan
 from tests.conftest import cli_env
@@ -72,7 +74,21 @@ def block_with_logs(lake: Lake, key: str, min_logs: int = 2) -> int:
 R0, R1 = BlockRange(0, WIDTH - 1), BlockRange(WIDTH, 2 * WIDTH - 1)
 
 
-def test_a_real_backfill_passes_every_check(indexed):
+@pytest.fixture(params=["one window", "windows of 2 rows"])
+def windowed(request, monkeypatch):
+    """The checks read a range window by window (a partition of any size holds one window); a range of the
+    devnet is one window, unless windows are made tiny: then each holds a block or two, and every check
+    must still see across them (a duplicate, a link between blocks, a log and its header)."""
+    cut = []
+    monkeypatch.setattr(range_checks, "windows", lambda *a, **k: cut.append(range_checks_windows(*a, **k)) or cut[-1])
+    if request.param != "one window":
+        monkeypatch.setattr(range_checks, "WINDOW_ROWS", 2)
+    yield
+    most = max(len(w) for w in cut)
+    assert most == 1 if request.param == "one window" else most > WIDTH // 2, cut
+
+
+def test_a_real_backfill_passes_every_check(indexed, windowed):
     cfg = load_config(indexed)
     lake = Lake(cfg.data_dir, cfg.chain.name)
     for r in (R0, R1):
@@ -90,7 +106,7 @@ def test_a_real_backfill_passes_every_check(indexed):
     assert failed_ranges(lake) == {}
 
 
-def test_a_deleted_block_fails_contiguity(indexed, tmp_path):
+def test_a_deleted_block_fails_contiguity(indexed, tmp_path, windowed):
     cfg, lake = copy_of(indexed, tmp_path)
     gone = block_with_logs(lake, R0.key)  # every devnet block has logs
     rewrite(lake, "blocks", R0.key, lambda df: df.filter(pl.col("number") != gone))
@@ -105,7 +121,7 @@ def test_a_deleted_block_fails_contiguity(indexed, tmp_path):
     assert "contiguous_blocks" in failed(verify_range(cfg, R1, to_block=R1.end, seed=1))
 
 
-def test_a_duplicated_log_fails_uniqueness_and_the_node_count(indexed, tmp_path):
+def test_a_duplicated_log_fails_uniqueness_and_the_node_count(indexed, tmp_path, windowed):
     cfg, lake = copy_of(indexed, tmp_path)
     n = block_with_logs(lake, R0.key)
     rewrite(lake, "logs", R0.key, lambda df: pl.concat([df, df.filter(pl.col("block_number") == n).head(1)])
@@ -121,7 +137,7 @@ def test_a_duplicated_log_fails_uniqueness_and_the_node_count(indexed, tmp_path)
     assert failed(verify_range(cfg, R1, to_block=R1.end, sample=[other])) == set()
 
 
-def test_a_lost_log_fails_the_node_count(indexed, tmp_path):
+def test_a_lost_log_fails_the_node_count(indexed, tmp_path, windowed):
     cfg, lake = copy_of(indexed, tmp_path)
     n = block_with_logs(lake, R1.key)
     rewrite(lake, "logs", R1.key, lambda df: df.filter(
@@ -131,7 +147,7 @@ def test_a_lost_log_fails_the_node_count(indexed, tmp_path):
     assert f"block {n}:" in res[-1].description and "the node has" in res[-1].description
 
 
-def test_an_altered_log_hash_fails_the_hash_check(indexed, tmp_path):
+def test_an_altered_log_hash_fails_the_hash_check(indexed, tmp_path, windowed):
     cfg, lake = copy_of(indexed, tmp_path)
     n = block_with_logs(lake, R0.key)
     bad = "0x" + "ab" * 32
@@ -142,7 +158,7 @@ def test_an_altered_log_hash_fails_the_hash_check(indexed, tmp_path):
     assert res[3].metadata["wrong_hash_blocks"] == [n]
 
 
-def test_a_broken_parent_hash_fails_the_chain_inside_and_across_ranges(indexed, tmp_path):
+def test_a_broken_parent_hash_fails_the_chain_inside_and_across_ranges(indexed, tmp_path, windowed):
     cfg, lake = copy_of(indexed, tmp_path)
     bad = "0x" + "cd" * 32
     mid = R0.start + 10
