@@ -343,7 +343,7 @@ def _publish_step(cfg: IndexerConfig, lake: Lake, store: StateStore, first: int,
     """An undo record, then the step's files under the chain's publish guard, the cursor last. True when
     a table got its first file (the catalog needs its view)."""
     guard = publish_guard(store, cfg.chain.name, "a reorg began while the DEX tables were derived; again",
-                          blocks=lambda: blocks)
+                          blocks=lambda lo, hi: blocks.filter(pl.col("number").is_between(lo, hi)))
     step = _step_key(first, last)
     actions = []
     with lake.transaction() as tx:

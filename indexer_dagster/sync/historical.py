@@ -36,7 +36,8 @@ from indexer_dagster.persist.datasets import (
 from indexer_dagster.persist.files import open_parquet
 from indexer_dagster.persist.lake import Lake, StreamWriter, Transaction, open_lake, owned
 from indexer_dagster.persist.meta import record_head
-from indexer_dagster.reorg.guard import publish_guard
+from indexer_dagster.persist.windows import block_files, read_window
+from indexer_dagster.reorg.guard import BlocksBetween, publish_guard
 from indexer_dagster.state import StateStore, store_or_open
 from indexer_dagster.sync.contracts import (
     ContractSet,
@@ -123,7 +124,7 @@ async def _head(rpc: RpcClient) -> tuple[int, str]:
 
 def commit_guard(
     cfg: IndexerConfig, store: StateStore, covered: BlockRange | None = None,
-    blocks: Callable[[], pl.DataFrame] | None = None, head: Callable[[], tuple[int, str]] | None = None,
+    blocks: BlocksBetween | None = None, head: Callable[[], tuple[int, str]] | None = None,
 ):
     """Publish a range's files only under the chain's writer lock, if no reorg began since the fetch
     started (else its rows could be of the old fork) and its `blocks()` are the local chain's; then drop
@@ -140,6 +141,15 @@ def commit_guard(
         store, cfg.chain.name, "a reorg was detected while the range was fetched; fetching it again",
         after=after, blocks=blocks,
     )
+
+
+def _staged_blocks(writers: list[StreamWriter], first: int, last: int) -> pl.DataFrame:
+    """(number, hash) of blocks first..last from the range's blocks file, written but not yet published
+    (read back for the guard, not kept: a partition of any size)."""
+    if not writers:
+        return pl.DataFrame(schema={"number": pl.Int64, "hash": pl.String})
+    with block_files([writers[0].path], "number") as files:
+        return read_window(files, ["number", "hash"], first, last)
 
 
 def supplement_files(lake: Lake, key: str, tables: Collection[str]) -> list:
@@ -246,10 +256,10 @@ async def _sync(
             # The guard first: it refuses the publish if a reorg begins after this point, and everything
             # this attempt reads from the node comes after it, the head included (after a reorg onto a
             # shorter fork, an earlier attempt's head is gone).
-            fetched: list[pl.DataFrame] = []  # (number, hash) of the blocks written, for the guard's check
+            staged: list[StreamWriter] = []  # the blocks file being written, for the guard's check
             seen_head: list[tuple[int, str]] = []
             guard = guard_factory or commit_guard(
-                cfg, store, r, blocks=lambda: pl.concat(fetched) if fetched else pl.DataFrame(),  # noqa: B023
+                cfg, store, r, blocks=lambda lo, hi: _staged_blocks(staged, lo, hi),  # noqa: B023
                 head=lambda: seen_head[0])  # noqa: B023
             head, head_hash = await _head(rpc)
             seen_head.append((head, head_hash))
@@ -266,6 +276,7 @@ async def _sync(
             try:
                 with lake.transaction(guard) as tx:
                     wb = tx.writer("blocks", r.key, BLOCK_SCHEMA, marker=True)  # published last
+                    staged.append(wb)
                     wl = tx.writer("logs", r.key, LOG_SCHEMA, coverage_metadata(wanted_coverage(cfg)))
                     decoder.open(tx, r.key)
                     # The range now holds every configured address: its supplement files go.
@@ -274,7 +285,6 @@ async def _sync(
 
                     def write(chunk: Chunk) -> None:
                         wb.write(chunk.blocks)  # noqa: B023 - called within this iteration
-                        fetched.append(chunk.blocks.select("number", "hash"))  # noqa: B023 - this iteration
                         wl.write(chunk.logs)  # noqa: B023 - called within this iteration
                         decoder.write(chunk.logs)  # noqa: B023 - called within this iteration
 
