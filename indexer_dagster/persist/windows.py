@@ -56,6 +56,22 @@ class BlockFile:
         return df.filter(pl.col(self.column).is_between(first, last)).select(columns)
 
 
+    def batches(self, first: int, last: int) -> Iterator[pl.DataFrame]:
+        """The rows of blocks first..last, every column, a row group at a time (a copy of a file's part)."""
+        for i, (lo, hi, _) in enumerate(self.groups):
+            if lo is None or hi is None or (hi >= first and lo <= last):
+                df = pl.from_arrow(self.pf.read_row_group(i))
+                assert isinstance(df, pl.DataFrame)  # from a Table
+                yield df if lo is not None and hi is not None and first <= lo and hi <= last else \
+                    df.filter(pl.col(self.column).is_between(first, last))
+
+    @property
+    def schema(self) -> pl.Schema:
+        empty = pl.from_arrow(self.pf.schema_arrow.empty_table())
+        assert isinstance(empty, pl.DataFrame)  # from a Table
+        return empty.schema
+
+
 @contextmanager
 def block_files(paths: Sequence[LakePath], column: str) -> Iterator[list[BlockFile]]:
     """`paths` opened as `BlockFile`s for the duration of the block."""

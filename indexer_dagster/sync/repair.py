@@ -45,6 +45,7 @@ from indexer_dagster.persist.datasets import dex as dex_dataset
 from indexer_dagster.persist.files import LakePath, read_parquet, scan_parquet
 from indexer_dagster.persist.lake import Lake, open_lake
 from indexer_dagster.persist.meta import record_head, write_reorgs
+from indexer_dagster.persist.windows import block_files, read_window
 from indexer_dagster.reorg.detect import LocalChain, find_ancestor
 from indexer_dagster.state import Header, Phase, Reorg, StateStore
 from indexer_dagster.sync.contracts import coverage_metadata, wanted_coverage
@@ -96,6 +97,9 @@ def _files_above(lake: Lake, dataset: str, ancestor: int) -> list[tuple[str, Lak
     return out
 
 
+_NO_END = 2**62  # a block window without an end
+
+
 def orphan_key(reorg_id: int, ancestor: int, name: str) -> str:
     """Archive file name: the reorg, the ancestor rolled back to (a merged, deeper reorg rolls back
     again to a lower one and archives the further rows in a file of its own) and the source file."""
@@ -130,29 +134,32 @@ def roll_back(cfg: IndexerConfig, store: StateStore, reorg: Reorg) -> dict[str, 
                 if not _source_name(p).startswith("live-"):
                     in_range_files.update(read_parquet(p, columns=[col])[col].to_list())
         for name, path in _files_above(lake, dataset, ancestor):  # range files first, then live segments
-            df = read_parquet(path)
-            orphans = df.filter(pl.col(col) > ancestor)
-            if name.startswith("live-"):
-                orphans = orphans.filter(~pl.col(col).is_in(list(in_range_files)))
-            else:
-                in_range_files.update(orphans[col].unique().to_list())
-            if df.filter(pl.col(col) > ancestor).height == 0:
-                continue
-            archive_ds, key = f"{ORPHANED}/{dataset}", orphan_key(reorg.id, ancestor, name)
-            with lake.transaction() as tx:
-                if not lake.exists(archive_ds, key):
-                    stamped = orphans.with_columns(
-                        pl.lit(reorg.id, ORPHAN_COLUMNS["reorg_id"]).alias("reorg_id"),
-                        pl.lit(orphaned_at).cast(ORPHAN_COLUMNS["orphaned_at"]).alias("orphaned_at"),
-                    )
-                    tx.writer(archive_ds, key, dict(stamped.schema)).write(stamped)
-                kept = df.filter(pl.col(col) <= ancestor)
-                if kept.height == 0 and name.startswith("live-"):
-                    tx.delete(path)
+            # A window at a time: the rows above the ancestor (a reorg's few blocks) are read, the rest
+            # copied a row group at a time, so a partition of any size is cut without holding it.
+            with block_files([path], col) as (src,):
+                above = read_window([src], list(src.schema), ancestor + 1, _NO_END)
+                if above.height == 0:
+                    continue
+                orphans = above
+                if name.startswith("live-"):
+                    orphans = orphans.filter(~pl.col(col).is_in(sorted(in_range_files)))
                 else:
-                    w = tx.writer(dataset if not name.startswith("live-") else f"{LIVE}/{dataset}",
-                                  path.stem, dict(df.schema))
-                    w.write(kept)
+                    in_range_files.update(orphans[col].unique().to_list())
+                archive_ds, key = f"{ORPHANED}/{dataset}", orphan_key(reorg.id, ancestor, name)
+                with lake.transaction() as tx:
+                    if not lake.exists(archive_ds, key):
+                        stamped = orphans.with_columns(
+                            pl.lit(reorg.id, ORPHAN_COLUMNS["reorg_id"]).alias("reorg_id"),
+                            pl.lit(orphaned_at).cast(ORPHAN_COLUMNS["orphaned_at"]).alias("orphaned_at"),
+                        )
+                        tx.writer(archive_ds, key, dict(stamped.schema)).write(stamped)
+                    if src.rows == above.height and name.startswith("live-"):
+                        tx.delete(path)  # nothing of the segment is kept
+                    else:
+                        w = tx.writer(dataset if not name.startswith("live-") else f"{LIVE}/{dataset}",
+                                      path.stem, dict(src.schema))
+                        for kept in src.batches(-_NO_END, ancestor):
+                            w.write(kept)
         archived[dataset] = _archived_rows(lake, dataset, reorg.id)
         store.add_rows_archived(reorg.id, dataset, archived[dataset])
     store.delete_headers_above(cfg.chain.name, ancestor)
