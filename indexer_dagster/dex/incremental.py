@@ -31,6 +31,8 @@ from indexer_dagster.dex.sources import (
     canonical_blocks,
     file_blocks,
     known_tokens,
+    overlapping,
+    rows_between,
     source_tables,
     window_events,
     with_unindexed_pools,
@@ -55,7 +57,7 @@ from indexer_dagster.persist.datasets import (
     orphaned,
 )
 from indexer_dagster.persist.datasets import dex as dex_dataset
-from indexer_dagster.persist.files import column_span, parquet_metadata, read_parquet
+from indexer_dagster.persist.files import column_span, open_parquet, parquet_metadata, read_parquet
 from indexer_dagster.persist.lake import Lake, open_lake
 from indexer_dagster.reorg.guard import publish_guard
 from indexer_dagster.state import StateStore
@@ -244,16 +246,18 @@ def rows_replaced(cfg: IndexerConfig, first: int, last: int) -> bool:
         return False
     top = min(last, at[0])
     keys = ["block_number", "log_index"]
-    frames = window_events(cfg, lake, ("swap", "sync", "mint", "burn"), first, top).values()
-    now = pl.concat([f.select(keys) for f in frames if f is not None], how="vertical")
-    derived = [read_parquet(p, columns=keys) for table in ("swaps", "pool_reserves", "liquidity_events")
-               for p in lake.files(dex_dataset(table)) if file_blocks(p)[1] >= first and file_blocks(p)[0] <= top]
-    before = pl.concat(derived, how="vertical").filter(pl.col("block_number").is_between(first, top)) if derived \
-        else now.clear()
-    if now.sort(keys).equals(before.sort(keys)):
-        return False
-    rollback(cfg, first - 1)
-    return True
+    derived = [dex_dataset(t) for t in ("swaps", "pool_reserves", "liquidity_events")]
+    for a in range(first, top + 1, STEP_BLOCKS):  # a step's blocks at a time: a partition of any size
+        b = min(a + STEP_BLOCKS - 1, top)
+        frames = window_events(cfg, lake, ("swap", "sync", "mint", "burn"), a, b).values()
+        now = pl.concat([f.select(keys) for f in frames if f is not None], how="vertical")
+        before = [rows_between(overlapping(lake, d, a, b), "block_number", a, b, keys) for d in derived]
+        was = pl.concat([f for f in before if f is not None], how="vertical") if any(
+            f is not None for f in before) else now.clear()
+        if not now.sort(keys).equals(was.sort(keys)):
+            rollback(cfg, first - 1)
+            return True
+    return False
 
 
 # -- one step ---------------------------------------------------------------------------------------
@@ -396,13 +400,22 @@ def _settle(cfg: IndexerConfig, lake: Lake, cursor: int) -> None:
         for paths in by_partition.values():
             if len(paths) < MERGE_AT:
                 continue
-            spans = [file_blocks(p) for p in paths]
-            merged = pl.concat([read_parquet(p) for p in paths], how="vertical_relaxed")
-            with lake.transaction() as tx:
-                for p in paths:
-                    tx.delete(p)
-                tx.writer(dex_dataset(table), _step_key(min(s[0] for s in spans), max(s[1] for s in spans)),
-                          dict(merged.schema)).write(merged)
+            _merge(lake, table, paths)
+
+
+def _merge(lake: Lake, table: str, paths: list) -> None:
+    """One file for the step files `paths` of a table, copied a row group at a time (a partition of any size)."""
+    spans = [file_blocks(p) for p in paths]
+    empties = [pl.from_arrow(parquet_metadata(p).schema.to_arrow_schema().empty_table()) for p in paths]
+    schema = pl.concat([e for e in empties if isinstance(e, pl.DataFrame)], how="vertical_relaxed").schema
+    with lake.transaction() as tx:
+        for p in paths:
+            tx.delete(p)
+        w = tx.writer(dex_dataset(table), _step_key(min(s[0] for s in spans), max(s[1] for s in spans)), dict(schema))
+        for p in paths:
+            with open_parquet(p) as src:
+                for i in range(src.num_row_groups):
+                    w.write(pl.DataFrame(src.read_row_group(i)).cast(schema))
 
 
 def _contiguous(blocks: pl.DataFrame, first: int) -> pl.DataFrame:

@@ -112,15 +112,17 @@ def file_blocks(path) -> tuple[int, int]:
     return r.start, r.end
 
 
-def _overlapping(lake: Lake, dataset: str, first: int, last: int) -> list:
+def overlapping(lake: Lake, dataset: str, first: int, last: int) -> list:
     return [p for p in lake.files(dataset) if file_blocks(p)[0] <= last and file_blocks(p)[1] >= first]
 
 
-def _rows(paths: list, column: str, first: int, last: int) -> pl.DataFrame | None:
-    """The rows of `paths` whose `column` is in first..last (a local file: only its row groups that can hold them)."""
+def rows_between(paths: list, column: str, first: int, last: int, columns: list[str] | None = None
+                 ) -> pl.DataFrame | None:
+    """The rows of `paths` whose `column` is in first..last (a local file: only its row groups that can hold
+    them), all their columns or `columns`."""
     between = pl.col(column).is_between(first, last)
-    frames = [(pl.scan_parquet(p).filter(between).collect() if not is_remote(p) else read_parquet(p).filter(between))
-              for p in paths]
+    frames = [(pl.scan_parquet(p).filter(between) if not is_remote(p) else read_parquet(p).lazy().filter(between))
+              .select(columns or pl.all()).collect() for p in paths]
     return pl.concat(frames, how="diagonal_relaxed") if frames else None
 
 
@@ -146,8 +148,8 @@ def table_addresses(cfg: IndexerConfig, table: str, children: pl.DataFrame | Non
 def canonical_blocks(lake: Lake, first: int, last: int) -> pl.DataFrame:
     """(number, hash) of the blocks first..last the lake holds, as the views give them (a block a range
     file holds from there, else from a live segment), sorted: read from the files that hold them only."""
-    ranged = _rows(_overlapping(lake, BLOCKS, first, last), "number", first, last)
-    live_rows = _rows(_overlapping(lake, live(BLOCKS), first, last), "number", first, last)
+    ranged = rows_between(overlapping(lake, BLOCKS, first, last), "number", first, last)
+    live_rows = rows_between(overlapping(lake, live(BLOCKS), first, last), "number", first, last)
     parts = []
     if ranged is not None:
         parts.append(ranged.select("number", "hash"))
@@ -165,7 +167,7 @@ def window_events(cfg: IndexerConfig, lake: Lake, kinds: Sequence[str], first: i
     rows the views give for those blocks, read from the range files and live segments that can hold them
     instead of every file of the history (a DEX step costs what its blocks hold). None for a kind the
     config has no table of."""
-    in_ranges = _rows(_overlapping(lake, BLOCKS, first, last), "number", first, last)
+    in_ranges = rows_between(overlapping(lake, BLOCKS, first, last), "number", first, last)
     ranged_numbers = in_ranges["number"].implode() if in_ranges is not None else pl.Series([], dtype=pl.Int64).implode()
     children = _children(lake) if any(c.factory is not None for c in cfg.contracts) else None
     src = source_tables(cfg)
@@ -178,8 +180,8 @@ def window_events(cfg: IndexerConfig, lake: Lake, kinds: Sequence[str], first: i
         parts = []
         for table in tables:
             dataset = events(table)
-            ranged = _rows(_overlapping(lake, dataset, first, last), "block_number", first, last)
-            live_rows = _rows(_overlapping(lake, live(dataset), first, last), "block_number", first, last)
+            ranged = rows_between(overlapping(lake, dataset, first, last), "block_number", first, last)
+            live_rows = rows_between(overlapping(lake, live(dataset), first, last), "block_number", first, last)
             if live_rows is not None:
                 live_rows = live_rows.filter(~pl.col("block_number").is_in(ranged_numbers))
             rows = [f for f in (ranged, live_rows) if f is not None]

@@ -70,10 +70,11 @@ def discover(cfg: IndexerConfig, logs: pl.DataFrame) -> pl.DataFrame:
                 ))
     if not frames:
         return empty_children()
-    return _dedupe(pl.concat(frames, how="vertical"))
+    return dedupe_children(pl.concat(frames, how="vertical"))
 
 
-def _dedupe(children: pl.DataFrame) -> pl.DataFrame:
+def dedupe_children(children: pl.DataFrame) -> pl.DataFrame:
+    """One row per (contract, child): its earliest creation."""
     return (children.sort("block_number", "log_index")
             .unique(subset=["contract", "address"], keep="first", maintain_order=True)
             .select(list(CHILD_SCHEMA)))
@@ -86,7 +87,7 @@ def stored_children(cfg: IndexerConfig) -> pl.DataFrame:
     files = lake.files(CHILDREN) + lake.files(f"{LIVE}/{CHILDREN}")
     if not files:
         return empty_children()
-    return _dedupe(pl.concat([read_small_file(p) for p in files], how="vertical_relaxed").cast(CHILD_SCHEMA))  # type: ignore[arg-type]  # polars stubs: Mapping key type is invariant
+    return dedupe_children(pl.concat([read_small_file(p) for p in files], how="vertical_relaxed").cast(CHILD_SCHEMA))  # type: ignore[arg-type]  # polars stubs: Mapping key type is invariant
 
 
 def covered_intervals(cfg: IndexerConfig) -> list[tuple[int, int]]:
@@ -157,14 +158,14 @@ class ContractSet:
 
     def __post_init__(self) -> None:
         names = {c.name for c in self.cfg.contracts if c.factory is not None}
-        self.children = _dedupe(self.children.filter(pl.col("contract").is_in(sorted(names))))
+        self.children = dedupe_children(self.children.filter(pl.col("contract").is_in(sorted(names))))
 
     def add(self, children: pl.DataFrame) -> pl.DataFrame:
         """Register `children`; returns those that were new."""
         known = self.children.select("contract", "address")
         new = children.join(known, on=["contract", "address"], how="anti")
         if new.height:
-            self.children = _dedupe(pl.concat([self.children, new.select(list(CHILD_SCHEMA))], how="vertical"))
+            self.children = dedupe_children(pl.concat([self.children, new.select(list(CHILD_SCHEMA))], how="vertical"))
         return new
 
     def addresses_of(self, contract_name: str, up_to: int | None = None) -> list[str]:

@@ -45,6 +45,7 @@ from indexer_dagster.persist.datasets import (
 from indexer_dagster.persist.files import read_parquet
 from indexer_dagster.persist.lake import open_lake
 from indexer_dagster.persist.meta import record_head
+from indexer_dagster.persist.windows import block_files, read_window
 from indexer_dagster.reorg.detect import Extend, LocalChain, Reorg, TooDeep, Wait, next_step
 from indexer_dagster.state import ChainHalted, Header, StateStore
 from indexer_dagster.sync.contracts import (
@@ -422,8 +423,9 @@ class Follower:
             path = self.lake.path(BLOCKS, r.key)
             if highest_block(path) < headers[0].number:
                 continue
-            held = read_parquet(path, columns=["number", "hash", "parent_hash", "timestamp"]).filter(
-                pl.col("number") >= headers[0].number).sort("number")
+            with block_files([path], "number") as files:
+                held = read_window(files, ["number", "hash", "parent_hash", "timestamp"], headers[0].number,
+                                   r.end).sort("number")
             differ = [n for n, h in held.select("number", "hash").rows() if ours.get(n, h) != h]
             if differ:
                 return held, differ[0]

@@ -294,8 +294,11 @@ def _segments_above(lake: Lake, cfg: IndexerConfig, ancestor: int) -> list[LakeP
 def _check_ranges_match(lake: Lake, keys: list[str], headers: list[Header]) -> None:
     """The re-fetched range files must hold the same fork as the headers the local chain restarts from."""
     by_number = {h.number: h.hash for h in headers}
+    if not by_number:
+        return
     for key in keys:
-        blocks = read_parquet(lake.path("blocks", key), columns=["number", "hash"])
+        with block_files([lake.path("blocks", key)], "number") as files:
+            blocks = read_window(files, ["number", "hash"], min(by_number), max(by_number))
         for number, block_hash in blocks.iter_rows():
             if number in by_number and by_number[number] != block_hash:
                 raise ForkChanged(f"range {key} was re-fetched from another fork than block {number}'s header")

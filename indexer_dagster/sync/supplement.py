@@ -23,18 +23,21 @@ from collections.abc import Collection
 import polars as pl
 
 from indexer_dagster.block_range import BlockRange, parse_key, range_for_block
-from indexer_dagster.chain.fetch import ForkChanged, RangeFetcher
+from indexer_dagster.chain.fetch import Chunk, ForkChanged, RangeFetcher
 from indexer_dagster.chain.rpc import RpcStats, rpc_client
 from indexer_dagster.config import IndexerConfig
 from indexer_dagster.persist.datasets import CHILD_SCHEMA, CHILDREN, LIVE, LOG_SCHEMA, live_segments
-from indexer_dagster.persist.files import file_state, read_parquet
+from indexer_dagster.persist.files import file_state, open_parquet
 from indexer_dagster.persist.lake import Lake, open_lake
+from indexer_dagster.persist.windows import block_files, read_window
 from indexer_dagster.state import StateStore, store_or_open
 from indexer_dagster.sync import historical
 from indexer_dagster.sync.contracts import (
     block_span,
     coverage_metadata,
+    dedupe_children,
     discover,
+    empty_children,
     file_coverage,
     fingerprint,
     has_factories,
@@ -195,7 +198,6 @@ async def _supplement(cfg: IndexerConfig, r: BlockRange, stats: RpcStats, store:
     stored = stored_coverage(cfg, r.key)
     missing = range_missing(cfg, r)
     name = f"{r.key}+{fingerprint(missing)}"
-    stored_blocks = read_parquet(lake.path("blocks", r.key), columns=["number", "hash"])
     result = RangeResult(range=r, from_block=lo, to_block=hi)
     async with rpc_client(cfg, stats) as rpc:
         contracts = await resolve_range(cfg, rpc, lo, hi)
@@ -208,32 +210,41 @@ async def _supplement(cfg: IndexerConfig, r: BlockRange, stats: RpcStats, store:
         for a in rule_children:
             if a in starts and a not in (stored or {}).get("addresses", {}):
                 fetch[a] = max(starts[a], lo)
-        frames = []
-        if fetch:
-            fetcher = RangeFetcher(rpc, cfg.chain.chain_id, sorted(fetch), new_sizer(cfg),
-                                   headers_batch_size=cfg.chain.headers_batch_size, address_starts=fetch)
-            async for chunk in fetcher.iter_chunks(lo, hi, cfg.chain.concurrency):
-                _same_fork(chunk.blocks, stored_blocks, r.key)
-                frames.append(chunk.logs)
-                historical._reporter(chunk.blocks.height, chunk.logs.height)
-        logs = pl.concat(frames, how="vertical") if frames else pl.DataFrame(schema=LOG_SCHEMA)
-        for a, end in until.items():
-            logs = logs.filter((pl.col("address") != a) | (pl.col("block_number") < end))
-    # Children of the range (its stored logs and these), for the registry of new factory rules.
-    children = pl.DataFrame(schema=CHILD_SCHEMA)
-    if has_factories(cfg):
-        stored_logs = [read_parquet(p) for p in key_files(lake, "logs", r.key)]
-        children = discover(cfg, pl.concat([*stored_logs, logs], how="vertical_relaxed"))
-    decoder = Decoder(cfg, None, contracts, write_children=False)
-    with lake.transaction(guard) as tx:
-        tx.writer("logs", name, LOG_SCHEMA, coverage_metadata(missing)).write(logs)
-        if has_factories(cfg):
-            rules = {"addresses": {}, "factories": wanted_coverage(cfg)["factories"]}
-            tx.writer(CHILDREN, name, CHILD_SCHEMA, coverage_metadata(rules)).write(children)
-        decoder.open(tx, name)
-        decoder.write(logs)
-        decoder.flush()
-    result.logs = logs.height
+        decoder = Decoder(cfg, None, contracts, write_children=False)
+        children = [empty_children()]  # of the range (its stored logs and these), for new factory rules
+        # Written as fetched, and the stored blocks read a chunk's worth at a time: a range of any size.
+        with block_files([lake.path("blocks", r.key)], "number") as stored_blocks, lake.transaction(guard) as tx:
+            wl = tx.writer("logs", name, LOG_SCHEMA, coverage_metadata(missing))
+            decoder.open(tx, name)
+
+            def write(chunk: Chunk) -> None:
+                if chunk.blocks.height:
+                    first, last = chunk.blocks.select(pl.col("number").min(), pl.col("number").max().alias("b")).row(0)
+                    _same_fork(chunk.blocks, read_window(stored_blocks, ["number", "hash"], first, last), r.key)
+                logs = chunk.logs
+                for a, end in until.items():
+                    logs = logs.filter((pl.col("address") != a) | (pl.col("block_number") < end))
+                wl.write(logs)
+                decoder.write(logs)
+                if has_factories(cfg):
+                    children.append(discover(cfg, logs))
+
+            if fetch:
+                fetcher = RangeFetcher(rpc, cfg.chain.chain_id, sorted(fetch), new_sizer(cfg),
+                                       headers_batch_size=cfg.chain.headers_batch_size, address_starts=fetch)
+                async for chunk in fetcher.iter_chunks(lo, hi, cfg.chain.concurrency):
+                    await asyncio.to_thread(write, chunk)
+                    historical._reporter(chunk.blocks.height, chunk.logs.height)
+            await asyncio.to_thread(decoder.flush)
+            if has_factories(cfg):
+                for p in key_files(lake, "logs", r.key):  # a row group at a time
+                    with open_parquet(p) as src:
+                        children += [discover(cfg, pl.DataFrame(src.read_row_group(i)))
+                                     for i in range(src.num_row_groups)]
+                rules = {"addresses": {}, "factories": wanted_coverage(cfg)["factories"]}
+                tx.writer(CHILDREN, name, CHILD_SCHEMA, coverage_metadata(rules)).write(
+                    dedupe_children(pl.concat(children, how="vertical")))
+            result.logs = wl.rows
     result.events, result.skipped = decoder.rows, decoder.skipped
     result.rpc = stats.as_dict()
     return result
