@@ -38,6 +38,11 @@ def read_parquet(path: LakePath, columns: list[str] | None = None) -> pl.DataFra
     return pl.read_parquet(io.BytesIO(_fetch(path)), columns=columns)
 
 
+def readable(path: LakePath) -> Path | io.BytesIO:
+    """A lake file as Polars and PyArrow read it: a local path, or a remote object fetched in one GET."""
+    return path if not is_remote(path) else io.BytesIO(_fetch(path))
+
+
 def read_small_file(path: LakePath) -> pl.DataFrame:
     """A small lake file read again only when it changes (its `file_state`): for registries every range
     reads whole, such as the factory children, read once per file state and process."""

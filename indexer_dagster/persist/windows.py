@@ -9,22 +9,26 @@ whole in each. A file out of block order (a corrupt one, which the checks are th
 correctly, only with less to skip.
 """
 
+import io
 from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
+from pathlib import Path
 
 import polars as pl
 import pyarrow.parquet as pq
 
-from indexer_dagster.persist.files import LakePath, open_parquet
+from indexer_dagster.persist.files import LakePath, readable
 
 
 class BlockFile:
-    """One lake file opened for reads by block window (`column`: its block-number column)."""
+    """One lake file read by block window (`column`: its block-number column). Windows are read with
+    polars, which skips the row groups outside them by the same statistics."""
 
-    def __init__(self, pf: pq.ParquetFile, column: str) -> None:
-        self.pf, self.column = pf, column
-        meta = pf.metadata
-        idx = pf.schema_arrow.get_field_index(column)
+    def __init__(self, source: Path | io.BytesIO, column: str) -> None:
+        self.source, self.column = source, column
+        meta = pq.read_metadata(source)
+        self.arrow_schema = meta.schema.to_arrow_schema()
+        idx = self.arrow_schema.get_field_index(column)
         if idx < 0:
             raise ValueError(f"{column!r} is not a column of this file")
         self.groups: list[tuple[int | None, int | None, int]] = []  # (lowest, highest, rows); None: no statistics
@@ -48,35 +52,30 @@ class BlockFile:
 
     def read(self, columns: Sequence[str], first: int, last: int) -> pl.DataFrame:
         """The rows of blocks first..last (their `columns`, in file order)."""
-        wanted = [i for i, (lo, hi, _) in enumerate(self.groups) if lo is None or (hi >= first and lo <= last)]  # type: ignore[operator]
-        cols = list(dict.fromkeys([*columns, self.column]))
-        table = self.pf.read_row_groups(wanted, columns=cols) if wanted else self.pf.schema_arrow.empty_table().select(cols)
-        df = pl.from_arrow(table)
-        assert isinstance(df, pl.DataFrame)  # from a Table
-        return df.filter(pl.col(self.column).is_between(first, last)).select(columns)
-
+        if isinstance(self.source, io.BytesIO):
+            self.source.seek(0)
+        return pl.scan_parquet(self.source).filter(pl.col(self.column).is_between(first, last)).select(columns).collect()
 
     def batches(self, first: int, last: int) -> Iterator[pl.DataFrame]:
         """The rows of blocks first..last, every column, a row group at a time (a copy of a file's part)."""
-        for i, (lo, hi, _) in enumerate(self.groups):
-            if lo is None or hi is None or (hi >= first and lo <= last):
-                df = pl.from_arrow(self.pf.read_row_group(i))
-                assert isinstance(df, pl.DataFrame)  # from a Table
-                yield df if lo is not None and hi is not None and first <= lo and hi <= last else \
-                    df.filter(pl.col(self.column).is_between(first, last))
+        if isinstance(self.source, io.BytesIO):
+            self.source.seek(0)
+        with pq.ParquetFile(self.source) as pf:
+            for i, (lo, hi, _) in enumerate(self.groups):
+                if lo is None or hi is None or (hi >= first and lo <= last):
+                    df = pl.DataFrame(pf.read_row_group(i))
+                    yield df if lo is not None and hi is not None and first <= lo and hi <= last else \
+                        df.filter(pl.col(self.column).is_between(first, last))
 
     @property
     def schema(self) -> pl.Schema:
-        empty = pl.from_arrow(self.pf.schema_arrow.empty_table())
-        assert isinstance(empty, pl.DataFrame)  # from a Table
-        return empty.schema
+        return pl.DataFrame(self.arrow_schema.empty_table()).schema
 
 
 @contextmanager
 def block_files(paths: Sequence[LakePath], column: str) -> Iterator[list[BlockFile]]:
-    """`paths` opened as `BlockFile`s for the duration of the block."""
-    with ExitStack() as stack:
-        yield [BlockFile(stack.enter_context(open_parquet(p)), column) for p in paths]
+    """`paths` as `BlockFile`s for the duration of the block (a remote file fetched whole, in one GET)."""
+    yield [BlockFile(readable(p), column) for p in paths]
 
 
 def read_window(files: Sequence[BlockFile], columns: Sequence[str], first: int, last: int) -> pl.DataFrame:
