@@ -91,7 +91,7 @@ def read_blocks(files: Sequence[BlockFile], columns: Sequence[str], numbers: Seq
 def windows(files: Sequence[BlockFile], rows: int, low: int | None = None, high: int | None = None
             ) -> list[tuple[int, int]]:
     """Consecutive (first, last) block windows covering every file's blocks and low..high, each holding
-    about `rows` rows of each file at most (a file without statistics: one window)."""
+    about `rows` rows of each file and `rows` blocks at most (a file without statistics: one window)."""
     spans = [s for f in files if (s := f.span()) is not None]
     lows = [s[0] for s in spans] + ([low] if low is not None else [])
     highs = [s[1] for s in spans] + ([high] if high is not None else [])
@@ -100,7 +100,7 @@ def windows(files: Sequence[BlockFile], rows: int, low: int | None = None, high:
     start, end = min(lows), max(highs)
     if any(f.span() is None and f.rows for f in files):
         return [(start, end)]
-    cuts: set[int] = set()
+    cuts = set(range(start + rows - 1, end, rows))  # a window spans `rows` blocks at most, even where none is stored
     for f in files:
         held = 0
         for lo, hi, n in f.groups:

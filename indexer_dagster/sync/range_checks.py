@@ -1,8 +1,9 @@
 """Checks over one stored block range of the lake: is what we wrote a faithful copy of one chain?
 
 Run after a range is written (the Dagster skin attaches them as asset checks on `blocks` and
-`logs`), or on any stored range by hand. Each check reads the range's Parquet files with polars
-and returns a `CheckResult` with a one-line description and metadata a person can act on. A
+`logs`), or on any stored range by hand. The checks read the range's Parquet files window by window of
+blocks (`persist.windows`: a partition of any size costs one window of memory), each adding up what it
+finds, and return a `CheckResult` with a one-line description and metadata a person can act on. A
 failing range is recorded in `persist.meta`, which keeps its rows `unconfirmed` and makes
 the sensor sync it again; a later passing run clears it.
 
@@ -143,6 +144,7 @@ class _UniqueLogs:
 
 
 def check_unique_logs(logs: pl.DataFrame) -> CheckResult:
+    """`unique_logs` over one frame of logs."""
     check = _UniqueLogs()
     check.add(logs)
     return check.result()
