@@ -127,7 +127,7 @@ def commit_guard(
     blocks: BlocksBetween | None = None, head: Callable[[], tuple[int, str]] | None = None,
 ):
     """Publish a range's files only under the chain's writer lock, if no reorg began since the fetch
-    started (else its rows could be of the old fork) and its `blocks()` are the local chain's; then drop
+    started (else its rows could be of the old fork) and its `blocks` are the local chain's; then drop
     the live segments the range now covers and record the `head()` (number, hash) the fetch saw, under
     the same check (a head from before a reorg onto a shorter fork would confirm rows it may replace)."""
 
