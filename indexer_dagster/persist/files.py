@@ -7,6 +7,7 @@ lists a dataset and then looks at each file makes one request, not one per file.
 
 import io
 import os
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,9 +39,37 @@ def read_parquet(path: LakePath, columns: list[str] | None = None) -> pl.DataFra
     return pl.read_parquet(io.BytesIO(_fetch(path)), columns=columns)
 
 
-def readable(path: LakePath) -> Path | io.BytesIO:
-    """A lake file as Polars and PyArrow read it: a local path, or a remote object fetched in one GET."""
-    return path if not is_remote(path) else io.BytesIO(_fetch(path))
+DOWNLOAD_ATTEMPTS = 3
+
+
+@contextmanager
+def local_copy(path: LakePath) -> Iterator[Path]:
+    """A lake file on the local disk for the duration of the block: a local file in place; a remote object
+    downloaded to a temporary file, streamed (memory holds a buffer, not the object). A large download may
+    be several ranged requests, so it must be of one version: the object's ETag and size after it must be
+    those before it, else it is downloaded again (a writer replaced it meanwhile)."""
+    if not is_remote(path):
+        yield path
+        return
+    fd, name = tempfile.mkstemp(prefix=".lake-", suffix=".parquet")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        for _attempt in range(DOWNLOAD_ATTEMPTS):
+            before = _fresh_state(path)
+            path.fs.get_file(path.path, str(tmp))
+            if _fresh_state(path) == before and tmp.stat().st_size == before[2]:
+                break
+        else:
+            raise OSError(f"{path} was replaced during each of {DOWNLOAD_ATTEMPTS} downloads; try again")
+        yield tmp
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _fresh_state(path: "UPath") -> tuple:
+    path.fs.invalidate_cache(path.path)
+    return _state_of(path.fs.info(path.path))
 
 
 def read_small_file(path: LakePath) -> pl.DataFrame:

@@ -9,22 +9,21 @@ whole in each. A file out of block order (a corrupt one, which the checks are th
 correctly, only with less to skip.
 """
 
-import io
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import polars as pl
 import pyarrow.parquet as pq
 
-from indexer_dagster.persist.files import LakePath, readable
+from indexer_dagster.persist.files import LakePath, local_copy
 
 
 class BlockFile:
     """One lake file read by block window (`column`: its block-number column). Windows are read with
     polars, which skips the row groups outside them by the same statistics."""
 
-    def __init__(self, source: Path | io.BytesIO, column: str) -> None:
+    def __init__(self, source: Path, column: str) -> None:
         self.source, self.column = source, column
         meta = pq.read_metadata(source)
         self.arrow_schema = meta.schema.to_arrow_schema()
@@ -52,14 +51,10 @@ class BlockFile:
 
     def read(self, columns: Sequence[str], first: int, last: int) -> pl.DataFrame:
         """The rows of blocks first..last (their `columns`, in file order)."""
-        if isinstance(self.source, io.BytesIO):
-            self.source.seek(0)
         return pl.scan_parquet(self.source).filter(pl.col(self.column).is_between(first, last)).select(columns).collect()
 
     def batches(self, first: int, last: int) -> Iterator[pl.DataFrame]:
         """The rows of blocks first..last, every column, a row group at a time (a copy of a file's part)."""
-        if isinstance(self.source, io.BytesIO):
-            self.source.seek(0)
         with pq.ParquetFile(self.source) as pf:
             for i, (lo, hi, _) in enumerate(self.groups):
                 if lo is None or hi is None or (hi >= first and lo <= last):
@@ -74,8 +69,10 @@ class BlockFile:
 
 @contextmanager
 def block_files(paths: Sequence[LakePath], column: str) -> Iterator[list[BlockFile]]:
-    """`paths` as `BlockFile`s for the duration of the block (a remote file fetched whole, in one GET)."""
-    yield [BlockFile(readable(p), column) for p in paths]
+    """`paths` as `BlockFile`s for the duration of the block (a remote file downloaded to a local temporary
+    file, `local_copy`: read in windows like a local one)."""
+    with ExitStack() as stack:
+        yield [BlockFile(stack.enter_context(local_copy(p)), column) for p in paths]
 
 
 def read_window(files: Sequence[BlockFile], columns: Sequence[str], first: int, last: int) -> pl.DataFrame:

@@ -132,6 +132,48 @@ def test_readers_never_see_a_partial_object_while_it_is_replaced(s3, tmp_path):
     assert lake.read("logs", KEY).equals(versions[-1])
 
 
+def test_windows_of_a_remote_file_read_a_local_copy_of_one_version(s3, tmp_path, monkeypatch):
+    """A check or a rollback reads a remote range file window by window from a downloaded copy (streamed to
+    disk, not held in memory). A large download may be several ranged requests: a file replaced meanwhile
+    is downloaded again, so the windows are of one version, the new one."""
+    from indexer_dagster.persist import files
+    from indexer_dagster.persist.windows import block_files, read_window, windows
+
+    lake = s3_lake(tmp_path)
+    old = pl.DataFrame({"block_number": list(range(0, 100)), "log_index": [0] * 100})
+    new = old.with_columns(pl.lit(1, pl.Int64).alias("log_index"))
+    lake.write("logs", KEY, old)
+    path = lake.path("logs", KEY)
+    with block_files([path], "block_number") as bf:
+        local = bf[0].source
+        assert local.is_file() and not str(local).startswith(f"{BUCKET}")
+        assert pl.concat([read_window(bf, ["block_number", "log_index"], *w) for w in windows(bf, 10)]).equals(old)
+    assert not local.exists()  # the copy goes with the block
+
+    real_get, calls = path.fs.get_file, []
+
+    def replaced_while_downloading(rpath, lpath, **kw):
+        real_get(rpath, lpath, **kw)  # the old version's bytes...
+        calls.append(rpath)
+        if len(calls) == 1:  # ...then a writer replaces the object before the download is judged
+            lake.write("logs", KEY, new)
+
+    monkeypatch.setattr(path.fs, "get_file", replaced_while_downloading)
+    with block_files([path], "block_number") as bf:
+        assert read_window(bf, ["block_number", "log_index"], 0, 99).equals(new)
+    assert len(calls) == 2
+
+    def always_replaced(rpath, lpath, **kw):
+        real_get(rpath, lpath, **kw)
+        lake.write("logs", KEY, new.with_columns(pl.lit(len(calls) + 2, pl.Int64).alias("log_index")))
+        calls.append(rpath)
+
+    monkeypatch.setattr(path.fs, "get_file", always_replaced)
+    with pytest.raises(OSError, match=f"replaced during each of {files.DOWNLOAD_ATTEMPTS} downloads"):
+        with block_files([path], "block_number"):
+            pass
+
+
 def test_a_query_right_after_a_file_is_added_replaced_or_removed_reads_the_new_files(s3, tmp_path):
     """Each query lists the lake afresh (a listing cached across queries hid a live segment written a
     moment before: rows missing, no error); a query that meets a file changed while it ran (a republished
