@@ -11,8 +11,9 @@ from indexer_dagster.chain.rpc import rpc_client
 from indexer_dagster.config import IndexerConfig
 from indexer_dagster.persist.catalog import read_views
 from indexer_dagster.persist.datasets import BLOCKS, CHILDREN, DEX, POOL_SCHEMA, TOKEN_SCHEMA, events, live
-from indexer_dagster.persist.files import is_remote, read_parquet, read_small_file
+from indexer_dagster.persist.files import read_parquet, read_small_file
 from indexer_dagster.persist.lake import Lake
+from indexer_dagster.persist.windows import block_files
 
 # The Uniswap V2 events the DEX tables are derived from, by canonical signature (any contract name).
 UNISWAP_V2 = {
@@ -118,12 +119,13 @@ def overlapping(lake: Lake, dataset: str, first: int, last: int) -> list:
 
 def rows_between(paths: list, column: str, first: int, last: int, columns: list[str] | None = None
                  ) -> pl.DataFrame | None:
-    """The rows of `paths` whose `column` is in first..last (a local file: only its row groups that can hold
-    them), all their columns or `columns`."""
-    between = pl.col(column).is_between(first, last)
-    frames = [(pl.scan_parquet(p).filter(between) if not is_remote(p) else read_parquet(p).lazy().filter(between))
-              .select(columns or pl.all()).collect() for p in paths]
-    return pl.concat(frames, how="diagonal_relaxed") if frames else None
+    """The rows of `paths` whose `column` is in first..last (only the row groups that can hold them; a remote
+    file from a local copy), all their columns or `columns`."""
+    if not paths:
+        return None
+    with block_files(paths, column) as files:
+        frames = [f.read(columns, first, last) for f in files]
+    return pl.concat(frames, how="diagonal_relaxed")
 
 
 def _children(lake: Lake) -> pl.DataFrame:

@@ -11,6 +11,7 @@ correctly, only with less to skip.
 
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
+from functools import cached_property
 from pathlib import Path
 
 import polars as pl
@@ -25,17 +26,21 @@ class BlockFile:
 
     def __init__(self, source: Path, column: str) -> None:
         self.source, self.column = source, column
-        meta = pq.read_metadata(source)
-        self.arrow_schema = meta.schema.to_arrow_schema()
-        idx = self.arrow_schema.get_field_index(column)
+
+    @cached_property
+    def groups(self) -> list[tuple[int | None, int | None, int]]:
+        """(lowest, highest block, rows) of each row group, from the footer (None: no statistics)."""
+        meta = pq.read_metadata(self.source)
+        idx = meta.schema.to_arrow_schema().get_field_index(self.column)
         if idx < 0:
-            raise ValueError(f"{column!r} is not a column of this file")
-        self.groups: list[tuple[int | None, int | None, int]] = []  # (lowest, highest, rows); None: no statistics
+            raise ValueError(f"{self.column!r} is not a column of {self.source}")
+        out: list[tuple[int | None, int | None, int]] = []
         for i in range(meta.num_row_groups):
             g = meta.row_group(i)
             s = g.column(idx).statistics
             has = s is not None and s.has_min_max
-            self.groups.append((s.min if has else None, s.max if has else None, g.num_rows))
+            out.append((s.min if has else None, s.max if has else None, g.num_rows))
+        return out
 
     @property
     def rows(self) -> int:
@@ -49,9 +54,10 @@ class BlockFile:
             return None
         return min(lows), max(highs)
 
-    def read(self, columns: Sequence[str], first: int, last: int) -> pl.DataFrame:
-        """The rows of blocks first..last (their `columns`, in file order)."""
-        return pl.scan_parquet(self.source).filter(pl.col(self.column).is_between(first, last)).select(columns).collect()
+    def read(self, columns: Sequence[str] | None, first: int, last: int) -> pl.DataFrame:
+        """The rows of blocks first..last (their `columns`, or all, in file order)."""
+        return (pl.scan_parquet(self.source).filter(pl.col(self.column).is_between(first, last))
+                .select(columns if columns is not None else pl.all()).collect())
 
     def batches(self, first: int, last: int) -> Iterator[pl.DataFrame]:
         """The rows of blocks first..last, every column, a row group at a time (a copy of a file's part)."""
@@ -64,7 +70,7 @@ class BlockFile:
 
     @property
     def schema(self) -> pl.Schema:
-        return pl.DataFrame(self.arrow_schema.empty_table()).schema
+        return pl.scan_parquet(self.source).collect_schema()
 
 
 @contextmanager
