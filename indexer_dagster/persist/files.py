@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Union
 
 import polars as pl
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 if TYPE_CHECKING:  # imported where a remote lake is configured (config.lake_root), not by every process
@@ -109,9 +108,9 @@ def parquet_metadata(path: LakePath, attempts: int = 3) -> pq.FileMetaData:
 
 @contextmanager
 def open_parquet(path: LakePath) -> Iterator[pq.ParquetFile]:
-    """A lake file opened for reading in batches (a remote object: fetched in one GET)."""
-    source = path if not is_remote(path) else pa.BufferReader(_fetch(path))
-    with pq.ParquetFile(source) as pf:
+    """A lake file opened for reading in batches (a remote object: from a local copy, `local_copy`, so a
+    batch at a time is in memory, not the object)."""
+    with local_copy(path) as local, pq.ParquetFile(local) as pf:
         yield pf
 
 

@@ -162,6 +162,9 @@ def test_windows_of_a_remote_file_read_a_local_copy_of_one_version(s3, tmp_path,
     with block_files([path], "block_number") as bf:
         assert read_window(bf, ["block_number", "log_index"], 0, 99).equals(new)
     assert len(calls) == 2
+    with files.open_parquet(path) as pf:  # batch readers (a re-decode, a merge) read a local copy too
+        assert pl.DataFrame(pf.read_row_group(0)).equals(new)
+    assert len(calls) == 3
 
     def always_replaced(rpath, lpath, **kw):
         real_get(rpath, lpath, **kw)
