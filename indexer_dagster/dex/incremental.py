@@ -57,7 +57,7 @@ from indexer_dagster.persist.datasets import (
     orphaned,
 )
 from indexer_dagster.persist.datasets import dex as dex_dataset
-from indexer_dagster.persist.files import column_span, open_parquet, parquet_metadata, read_parquet
+from indexer_dagster.persist.files import column_span, parquet_metadata, read_parquet, row_groups
 from indexer_dagster.persist.lake import Lake, open_lake
 from indexer_dagster.reorg.guard import publish_guard
 from indexer_dagster.state import StateStore
@@ -413,9 +413,8 @@ def _merge(lake: Lake, table: str, paths: list) -> None:
             tx.delete(p)
         w = tx.writer(dex_dataset(table), _step_key(min(s[0] for s in spans), max(s[1] for s in spans)), dict(schema))
         for p in paths:
-            with open_parquet(p) as src:
-                for i in range(src.num_row_groups):
-                    w.write(pl.DataFrame(src.read_row_group(i)).cast(schema))
+            for group in row_groups(p):
+                w.write(group.cast(schema))
 
 
 def _contiguous(blocks: pl.DataFrame, first: int) -> pl.DataFrame:

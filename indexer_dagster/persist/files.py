@@ -9,7 +9,7 @@ import io
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -114,6 +114,29 @@ def open_parquet(path: LakePath) -> Iterator[pq.ParquetFile]:
         yield pf
 
 
+def row_group_spans(meta: pq.FileMetaData, column: str) -> list[tuple[int | None, int | None, int]] | None:
+    """(min, max of `column`, rows) of each row group, from the footer statistics (None where a group has
+    none); None when `column` is not in the file."""
+    idx = meta.schema.to_arrow_schema().get_field_index(column)
+    if idx < 0:
+        return None
+    out: list[tuple[int | None, int | None, int]] = []
+    for i in range(meta.num_row_groups):
+        g = meta.row_group(i)
+        s = g.column(idx).statistics
+        has = s is not None and s.has_min_max
+        out.append((s.min if has else None, s.max if has else None, g.num_rows))
+    return out
+
+
+def row_groups(path: LakePath, which: Iterable[int] | None = None) -> Iterator[pl.DataFrame]:
+    """A lake file's row groups (all, or those numbered `which`), one frame at a time: what a copy or a
+    pass over a file of any size holds."""
+    with open_parquet(path) as pf:
+        for i in range(pf.num_row_groups) if which is None else which:
+            yield pl.DataFrame(pf.read_row_group(i))
+
+
 # (rows, min, max) of a file's column, by path and column; recomputed when the file's state changes.
 _spans: dict[str, tuple[tuple, int, int | None, int | None]] = {}
 
@@ -127,14 +150,9 @@ def column_span(path: LakePath, column: str) -> tuple[int, int | None, int | Non
     if hit and hit[0] == state:
         return hit[1], hit[2], hit[3]
     meta = parquet_metadata(path)
-    idx = meta.schema.to_arrow_schema().get_field_index(column)
-    lows, highs = [], []
-    if idx >= 0:
-        for i in range(meta.num_row_groups):
-            s = meta.row_group(i).column(idx).statistics
-            if s is not None and s.has_min_max:
-                lows.append(s.min)
-                highs.append(s.max)
+    groups = row_group_spans(meta, column) or []
+    lows = [lo for lo, _, _ in groups if lo is not None]
+    highs = [hi for _, hi, _ in groups if hi is not None]
     out = (meta.num_rows, min(lows, default=None), max(highs, default=None))
     _spans[key] = (state, *out)
     return out

@@ -17,7 +17,7 @@ from pathlib import Path
 import polars as pl
 import pyarrow.parquet as pq
 
-from indexer_dagster.persist.files import LakePath, local_copy
+from indexer_dagster.persist.files import LakePath, local_copy, row_group_spans, row_groups
 
 
 class BlockFile:
@@ -30,17 +30,10 @@ class BlockFile:
     @cached_property
     def groups(self) -> list[tuple[int | None, int | None, int]]:
         """(lowest, highest block, rows) of each row group, from the footer (None: no statistics)."""
-        meta = pq.read_metadata(self.source)
-        idx = meta.schema.to_arrow_schema().get_field_index(self.column)
-        if idx < 0:
+        groups = row_group_spans(pq.read_metadata(self.source), self.column)
+        if groups is None:
             raise ValueError(f"{self.column!r} is not a column of {self.source}")
-        out: list[tuple[int | None, int | None, int]] = []
-        for i in range(meta.num_row_groups):
-            g = meta.row_group(i)
-            s = g.column(idx).statistics
-            has = s is not None and s.has_min_max
-            out.append((s.min if has else None, s.max if has else None, g.num_rows))
-        return out
+        return groups
 
     @property
     def rows(self) -> int:
@@ -61,12 +54,11 @@ class BlockFile:
 
     def batches(self, first: int, last: int) -> Iterator[pl.DataFrame]:
         """The rows of blocks first..last, every column, a row group at a time (a copy of a file's part)."""
-        with pq.ParquetFile(self.source) as pf:
-            for i, (lo, hi, _) in enumerate(self.groups):
-                if lo is None or hi is None or (hi >= first and lo <= last):
-                    df = pl.DataFrame(pf.read_row_group(i))
-                    yield df if lo is not None and hi is not None and first <= lo and hi <= last else \
-                        df.filter(pl.col(self.column).is_between(first, last))
+        wanted = [i for i, (lo, hi, _) in enumerate(self.groups) if lo is None or hi is None or (hi >= first and lo <= last)]
+        for i, df in zip(wanted, row_groups(self.source, wanted), strict=True):
+            lo, hi, _ = self.groups[i]
+            yield df if lo is not None and hi is not None and first <= lo and hi <= last else \
+                df.filter(pl.col(self.column).is_between(first, last))
 
     @property
     def schema(self) -> pl.Schema:

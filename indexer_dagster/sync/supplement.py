@@ -27,7 +27,7 @@ from indexer_dagster.chain.fetch import Chunk, ForkChanged, RangeFetcher
 from indexer_dagster.chain.rpc import RpcStats, rpc_client
 from indexer_dagster.config import IndexerConfig
 from indexer_dagster.persist.datasets import CHILD_SCHEMA, CHILDREN, LIVE, LOG_SCHEMA, live_segments
-from indexer_dagster.persist.files import file_state, open_parquet
+from indexer_dagster.persist.files import file_state, row_groups
 from indexer_dagster.persist.lake import Lake, open_lake
 from indexer_dagster.persist.windows import block_files, read_window
 from indexer_dagster.state import StateStore, store_or_open
@@ -238,9 +238,7 @@ async def _supplement(cfg: IndexerConfig, r: BlockRange, stats: RpcStats, store:
             await asyncio.to_thread(decoder.flush)
             if has_factories(cfg):
                 for p in key_files(lake, "logs", r.key):  # a row group at a time
-                    with open_parquet(p) as src:
-                        children += [discover(cfg, pl.DataFrame(src.read_row_group(i)))
-                                     for i in range(src.num_row_groups)]
+                    children += [discover(cfg, group) for group in row_groups(p)]
                 rules = {"addresses": {}, "factories": wanted_coverage(cfg)["factories"]}
                 tx.writer(CHILDREN, name, CHILD_SCHEMA, coverage_metadata(rules)).write(
                     dedupe_children(pl.concat(children, how="vertical")))
