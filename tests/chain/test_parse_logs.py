@@ -61,3 +61,16 @@ def test_a_chunk_whose_headers_are_not_the_blocks_asked_for_is_fetched_again():
     assert not _consistent(blocks, logs)
     assert _consistent(blocks.with_columns(number=pl.Series([10, 11, 12])), logs.with_columns(block_number=12))
     assert not _consistent(blocks.with_columns(number=pl.Series([10, 11, 12])), logs)  # a log of block 13
+
+
+@pytest.mark.parametrize("field", ["address", "topics", "data", "blockHash", "transactionHash"])
+def test_upper_case_hex_in_any_one_field_of_any_one_log_is_stored_lower_case(field):
+    """The parser skips lower-casing a body without upper-case hex: one such digit anywhere still counts."""
+    lower = {k: ([t.lower() for t in v] if k == "topics" else v.lower() if isinstance(v, str) else v)
+             for k, v in LOG.items()}
+    upper = {**lower, field: ([t.upper().replace("0X", "0x") for t in lower["topics"]] if field == "topics"
+                              else lower[field].upper().replace("0X", "0x"))}
+    df = parse_logs_body(body(lower, {**upper, "logIndex": "0x3"}), 1)
+    assert df.row(1, named=True) == df.row(0, named=True) | {"log_index": 3}
+    assert parse_logs_body(body({**lower, field: f"0X{lower[field][2:]}"} if field != "topics" else lower), 1
+                           ).row(0, named=True) == df.row(0, named=True)
