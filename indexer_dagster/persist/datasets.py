@@ -98,6 +98,16 @@ def number_column(dataset: str) -> str:
     return "number" if dataset.endswith(BLOCKS) else "block_number"
 
 
+def in_block_order(dataset: str) -> bool:
+    """Whether `dataset` holds the chain's rows in block order (headers, logs, children, decoded events;
+    their live segments and orphan archive). A reader skips row groups of such a file by its block
+    numbers and times; by a string column (a hash, an address, hex data) it cannot, as every row group
+    holds values from across the range."""
+    for area in (LIVE, ORPHANED):
+        dataset = dataset.removeprefix(f"{area}/")
+    return dataset in (BLOCKS, LOGS, CHILDREN) or dataset.startswith(f"{EVENTS}/")
+
+
 def live_datasets(cfg: "IndexerConfig") -> list[str]:
     """A chain's per-block datasets in pipeline order: headers, raw logs, children, decoded events (a
     rollback walks them in reverse: derived data first)."""

@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 from filelock import FileLock
 
 from indexer_dagster.config import ConfigError
+from indexer_dagster.persist.datasets import in_block_order
 from indexer_dagster.persist.files import LakePath, data_files, fsync, is_remote, read_parquet
 from indexer_dagster.persist.gate import Gate
 
@@ -242,7 +243,7 @@ class Transaction:
         arrow_schema = pl.DataFrame(schema=schema).to_arrow(compat_level=_ARROW).schema
         if metadata:
             arrow_schema = arrow_schema.with_metadata({**(arrow_schema.metadata or {}), **metadata})
-        w = StreamWriter(tmp, arrow_schema)
+        w = StreamWriter(tmp, arrow_schema, string_statistics=not in_block_order(dataset))
         (self._markers if marker else self._files).append((w, final))
         return w
 
@@ -321,16 +322,24 @@ def owned(df: pl.DataFrame) -> pl.DataFrame:
     return copy.cast(df.schema)
 
 
+def _is_string(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+
+
 class StreamWriter:
     """Appends frames of one schema to a Parquet file, buffering them into large row groups."""
 
-    def __init__(self, path: Path, schema: pa.Schema) -> None:
+    def __init__(self, path: Path, schema: pa.Schema, *, string_statistics: bool = True) -> None:
+        """`string_statistics`: footer min/max of string columns too (a third of writing a file of logs);
+        without, only of the other columns (numbers, times), for files no reader skips by a string."""
         self.path = path
         self.schema = schema
         self.rows = 0
         self._buffer: list[pl.DataFrame] = []
         self._buffered = 0
-        self._writer = pq.ParquetWriter(path, schema, compression=COMPRESSION, compression_level=COMPRESSION_LEVEL)
+        stats = True if string_statistics else [f.name for f in schema if not _is_string(f.type)]
+        self._writer = pq.ParquetWriter(path, schema, compression=COMPRESSION, compression_level=COMPRESSION_LEVEL,
+                                        write_statistics=stats)
         self._closed = False
 
     def write(self, df: pl.DataFrame) -> None:

@@ -7,6 +7,7 @@ import sys
 
 import duckdb
 import polars as pl
+import pyarrow.parquet as pq
 import pytest
 
 from indexer_dagster.persist.lake import Lake
@@ -124,3 +125,22 @@ def test_a_transaction_that_deletes_and_writes_the_same_file_leaves_the_new_file
         tx.delete(lake.path("live/events/t", "000000000020-000000000020"))
         tx.writer("live/events/t", "000000000020-000000000020", {"x": pl.Int64}).write(pl.DataFrame({"x": [1]}))
     assert lake.read("live/events/t", "000000000020-000000000020")["x"].to_list() == [1]
+
+
+@pytest.mark.parametrize("dataset, skips_by_string", [
+    ("logs", False), ("events/erc20_transfer", False), ("live/logs", False), ("orphaned/blocks", False),
+    ("dex/pool_state", True),
+])
+def test_files_in_block_order_keep_statistics_a_reader_can_skip_by(tmp_path, dataset, skips_by_string):
+    """Chain files are in block order: DuckDB skips their row groups by block (kept), never by a hash or an
+    address spread over the whole range (not written: a third of a logs file's write). A DEX table sorted
+    by pool keeps its string statistics, so a query of one pool skips the others' row groups."""
+    lake = Lake(tmp_path, "devnet")
+    df = pl.DataFrame({"block_number": [7, 9], "address": ["0xbb", "0xaa"]})
+    lake.write(dataset, "000000000000-000000000099", df)
+    path = lake.path(dataset, "000000000000-000000000099")
+    stats = pq.read_metadata(path).row_group(0)
+    assert (stats.column(0).statistics.min, stats.column(0).statistics.max) == (7, 9)
+    assert (stats.column(1).statistics is not None and stats.column(1).statistics.has_min_max) is skips_by_string
+    assert duckdb.connect().execute(f"select count(*) from read_parquet('{path}') where address = '0xaa'"
+                                    ).fetchone()[0] == 1
