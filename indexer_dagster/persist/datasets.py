@@ -22,14 +22,13 @@ A `<range>` is a zero-padded block-range key (`indexer_dagster.block_range`). On
 (dataset, key) pair into a path; everything else names datasets with the constants below.
 """
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import polars as pl
 
 if TYPE_CHECKING:
     from indexer_dagster.config import IndexerConfig
     from indexer_dagster.persist.files import LakePath
-    from indexer_dagster.persist.lake import Lake
 
 UTC_TIME = pl.Datetime("us", "UTC")
 # A dataset's columns: name -> Polars dtype (a dtype class such as pl.Int64, or an instance).
@@ -126,7 +125,11 @@ def live(dataset: str) -> str:
     return f"{LIVE}/{dataset}"
 
 
-def live_segments(lake: "Lake", dataset: str) -> list[tuple[int, int, "LakePath"]]:
+class _Listing(Protocol):  # a `persist.lake.Lake` (which names files by these datasets)
+    def files(self, dataset: str) -> "list[LakePath]": ...
+
+
+def live_segments(lake: _Listing, dataset: str) -> list[tuple[int, int, "LakePath"]]:
     """(first block, last block, path) of each live segment of `dataset`, in block order."""
     out = []
     for p in lake.files(live(dataset)):
