@@ -330,8 +330,9 @@ class StreamWriter:
     """Appends frames of one schema to a Parquet file, buffering them into large row groups."""
 
     def __init__(self, path: Path, schema: pa.Schema, *, string_statistics: bool = True) -> None:
-        """`string_statistics`: footer min/max of string columns too (a third of writing a file of logs);
-        without, only of the other columns (numbers, times), for files no reader skips by a string."""
+        """`string_statistics`: footer min/max of string columns too (measured: 12% of writing a range's
+        logs as fetched, a third when they are read back from a file); without, only of the other columns
+        (numbers, times), for files no reader skips by a string."""
         self.path = path
         self.schema = schema
         self.rows = 0
