@@ -100,8 +100,8 @@ def number_column(dataset: str) -> str:
 def in_block_order(dataset: str) -> bool:
     """Whether `dataset` holds the chain's rows in block order (headers, logs, children, decoded events;
     their live segments and orphan archive). A reader skips row groups of such a file by its block
-    numbers and times; by a string column (a hash, an address, hex data) it cannot, as every row group
-    holds values from across the range."""
+    numbers and times; by a string column (a hash, an address, hex data) it seldom can, as every row
+    group holds values from across the range."""
     for area in (LIVE, ORPHANED):
         dataset = dataset.removeprefix(f"{area}/")
     return dataset in (BLOCKS, LOGS, CHILDREN) or dataset.startswith(f"{EVENTS}/")
