@@ -14,7 +14,6 @@ per chunk: `bench/backfill.py` measures the whole.
 """
 
 import argparse
-import io
 import statistics
 import sys
 import tempfile
@@ -24,14 +23,14 @@ from collections import defaultdict
 from pathlib import Path
 
 import orjson
-import polars as pl
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import indexer_dagster.sync.historical as historical  # noqa: E402
+from bench.backfill import limit_rows  # noqa: E402
 from indexer_dagster.chain import fetch  # noqa: E402
-from indexer_dagster.chain.verify import parse_bloom, verifier_for  # noqa: E402
+from indexer_dagster.chain.verify import verifier_for  # noqa: E402
 from indexer_dagster.config import load_config  # noqa: E402
 from indexer_dagster.devnet import run_devnet  # noqa: E402
 from indexer_dagster.persist.datasets import BLOCK_SCHEMA, LOG_SCHEMA  # noqa: E402
@@ -90,8 +89,7 @@ def replay(cfg, chunks, work: Path) -> dict[str, float]:
                 blocks = timed("parse headers", fetch.parse_headers, headers, list(range(first, last + 1)),
                                cfg.chain.chain_id)
                 assert timed("fork checks", fetch._consistent, blocks, logs)
-                blooms = timed("bloom check", lambda b: {n: parse_bloom(x) for n, x in b.select(
-                    "number", "logs_bloom").iter_rows()}, blocks)
+                blooms = timed("bloom check", fetch.blooms_of, blocks)
                 assert not timed("bloom check", fetcher.verifier.suspects, blooms, logs)
                 blocks = blocks.drop("logs_bloom")
                 logs = timed("timestamps", fetcher._finish_logs, blocks, logs)
@@ -109,7 +107,7 @@ def replay(cfg, chunks, work: Path) -> dict[str, float]:
 def limit_parse(chunks) -> float:
     t = time.process_time()
     for _a, _b, body, _h in chunks:
-        pl.read_json(io.BytesIO(body)).select(pl.col("result").explode()).unnest("result")
+        limit_rows(body)
     return time.process_time() - t
 
 

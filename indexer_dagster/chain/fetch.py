@@ -226,7 +226,7 @@ class RangeFetcher:
             first, last = blocks["number"].min(), blocks["number"].max()
             logs = await agree(again, logs, stats, f"logs of blocks {first}-{last}")  # type: ignore[str-bytes-safe]  # polars stubs: min/max may be bytes; here Int64
         hashes = dict(zip(blocks["number"].to_list(), blocks["hash"].to_list(), strict=True))
-        blooms = {n: parse_bloom(b) for n, b in zip(blocks["number"].to_list(), blocks["logs_bloom"].to_list(), strict=True)}
+        blooms = blooms_of(blocks)
         return await reconcile(self.verifier, blooms, logs, lambda n: self.logs_by_hash(hashes[n]), stats,
                                refetch_all=again, refetch_matching=lambda qs: self.matching_logs(qs, hashes))
 
@@ -318,6 +318,11 @@ class RangeFetcher:
                 t.cancel()
             if pending:
                 await asyncio.gather(*pending, return_exceptions=True)
+
+
+def blooms_of(blocks: pl.DataFrame) -> dict[int, int | None]:
+    """Each header's `logs_bloom` as an int (None: the node gave none), by block number."""
+    return {n: parse_bloom(b) for n, b in zip(blocks["number"].to_list(), blocks["logs_bloom"].to_list(), strict=True)}
 
 
 def _positions(blocks: pl.DataFrame, logs: pl.DataFrame) -> pl.Series | None:
